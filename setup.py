@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vtn-tf",
+    version="0.1.0",
+    description="Volume Tweening Network: unsupervised 3-D medical image registration in TensorFlow 2 / Keras 3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vtn_tf", "vtn_tf.*", "data_prep", "data_prep.*"]),
+    install_requires=[
+        "tensorflow>=2.21,<2.22; platform_machine!='x86_64'",
+        "tensorflow-cpu>=2.21,<2.22; platform_machine=='x86_64'",
+        "keras>=3.10,<4",
+        "numpy>=1.26,<3",
+        "nibabel>=5.2,<6",
+        "SimpleITK>=2.3,<3",
+        "absl-py>=2.1,<3",
+        "scipy>=1.11,<2",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        "plot": ["matplotlib>=3.8,<4"],
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+        "baselines": ["antspyx>=0.5,<1", "itk-elastix>=0.20,<1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "vtn-train=vtn_tf.apps.train:run",
+            "vtn-evaluate=vtn_tf.apps.evaluate:run",
+            "vtn-register=vtn_tf.apps.register:run",
+            "vtn-export=vtn_tf.apps.export:run",
+            "vtn-prepare=data_prep.__main__:main",
+        ]
+    },
+)

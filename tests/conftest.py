@@ -1,0 +1,21 @@
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def data_root():
+    """The real scans: ``VTN_DATA`` or ``../shared/data`` beside the repository."""
+    return pathlib.Path(os.environ.get("VTN_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def vtn_data():
+    root = data_root()
+    if not root.is_dir():
+        pytest.skip(f"real data not found at {root} (set VTN_DATA to the shared data folder)")
+    return root

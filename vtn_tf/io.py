@@ -1,0 +1,388 @@
+"""Volume and dataset-manifest input/output with early, one-line errors.
+
+Conventions:
+
+* Volumes are 3-D arrays indexed ``[x, y, z]`` (nibabel order), whatever the file format.
+* ``affine`` is the 4x4 nibabel affine mapping voxel indices ``(i, j, k, 1)`` to world
+  coordinates in **RAS millimetres**. MetaImage / NRRD files (ITK, LPS world) are converted
+  on reading.
+* ``spacing`` is the voxel size in mm along each array axis (the affine's column norms).
+
+Every problem with a user's file raises :class:`InputError`, whose message names the role
+("moving image", "labels", ...), the file and the problem on one line. Writers never leave a
+partial file behind: they write a temporary file in the target folder and rename it.
+
+This module does no tensor maths and imports no TensorFlow.
+"""
+
+import dataclasses
+import gzip
+import json
+import os
+import tempfile
+import zlib
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mhd", ".mha", ".nrrd")
+MAX_SPACING_MM = 100.0
+MANIFEST_FORMAT = "vtn-tf-dataset/1"
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+class InputError(ValueError):
+    """A user-supplied file or setting is unusable; the message says which and why."""
+
+
+@dataclasses.dataclass
+class Volume:
+    """A 3-D volume and its geometry.
+
+    Attributes:
+      data: array of shape ``(X, Y, Z)``.
+      affine: ``(4, 4)`` float64, voxel indices -> RAS mm.
+      spacing: ``(3,)`` voxel size in mm per array axis.
+      path: the file it was read from ("" when made in memory).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    spacing: tuple
+    path: str = ""
+
+
+def _name(path):
+    return os.path.basename(os.fspath(path)) or os.fspath(path)
+
+
+def _suffix(path):
+    lower = os.fspath(path).lower()
+    for suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
+        if lower.endswith(suffix) and not (suffix == ".nii" and lower.endswith(".nii.gz")):
+            return suffix
+    return ""
+
+
+def _check_file(path, role):
+    if not os.path.exists(path):
+        raise InputError(f"{role} {path} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"{role} {path} is a folder; a volume file is required")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{role} {path} is empty (0 bytes)")
+    if not _suffix(path):
+        raise InputError(
+            f"{role} {path} has an unsupported file type; expected one of "
+            + ", ".join(NIFTI_SUFFIXES + ITK_SUFFIXES))
+
+
+def spacing_of(affine):
+    """Voxel size in mm per array axis: the norms of the affine's first three columns."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def itk_to_ras_affine(spacing, direction, origin):
+    """nibabel RAS affine from ITK geometry (LPS world; spacing/origin in mm, x,y,z order).
+
+    ITK maps index ``i`` to ``origin + D @ diag(spacing) @ i`` in LPS; RAS flips x and y.
+    """
+    direction = np.asarray(direction, float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(np.asarray(spacing, float))
+    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin, float)
+    return affine
+
+
+def ras_affine_to_itk(affine):
+    """Inverse of :func:`itk_to_ras_affine`: ``(spacing, direction (9,), origin)`` in LPS."""
+    affine = np.asarray(affine, float)
+    lps = _LPS_TO_RAS @ affine[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    direction = lps / spacing
+    return tuple(spacing), tuple(direction.ravel()), tuple(_LPS_TO_RAS @ affine[:3, 3])
+
+
+def _load_nifti(path):
+    image = nib.load(path)
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ValueError("not a NIfTI image")
+    return np.asanyarray(image.dataobj), np.asarray(image.affine, float)
+
+
+def _load_itk(path):
+    import SimpleITK as sitk  # only needed for MetaImage / NRRD
+
+    image = sitk.ReadImage(os.fspath(path))
+    data = sitk.GetArrayFromImage(image)  # [z, y, x] (+ components)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        data = np.moveaxis(data, -1, 0)  # components first, then reversed to last
+    data = data.transpose(tuple(range(data.ndim))[::-1])
+    dimension = image.GetDimension()
+    if dimension < 3:
+        return data, np.eye(4)  # rejected by check_voxels
+    direction = np.asarray(image.GetDirection()).reshape(dimension, dimension)[:3, :3]
+    affine = itk_to_ras_affine(image.GetSpacing()[:3], direction, image.GetOrigin()[:3])
+    return data, affine
+
+
+def _read_error_reason(error):
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:160]
+
+
+def check_voxels(data, role, path):
+    """Raise InputError unless ``data`` is a real, finite, 3-D array; return it as such.
+
+    A 4-D array with trailing singleton axes is squeezed to 3-D.
+    """
+    data = np.asarray(data)
+    name = _name(path)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    shape = "x".join(str(n) for n in data.shape)
+    if data.ndim < 3:
+        raise InputError(f"{role} {name} is {data.ndim}-D ({shape}); a 3-D volume is required")
+    if data.ndim > 3:
+        raise InputError(
+            f"{role} {name} is {data.ndim}-D ({shape}) with {int(np.prod(data.shape[3:]))} "
+            "volumes; a single 3-D volume is required")
+    if min(data.shape) < 2:
+        raise InputError(f"{role} {name} has shape {shape} (a single slice); "
+                         "a 3-D volume is required")
+    if data.dtype == bool:
+        raise InputError(f"{role} {name} has boolean voxels; a numeric volume is required")
+    if np.iscomplexobj(data):
+        raise InputError(f"{role} {name} has complex voxels ({data.dtype}); "
+                         "a real-valued volume is required")
+    if not np.issubdtype(data.dtype, np.number):
+        raise InputError(f"{role} {name} has non-numeric voxels ({data.dtype})")
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise InputError(f"{role} {name} has {bad} NaN or infinite voxels")
+    return data
+
+
+def check_geometry(affine, role, path):
+    """Raise InputError unless ``affine`` has positive, sane spacing and is invertible."""
+    name = _name(path)
+    affine = np.asarray(affine, float)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError(f"{role} {name} has an invalid voxel-to-world affine")
+    spacing = spacing_of(affine)
+    text = ", ".join(f"{s:g}" for s in spacing)
+    if min(spacing) <= 0:
+        raise InputError(f"{role} {name} has non-positive voxel spacing ({text} mm)")
+    if max(spacing) > MAX_SPACING_MM:
+        raise InputError(f"{role} {name} has implausible voxel spacing ({text} mm; "
+                         f"more than {MAX_SPACING_MM:g} mm)")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * np.prod(spacing):
+        raise InputError(f"{role} {name} has a singular voxel-to-world affine "
+                         "(its axes are not independent)")
+    return spacing
+
+
+def read_volume(path, role="image"):
+    """Read a 3-D volume (.nii, .nii.gz, .mhd, .mha, .nrrd) and validate it.
+
+    Args:
+      path: file to read.
+      role: what the file is for, used in error messages ("fixed image", "labels", ...).
+
+    Returns:
+      :class:`Volume` with data ``[X, Y, Z]`` in the file's dtype and a RAS-mm affine.
+
+    Raises:
+      InputError: missing, empty or unreadable file; not 3-D; boolean, complex, NaN or
+        infinite voxels; non-positive, implausible (> 100 mm) or singular geometry.
+    """
+    path = os.fspath(path)
+    _check_file(path, role)
+    try:
+        if _suffix(path) in NIFTI_SUFFIXES:
+            data, affine = _load_nifti(path)
+        else:
+            data, affine = _load_itk(path)
+    except (OSError, EOFError, ValueError, RuntimeError, zlib.error, gzip.BadGzipFile,
+            nib.filebasedimages.ImageFileError) as error:
+        raise InputError(f"{role} {_name(path)} could not be read as an image "
+                         f"({_read_error_reason(error)})") from None
+    data = check_voxels(data, role, path)
+    spacing = check_geometry(affine, role, path)
+    return Volume(data=data, affine=affine, spacing=spacing, path=path)
+
+
+def read_labels(path, reference=None, role="labels"):
+    """Read an integer label map; optionally check it lies on ``reference``'s grid.
+
+    Args:
+      path: label file.
+      reference: a :class:`Volume` (usually the image) whose shape and affine the labels
+        must match (affine to within 1e-3 mm).
+      role: used in error messages.
+
+    Returns:
+      :class:`Volume` with int32 data. Negative ids are kept (callers decide what to do).
+    """
+    volume = read_volume(path, role)
+    data = volume.data
+    name = _name(path)
+    if np.issubdtype(data.dtype, np.floating):
+        fractional = data != np.round(data)
+        if fractional.any():
+            example = float(data[fractional].flat[0])
+            raise InputError(f"{role} {name} has {int(fractional.sum())} non-integer values "
+                             f"(e.g. {example:g}); integer label ids are required")
+    if data.size and (data.min() < np.iinfo(np.int32).min or data.max() > np.iinfo(np.int32).max):
+        raise InputError(f"{role} {name} has label ids outside the int32 range")
+    volume.data = data.astype(np.int32)
+    if reference is not None:
+        ref_name = _name(reference.path) if reference.path else "the image"
+        if volume.data.shape != reference.data.shape:
+            shape = "x".join(map(str, volume.data.shape))
+            ref_shape = "x".join(map(str, reference.data.shape))
+            raise InputError(f"{role} {name} has grid {shape} but image {ref_name} has "
+                             f"{ref_shape}; they must match voxel for voxel")
+        if not np.allclose(volume.affine, reference.affine, rtol=0, atol=1e-3):
+            diff = float(np.abs(volume.affine - reference.affine).max())
+            raise InputError(f"{role} {name} has a different voxel-to-world affine than image "
+                             f"{ref_name} (largest difference {diff:g}); they must match")
+    return volume
+
+
+def check_not_constant(volume, role="image"):
+    """Raise InputError if every voxel of ``volume`` has the same value (e.g. all zeros)."""
+    data = volume.data
+    low, high = data.min(), data.max()
+    if low == high:
+        what = "all zeros" if low == 0 else f"constant (every voxel = {low:g})"
+        raise InputError(f"{role} {_name(volume.path)} is {what}; an image with contrast "
+                         "is required")
+
+
+def _check_output(path, overwrite):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"output {path} is a folder; a file name is required")
+    if os.path.lexists(path) and not overwrite:
+        raise InputError(f"output {path} already exists; pass overwrite to replace it")
+    if not os.path.isdir(folder):
+        raise InputError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {folder} is not writable")
+    return path, folder
+
+
+def _atomic_write(path, write, overwrite, suffix=""):
+    """Call ``write(temporary_path)`` then rename it onto ``path`` (same folder)."""
+    path, folder = _check_output(path, overwrite)
+    handle, temporary = tempfile.mkstemp(
+        dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".part" + suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return path
+
+
+def atomic_write_bytes(path, payload, overwrite=False):
+    """Write ``payload`` (bytes) to ``path`` via a temporary file and a rename."""
+    def write(temporary):
+        with open(temporary, "wb") as stream:
+            stream.write(payload)
+    return _atomic_write(path, write, overwrite)
+
+
+def atomic_write_text(path, text, overwrite=False):
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file and a rename."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def write_volume(path, data, affine, overwrite=False):
+    """Write a 3-D (or vector) volume; never leaves a partial file.
+
+    Args:
+      path: ``.nii``/``.nii.gz`` (nibabel) or ``.mha``/``.nrrd`` (SimpleITK, converted to LPS).
+      data: array ``[X, Y, Z, ...]``; written in its own dtype.
+      affine: ``(4, 4)`` voxel indices -> RAS mm.
+      overwrite: replace an existing file.
+    """
+    suffix = _suffix(path)
+    if suffix not in (".nii", ".nii.gz", ".mha", ".nrrd"):
+        raise InputError(f"output {path} must end in .nii, .nii.gz, .mha or .nrrd")
+    data = np.asarray(data)
+    affine = np.asarray(affine, float)
+
+    def write_nifti(temporary):
+        image = nib.Nifti1Image(data, affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm")
+        nib.save(image, temporary)
+
+    def write_itk(temporary):
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(data.transpose(2, 1, 0), isVector=False)
+        spacing, direction, origin = ras_affine_to_itk(affine)
+        image.SetSpacing(spacing)
+        image.SetDirection(direction)
+        image.SetOrigin(origin)
+        sitk.WriteImage(image, temporary)
+
+    return _atomic_write(path, write_nifti if suffix in NIFTI_SUFFIXES else write_itk,
+                         overwrite, suffix=suffix)
+
+
+def load_manifest(path):
+    """Read and check a prepared-dataset manifest (format ``vtn-tf-dataset/1``).
+
+    Returns the manifest dict, with every subject's ``image``, ``labels`` and ``landmarks``
+    path made absolute (relative paths are relative to the manifest's folder). Raises
+    InputError naming the manifest if the format is unknown, a key is missing, a split names
+    an unknown subject or a listed file does not exist.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "manifest.json")
+    name = f"manifest {path}"
+    if not os.path.isfile(path):
+        raise InputError(f"{name} does not exist")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            manifest = json.load(stream)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{name} is not valid JSON ({_read_error_reason(error)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise InputError(f"{name} has format {found!r}; expected {MANIFEST_FORMAT!r}")
+    for key in ("name", "modality", "grid", "label_values", "subjects", "splits"):
+        if key not in manifest:
+            raise InputError(f"{name} has no {key!r} entry")
+    root = os.path.dirname(os.path.abspath(path))
+    ids = set()
+    for subject in manifest["subjects"]:
+        if "id" not in subject or "image" not in subject:
+            raise InputError(f"{name} lists a subject without 'id' or 'image'")
+        ids.add(subject["id"])
+        for key in ("image", "labels", "landmarks"):
+            if subject.get(key) is None:
+                continue
+            resolved = os.path.join(root, subject[key])
+            if not os.path.isfile(resolved):
+                raise InputError(f"{name}: {key} of subject {subject['id']} "
+                                 f"({subject[key]}) does not exist")
+            subject[key] = resolved
+    for split, members in manifest["splits"].items():
+        unknown = [m for m in members if m not in ids]
+        if unknown:
+            raise InputError(f"{name}: split {split!r} names unknown subject {unknown[0]!r}")
+    return manifest

@@ -1,0 +1,144 @@
+"""Training losses of VTN (paper §III-C and eq. 12).
+
+Every loss returns one value per batch element (shape ``[B]``); the model
+averages over the batch (see `vtn_tf.model.VTN`). Inputs follow the field
+conventions of `vtn_tf.spatial`: flows ``[B, X, Y, Z, 3]`` in voxels, pulling.
+Losses compute in float32 even under mixed precision.
+"""
+
+import tensorflow as tf
+
+from vtn_tf import spatial
+
+VARIANCE_EPSILON = 1e-6
+ORTHOGONALITY_EPSILON = 1e-5
+
+
+def _float32(x):
+    return tf.cast(tf.convert_to_tensor(x), tf.float32)
+
+
+def correlation_coefficient_loss(fixed, warped):
+    """``1 - r`` with ``r`` the global Pearson correlation over all voxels (eq. 5-7).
+
+    Args:
+      fixed, warped: ``[B, X, Y, Z, C]`` images on the same grid.
+    Returns:
+      ``[B]`` float32 in ``[0, 2]``. A small epsilon on the variances keeps it
+      finite (value 1, finite gradients) on constant images.
+    """
+    fixed, warped = _float32(fixed), _float32(warped)
+    if fixed.shape.rank != 5 or fixed.shape[1:] != warped.shape[1:]:
+        raise ValueError(f"fixed {fixed.shape} and warped {warped.shape} must both be [B, X, Y, Z, C] alike.")
+    axes = [1, 2, 3, 4]
+    fixed = fixed - tf.reduce_mean(fixed, axes, keepdims=True)
+    warped = warped - tf.reduce_mean(warped, axes, keepdims=True)
+    covariance = tf.reduce_mean(fixed * warped, axes)
+    variance_fixed = tf.reduce_mean(tf.square(fixed), axes) + VARIANCE_EPSILON
+    variance_warped = tf.reduce_mean(tf.square(warped), axes) + VARIANCE_EPSILON
+    return 1.0 - covariance * tf.math.rsqrt(variance_fixed * variance_warped)
+
+
+def total_variation_loss(flow):
+    """Smoothness (eq. 8): squared forward differences, mean over voxels and axes.
+
+    Args:
+      flow: ``[B, X, Y, Z, 3]`` a stage's own flow, voxels.
+    Returns:
+      ``[B]`` float32: ``(1/3) Σ_axes mean_x ‖f(x + e_axis) − f(x)‖²`` (the squared
+      norm sums the 3 displacement components), in voxels².
+    """
+    flow = _float32(flow)
+    terms = []
+    for axis in (1, 2, 3):
+        n = flow.shape[axis]
+        diff = tf.gather(flow, tf.range(1, n), axis=axis) - tf.gather(flow, tf.range(0, n - 1), axis=axis)
+        terms.append(tf.reduce_mean(tf.reduce_sum(tf.square(diff), -1), [1, 2, 3]))
+    return tf.add_n(terms) / 3.0
+
+
+def _determinant_3x3(m):
+    """Closed-form determinant of ``[..., 3, 3]`` (no LU: smooth gradients everywhere)."""
+    return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
+            - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
+            + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
+
+
+def _check_matrix(A):
+    A = _float32(A)
+    if A.shape.rank != 3 or tuple(A.shape[1:]) != (3, 3):
+        raise ValueError(f"A must have shape [B, 3, 3]; got {A.shape}.")
+    return A
+
+
+def orthogonality_loss(A):
+    """How far ``A`` is from orthogonal (eq. 9): ``Σ_i (λ_i² + λ_i⁻²) − 6``.
+
+    λ_i are the singular values of ``A``. Computed without SVD (Viète, paper
+    §III-C) from ``C = AᵀA + εI`` whose eigenvalues are ``λ_i² + ε``: with
+    ``s1 = tr C``, ``s2`` the sum of its principal 2x2 minors and ``s3 = det C``,
+    the loss is ``s1 + (1+ε)² s2 / s3 − 6(1+ε)`` (0 for any rotation).
+
+    Args:
+      A: ``[B, 3, 3]`` the full affine matrix ``I + W``.
+    Returns:
+      ``[B]`` float32, ≥ 0 up to O(ε); finite, with finite gradients, even for
+      singular ``A`` (ε bounds ``1/s3``).
+    """
+    A = _check_matrix(A)
+    eps = ORTHOGONALITY_EPSILON
+    C = tf.matmul(A, A, transpose_a=True) + eps * tf.eye(3)
+    s1 = tf.linalg.trace(C)
+    s2 = (C[:, 0, 0] * C[:, 1, 1] - C[:, 0, 1] * C[:, 1, 0]
+          + C[:, 0, 0] * C[:, 2, 2] - C[:, 0, 2] * C[:, 2, 0]
+          + C[:, 1, 1] * C[:, 2, 2] - C[:, 1, 2] * C[:, 2, 1])
+    s3 = _determinant_3x3(C)
+    return s1 + (1 + eps) ** 2 * s2 / s3 - 6 * (1 + eps)
+
+
+def determinant_loss(A):
+    """Penalise volume change and reflection (eq. 10): ``(det A − 1)²``.
+
+    Args:
+      A: ``[B, 3, 3]`` the full affine matrix ``I + W``.
+    Returns:
+      ``[B]`` float32.
+    """
+    A = _check_matrix(A)
+    return tf.square(_determinant_3x3(A) - 1.0)
+
+
+def central_region(tensor, central_fraction=0.5):
+    """Crop ``[B, X, Y, Z, C]`` to its central ``central_fraction`` along each axis."""
+    if not 0.0 < central_fraction <= 1.0:
+        raise ValueError(f"central_fraction must be in (0, 1]; got {central_fraction}.")
+    slices = [slice(None)]
+    for n in tensor.shape[1:4]:
+        margin = int(round(n * (1.0 - central_fraction) / 2.0))
+        slices.append(slice(margin, n - margin))
+    return tensor[tuple(slices) + (slice(None),)]
+
+
+def invertibility_loss(f12, f21, central_fraction=0.5):
+    """Round-trip error (eq. 12): ``‖f12 ⋆ f21‖² + ‖f21 ⋆ f12‖²``.
+
+    ``f21 ⋆ f12 = f12 + warp(f21, f12)`` is the displacement of going from image
+    1 into image 2 and back (zero when the two flows invert each other).
+
+    Args:
+      f12: ``[B, X, Y, Z, 3]`` flow on image 1's grid pointing into image 2 (voxels).
+      f21: ``[B, X, Y, Z, 3]`` flow on image 2's grid pointing into image 1.
+      central_fraction: the share of each axis kept (0.5 drops the first and last
+        quarter, as the paper does for the liver, where borders are cropped anatomy).
+    Returns:
+      ``[B]`` float32: the mean over central voxels of the squared round-trip
+      displacement (voxels²), summed over the two directions.
+    """
+    f12, f21 = _float32(f12), _float32(f21)
+    there_and_back = spatial.compose(f21, f12)
+    back_and_there = spatial.compose(f12, f21)
+    total = 0.0
+    for loop in (there_and_back, back_and_there):
+        loop = central_region(loop, central_fraction)
+        total += tf.reduce_mean(tf.reduce_sum(tf.square(loop), -1), [1, 2, 3])
+    return total

@@ -1,0 +1,115 @@
+"""Evaluation metrics (paper §V): overlap, Jacobian statistics, landmark distance.
+
+Overlap metrics work on integer label maps (numpy arrays or tensors). Field
+metrics take flows in voxels, pulling, as in `vtn_tf.spatial`.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from vtn_tf import spatial
+
+
+def _label_arrays(fixed_labels, warped_labels):
+    a, b = np.asarray(fixed_labels), np.asarray(warped_labels)
+    if a.shape != b.shape:
+        raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}.")
+    for name, x in (("fixed_labels", a), ("warped_labels", b)):
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer label ids; got {x.dtype}.")
+    return a, b
+
+
+def _overlap(fixed_labels, warped_labels, label_values, score):
+    a, b = _label_arrays(fixed_labels, warped_labels)
+    if label_values is None:
+        label_values = sorted(set(np.unique(a).tolist()) - {0})
+    per_label = {}
+    for value in label_values:
+        in_a, in_b = a == value, b == value
+        intersection = np.count_nonzero(in_a & in_b)
+        sizes = np.count_nonzero(in_a), np.count_nonzero(in_b)
+        per_label[int(value)] = score(intersection, *sizes) if sum(sizes) else float("nan")
+    values = [v for v in per_label.values() if not np.isnan(v)]
+    return per_label, (float(np.mean(values)) if values else float("nan"))
+
+
+def dice(fixed_labels, warped_labels, label_values=None):
+    """Dice overlap ``2|A∩B| / (|A|+|B|)`` per label and its mean.
+
+    Args:
+      fixed_labels, warped_labels: integer label maps of the same shape.
+      label_values: labels to score; default every non-zero label of ``fixed_labels``.
+    Returns:
+      ``(per_label: dict[int, float], mean: float)``; a label absent from both maps
+      scores NaN and is left out of the mean.
+    """
+    return _overlap(fixed_labels, warped_labels, label_values,
+                    lambda inter, na, nb: 2.0 * inter / (na + nb))
+
+
+def jaccard(fixed_labels, warped_labels, label_values=None):
+    """Jaccard index (the paper's Seg. IoU) ``|A∩B| / |A∪B|``; same contract as `dice`."""
+    return _overlap(fixed_labels, warped_labels, label_values,
+                    lambda inter, na, nb: inter / (na + nb - inter))
+
+
+jacobian_determinant = spatial.jacobian_determinant
+
+
+def folding_fraction(flow):
+    """Share of voxels where ``x ↦ x + flow(x)`` folds (Jacobian determinant ≤ 0).
+
+    Args:
+      flow: ``[B, X, Y, Z, 3]`` or ``[X, Y, Z, 3]``, voxels, pulling.
+    Returns:
+      float in [0, 1] (over all voxels of all batch elements).
+    """
+    det = spatial.jacobian_determinant(flow)
+    return float(tf.reduce_mean(tf.cast(det <= 0.0, tf.float32)))
+
+
+def landmark_distance(flow, fixed_points, moving_points, spacing=(1.0, 1.0, 1.0)):
+    """Distance between fixed landmarks carried through the flow and moving landmarks.
+
+    A fixed landmark ``p`` maps to ``p + flow(p)`` in the moving image (points go
+    the opposite way from images); the flow is sampled trilinearly at ``p``.
+
+    Args:
+      flow: ``[X, Y, Z, 3]`` (or ``[1, X, Y, Z, 3]``), voxels of the fixed grid, pulling.
+      fixed_points: ``[N, 3]`` voxel coordinates in the fixed image.
+      moving_points: ``[N, 3]`` matching voxel coordinates in the moving image.
+      spacing: voxel size in mm (both images on the same prepared grid).
+    Returns:
+      dict with ``mean_mm``, ``mean_voxels`` and per-point arrays ``mm`` and ``voxels``.
+    """
+    flow = np.asarray(flow, dtype=np.float64)
+    if flow.ndim == 5:
+        if flow.shape[0] != 1:
+            raise ValueError(f"landmark_distance takes one flow; got batch {flow.shape[0]}.")
+        flow = flow[0]
+    fixed_points = np.asarray(fixed_points, dtype=np.float64)
+    moving_points = np.asarray(moving_points, dtype=np.float64)
+    if fixed_points.shape != moving_points.shape or fixed_points.ndim != 2 or fixed_points.shape[1] != 3:
+        raise ValueError(
+            f"fixed_points {fixed_points.shape} and moving_points {moving_points.shape} must both be [N, 3].")
+    mapped = fixed_points + _sample_points(flow, fixed_points)
+    difference = mapped - moving_points
+    voxels = np.linalg.norm(difference, axis=1)
+    mm = np.linalg.norm(difference * np.asarray(spacing, dtype=np.float64), axis=1)
+    return {"mean_mm": float(mm.mean()), "mean_voxels": float(voxels.mean()), "mm": mm, "voxels": voxels}
+
+
+def _sample_points(field, points):
+    """Trilinear sample of ``field [X, Y, Z, C]`` at ``points [N, 3]`` (edge-clamped)."""
+    size = np.array(field.shape[:3])
+    points = np.clip(points, 0, size - 1)
+    lower = np.floor(points).astype(int)
+    upper = np.minimum(lower + 1, size - 1)
+    frac = points - lower
+    out = np.zeros((len(points), field.shape[3]))
+    for corner in np.ndindex(2, 2, 2):
+        pick = np.where(corner, upper, lower)
+        weight = np.prod(np.where(corner, frac, 1 - frac), axis=1)
+        out += weight[:, None] * field[pick[:, 0], pick[:, 1], pick[:, 2]]
+    return out

@@ -1,0 +1,273 @@
+"""The VTN cascade (paper Fig. 2): an optional affine stage, then dense stages.
+
+Stage k sees ``concat([fixed, warped_{k-1}])`` and predicts its own flow ``f_k``;
+the aggregate flow is ``agg_k = agg_{k-1} ⋆ f_k`` (`vtn_tf.spatial.compose`), and
+the *original* moving image is resampled once with ``agg_k`` (never re-warped).
+All flows are ``[B, X, Y, Z, 3]`` in voxels of the fixed grid, pulling.
+"""
+
+import re
+
+import keras
+import tensorflow as tf
+
+from vtn_tf import losses, spatial
+from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork, check_spatial_shape
+
+SPEC_PATTERN = re.compile(r"^A?D*$")
+# Paper Table I (ADDD): similarity on the dense stages, counted from the last one.
+PAPER_DENSE_SIMILARITY = (0.0, 0.05, 1.0)
+
+
+def parse_spec(spec):
+    """Validate a cascade spec such as "ADDD"; returns it as a string of stage letters."""
+    if not isinstance(spec, str) or not spec or not SPEC_PATTERN.match(spec):
+        raise ValueError(
+            f"spec must be at most one leading 'A' (affine) followed by 'D's (dense), e.g. "
+            f"'ADDD', 'ADD', 'D', 'A'; got {spec!r}.")
+    return spec
+
+
+def stage_names(spec):
+    names, dense = [], 0
+    for letter in spec:
+        if letter == "A":
+            names.append("affine")
+        else:
+            dense += 1
+            names.append(f"dense{dense}")
+    return names
+
+
+def default_similarity_weights(spec, preset="paper"):
+    """Per-stage similarity weights. ``"paper"``: Table I (affine 1; dense stages
+    …, 0, 0.05, 1 counted back from the last). ``"last"``: the authors' code, 1 on the
+    last stage only."""
+    n_dense = spec.count("D")
+    if preset == "last":
+        weights = [0.0] * len(spec)
+        weights[-1] = 1.0
+        return weights
+    if preset != "paper":
+        raise ValueError(f"similarity preset must be 'paper' or 'last'; got {preset!r}.")
+    dense = list(PAPER_DENSE_SIMILARITY[-n_dense:]) if n_dense else []
+    dense = [0.0] * (n_dense - len(dense)) + dense
+    if n_dense == 1:
+        dense = [1.0]
+    return ([1.0] if spec.startswith("A") else []) + dense
+
+
+def _weights(name, value, spec, default):
+    if value is None:
+        return list(default)
+    if isinstance(value, str):
+        return default_similarity_weights(spec, value)
+    value = [float(v) for v in value]
+    if len(value) != len(spec):
+        raise ValueError(f"{name} needs one weight per stage of {spec!r} ({len(spec)}); got {value}.")
+    return value
+
+
+@keras.saving.register_keras_serializable(package="vtn_tf")
+class VTN(keras.Model):
+    """Volume Tweening Network: a cascade of registration subnetworks.
+
+    Args:
+      spec: stages, e.g. "ADDD": at most one leading "A" (affine), then "D"s (dense).
+      width: channel multiplier of every subnetwork (1.0 = the paper).
+      flow_scale: dense output multiplier (the authors' 20).
+      flow_head_initializer: "lecun_uniform" (paper) or "small" (near-identity start).
+      similarity_weights: one per stage, or "paper" (Table I, default) or "last".
+      smoothness_weights: one per stage (ignored for the affine stage); default 1.
+      determinant_weight, orthogonality_weight: affine-stage weights (Table I: 0.1).
+      invertibility_weight: weight of eq. 12 (0 = off; the paper's liver uses 1e-3).
+      central_fraction: region of the invertibility loss (0.5 = drop outer quarters).
+
+    Call:
+      ``model({"fixed": I1, "moving": I2})`` (or a tuple), images ``[B, X, Y, Z, 1]``
+      float, spatial sizes divisible by 64. Returns a dict:
+      ``flow`` (aggregate, ``[B, X, Y, Z, 3]`` voxels, pulling), ``warped``,
+      ``stage_flows`` (each stage's own flow), ``stage_aggregate_flows``,
+      ``stage_warped`` (moving resampled with each aggregate) and, with an affine
+      stage, ``affine_matrix`` (``A = I + W``, ``[B, 3, 3]``) and
+      ``affine_translation`` (``[B, 3]`` voxels, on centred coordinates).
+
+    Losses: every term is the batch mean of a per-pair loss (the authors sum over
+    the batch; with Adam the difference is a constant factor in the gradient, which
+    Adam normalises away). Each weighted term is reported as a metric.
+    """
+
+    def __init__(self, spec="ADDD", width=1.0, flow_scale=20.0, flow_head_initializer="lecun_uniform",
+                 similarity_weights="paper", smoothness_weights=None, determinant_weight=0.1,
+                 orthogonality_weight=0.1, invertibility_weight=0.0, central_fraction=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = parse_spec(spec)
+        self.width, self.flow_scale = float(width), float(flow_scale)
+        self.flow_head_initializer = flow_head_initializer
+        self.similarity_weights = _weights("similarity_weights", similarity_weights, spec,
+                                           default_similarity_weights(spec))
+        self.smoothness_weights = _weights("smoothness_weights", smoothness_weights, spec,
+                                           [0.0 if s == "A" else 1.0 for s in spec])
+        self.determinant_weight = float(determinant_weight)
+        self.orthogonality_weight = float(orthogonality_weight)
+        self.invertibility_weight = float(invertibility_weight)
+        self.central_fraction = float(central_fraction)
+        self.stage_names = stage_names(spec)
+        self.stages = [
+            AffineSubnetwork(width, name=name) if letter == "A" else
+            DenseSubnetwork(width, flow_scale, flow_head_initializer, name=name)
+            for letter, name in zip(spec, self.stage_names)]
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_term_names()}
+        self._image_shape = None
+
+    # ----- forward -------------------------------------------------------------------
+    @staticmethod
+    def _unpack(inputs):
+        if isinstance(inputs, dict):
+            if "fixed" not in inputs or "moving" not in inputs:
+                raise ValueError(f"VTN inputs need 'fixed' and 'moving'; got keys {sorted(inputs)}.")
+            return inputs["fixed"], inputs["moving"]
+        if isinstance(inputs, (tuple, list)) and len(inputs) == 2:
+            return inputs
+        raise ValueError("VTN inputs must be {'fixed': ..., 'moving': ...} or (fixed, moving).")
+
+    @staticmethod
+    def _check_images(fixed, moving):
+        for name, image in (("fixed", fixed), ("moving", moving)):
+            if image.shape.rank != 5 or image.shape[-1] != 1:
+                raise ValueError(f"{name} image must be [B, X, Y, Z, 1]; got shape {image.shape}.")
+            if not image.dtype.is_floating:
+                raise ValueError(f"{name} image must be floating point; got {image.dtype.name}.")
+        if fixed.shape[1:] != moving.shape[1:]:
+            raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} images differ in grid; "
+                             "resample them onto one grid first.")
+        check_spatial_shape(fixed.shape)
+
+    def call(self, inputs, training=False):
+        fixed, moving = self._unpack(inputs)
+        fixed = tf.cast(tf.convert_to_tensor(fixed), tf.float32)
+        moving = tf.cast(tf.convert_to_tensor(moving), tf.float32)
+        self._check_images(fixed, moving)
+        spatial_shape = fixed.shape[1:4]
+        out = {"stage_flows": [], "stage_aggregate_flows": [], "stage_warped": []}
+        aggregate, warped, affine = None, moving, None
+        for letter, stage in zip(self.spec, self.stages):
+            pair = tf.concat([fixed, warped], axis=-1)
+            if letter == "A":
+                W, b = stage(pair, training=training)
+                W, b = tf.cast(W, tf.float32), tf.cast(b, tf.float32)
+                affine = (tf.eye(3) + W, b)
+                flow = spatial.affine_flow(W, b, spatial_shape)
+                aggregate = flow
+                out["affine_matrix"], out["affine_translation"] = affine
+            else:
+                flow = tf.cast(stage(pair, training=training), tf.float32)
+                if aggregate is None:
+                    aggregate = flow
+                elif len(out["stage_flows"]) == 1 and affine is not None:
+                    # Exact and cheaper than a resampling: agg = A·f + affine_flow.
+                    aggregate = tf.einsum("bij,bxyzj->bxyzi", affine[0], flow) + aggregate
+                else:
+                    aggregate = spatial.compose(aggregate, flow)
+            warped = spatial.warp(moving, aggregate)
+            out["stage_flows"].append(flow)
+            out["stage_aggregate_flows"].append(aggregate)
+            out["stage_warped"].append(warped)
+        out["flow"], out["warped"] = aggregate, warped
+        return out
+
+    def build(self, input_shape):
+        """Create the weights for images of ``input_shape`` = ``[B, X, Y, Z, 1]``."""
+        if isinstance(input_shape, dict):
+            input_shape = input_shape["fixed"]
+        elif isinstance(input_shape, (tuple, list)) and isinstance(input_shape[0], (tuple, list)):
+            input_shape = input_shape[0]
+        shape = [1 if n is None else int(n) for n in input_shape]
+        zeros = tf.zeros(shape)
+        self.call({"fixed": zeros, "moving": zeros})
+        self._image_shape = [None] + shape[1:]
+        self.built = True
+
+    def get_build_config(self):
+        return {"image_shape": self._image_shape} if self._image_shape else {}
+
+    def build_from_config(self, config):
+        if config.get("image_shape"):
+            self.build(config["image_shape"])
+
+    # ----- losses --------------------------------------------------------------------
+    def loss_term_names(self):
+        names = ["loss"]
+        for letter, stage in zip(self.spec, self.stage_names):
+            names.append(f"{stage}_similarity")
+            names += [f"{stage}_determinant", f"{stage}_orthogonality"] if letter == "A" else [
+                f"{stage}_smoothness"]
+        if self.invertibility_weight:
+            names.append("invertibility")
+        return names
+
+    def pass_loss_terms(self, fixed, outputs):
+        """Unweighted batch-mean loss terms of one forward pass, and their weighted sum."""
+        terms, total = {}, 0.0
+        for k, (letter, stage) in enumerate(zip(self.spec, self.stage_names)):
+            weighted = {f"{stage}_similarity": (self.similarity_weights[k], losses.correlation_coefficient_loss(
+                fixed, outputs["stage_warped"][k]))}
+            if letter == "A":
+                A = outputs["affine_matrix"]
+                weighted[f"{stage}_determinant"] = (self.determinant_weight, losses.determinant_loss(A))
+                weighted[f"{stage}_orthogonality"] = (self.orthogonality_weight, losses.orthogonality_loss(A))
+            else:
+                weighted[f"{stage}_smoothness"] = (
+                    self.smoothness_weights[k], losses.total_variation_loss(outputs["stage_flows"][k]))
+            for name, (weight, value) in weighted.items():
+                terms[name] = tf.reduce_mean(value)
+                if weight:
+                    total += weight * terms[name]
+        return terms, total
+
+    def loss_terms(self, fixed, moving, training=False):
+        """All loss terms for a batch (with the swapped pass when invertibility is on)."""
+        fixed = tf.cast(fixed, tf.float32)
+        moving = tf.cast(moving, tf.float32)
+        forward = self({"fixed": fixed, "moving": moving}, training=training)
+        terms, total = self.pass_loss_terms(fixed, forward)
+        if self.invertibility_weight:
+            backward = self({"fixed": moving, "moving": fixed}, training=training)
+            back_terms, back_total = self.pass_loss_terms(moving, backward)
+            terms = {name: (value + back_terms[name]) / 2.0 for name, value in terms.items()}
+            total = (total + back_total) / 2.0
+            terms["invertibility"] = tf.reduce_mean(losses.invertibility_loss(
+                forward["flow"], backward["flow"], self.central_fraction))
+            total += self.invertibility_weight * terms["invertibility"]
+        terms["loss"] = total
+        return terms
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def _record(self, terms):
+        for name, value in terms.items():
+            self.trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, data):
+        fixed, moving = self._unpack(data)
+        with tf.GradientTape() as tape:
+            terms = self.loss_terms(fixed, moving, training=True)
+            scaled = self.optimizer.scale_loss(terms["loss"])
+        gradients = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self._record(terms)
+
+    def test_step(self, data):
+        fixed, moving = self._unpack(data)
+        return self._record(self.loss_terms(fixed, moving, training=False))
+
+    def get_config(self):
+        return {**super().get_config(), "spec": self.spec, "width": self.width,
+                "flow_scale": self.flow_scale, "flow_head_initializer": self.flow_head_initializer,
+                "similarity_weights": self.similarity_weights, "smoothness_weights": self.smoothness_weights,
+                "determinant_weight": self.determinant_weight,
+                "orthogonality_weight": self.orthogonality_weight,
+                "invertibility_weight": self.invertibility_weight, "central_fraction": self.central_fraction}

@@ -1,0 +1,243 @@
+"""Spatial maths on dense fields: warping, composition, affine grids, Jacobians.
+
+Conventions, used everywhere in vtn_tf (paper §III-A):
+
+* Tensors are channels-last. Images are ``[B, X, Y, Z, C]``; flows are
+  ``[B, X, Y, Z, 3]``.
+* A flow is a displacement **in voxels of the fixed grid**; channel ``c`` is the
+  displacement along spatial axis ``c`` ('ij' order: channel 0 moves along X).
+* A flow **pulls**: ``warp(moving, f)(x) = moving(x + f(x))``. It lives on the
+  fixed image's grid and points into the moving image.
+* Sampling is trilinear; positions outside the volume are clamped to the nearest
+  edge voxel.
+
+This module is the bottom floor of the package: pure tensor maths, no Keras, no I/O.
+"""
+
+import tensorflow as tf
+
+INTERPOLATIONS = ("linear", "nearest")
+
+
+def _check_rank(name, tensor, rank, layout):
+    if tensor.shape.rank != rank:
+        raise ValueError(
+            f"{name} must be a rank-{rank} tensor {layout}; got shape {tensor.shape}."
+        )
+
+
+def _check_flow(flow, name="flow"):
+    _check_rank(name, flow, 5, "[B, X, Y, Z, 3]")
+    if flow.shape[-1] != 3:
+        raise ValueError(f"{name} must have 3 channels (one per axis); got shape {flow.shape}.")
+    if not flow.dtype.is_floating:
+        raise ValueError(f"{name} must be a floating-point tensor; got {flow.dtype.name}.")
+
+
+def _check_same_grid(image, flow, image_name="image"):
+    a, b = image.shape[1:4], flow.shape[1:4]
+    if a.is_fully_defined() and b.is_fully_defined() and a != b:
+        raise ValueError(
+            f"{image_name} grid {tuple(a)} and flow grid {tuple(b)} differ; the flow must "
+            "live on the grid it samples for (pass them on the same grid)."
+        )
+
+
+def identity_grid(spatial_shape, dtype=tf.float32):
+    """Voxel index coordinates of a grid.
+
+    Args:
+      spatial_shape: ``(X, Y, Z)``.
+    Returns:
+      ``[X, Y, Z, 3]`` tensor, ``grid[i, j, k] = (i, j, k)`` in voxels.
+    """
+    axes = [tf.range(n, dtype=dtype) for n in spatial_shape]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def centred_grid(spatial_shape, dtype=tf.float32):
+    """Voxel coordinates measured from the volume centre: ``index_j - (size_j - 1) / 2``.
+
+    Returns ``[X, Y, Z, 3]`` in voxels; the affine subnetwork's transform acts on these.
+    """
+    centre = tf.constant([(n - 1) / 2.0 for n in spatial_shape], dtype=dtype)
+    return identity_grid(spatial_shape, dtype) - centre
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _sample_linear(image, flow):
+    """Trilinear sampling with edge clamping (XLA-compiled). Shapes as in `warp`."""
+    shape = tf.shape(image)
+    batch, size = shape[0], shape[1:4]
+    max_index = tf.cast(size - 1, flow.dtype)
+    position = identity_grid_dynamic(size, flow.dtype) + flow
+    position = tf.clip_by_value(position, 0.0, max_index)
+    lower = tf.floor(position)
+    frac = position - lower  # weights of the upper corner, in [0, 1]
+    lower = tf.cast(lower, tf.int32)
+    upper = tf.minimum(lower + 1, size - 1)
+    flat = tf.reshape(image, [batch, -1, shape[4]])
+    strides = tf.stack([size[1] * size[2], size[2], 1])
+    out = 0.0
+    for cx in (0, 1):
+        ix = upper[..., 0] if cx else lower[..., 0]
+        wx = frac[..., 0] if cx else 1.0 - frac[..., 0]
+        for cy in (0, 1):
+            iy = upper[..., 1] if cy else lower[..., 1]
+            wy = frac[..., 1] if cy else 1.0 - frac[..., 1]
+            for cz in (0, 1):
+                iz = upper[..., 2] if cz else lower[..., 2]
+                wz = frac[..., 2] if cz else 1.0 - frac[..., 2]
+                index = ix * strides[0] + iy * strides[1] + iz
+                values = tf.gather(flat, tf.reshape(index, [batch, -1]), batch_dims=1)
+                values = tf.reshape(values, shape)
+                out += values * tf.cast((wx * wy * wz)[..., None], image.dtype)
+    return out
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _sample_nearest(image, flow):
+    """Nearest-neighbour sampling with edge clamping; works on integer images too."""
+    shape = tf.shape(image)
+    batch, size = shape[0], shape[1:4]
+    position = identity_grid_dynamic(size, flow.dtype) + flow
+    index = tf.cast(tf.round(position), tf.int32)
+    index = tf.clip_by_value(index, 0, size - 1)
+    flat_index = index[..., 0] * size[1] * size[2] + index[..., 1] * size[2] + index[..., 2]
+    flat = tf.reshape(image, [batch, -1, shape[4]])
+    values = tf.gather(flat, tf.reshape(flat_index, [batch, -1]), batch_dims=1)
+    return tf.reshape(values, shape)
+
+
+def identity_grid_dynamic(size, dtype):
+    """`identity_grid` for a shape known only at run time (a 3-element int tensor)."""
+    axes = [tf.range(size[i], dtype=tf.int32) for i in range(3)]
+    return tf.cast(tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1), dtype)
+
+
+def warp(image, flow, interpolation="linear"):
+    """Resample ``image`` through ``flow``: ``out(x) = image(x + flow(x))``.
+
+    Args:
+      image: ``[B, X, Y, Z, C]``. Floating point for ``"linear"``; any numeric
+        dtype for ``"nearest"`` (label maps keep their integer ids).
+      flow: ``[B, X, Y, Z, 3]`` float, displacement in voxels on the output (fixed)
+        grid, pulling from ``image``; channel c moves along axis c.
+      interpolation: ``"linear"`` (trilinear, differentiable in both inputs) or
+        ``"nearest"`` (for label maps; no gradient with respect to the flow).
+    Returns:
+      ``[B, X, Y, Z, C]`` tensor of ``image``'s dtype. Positions outside the volume
+      are clamped to the nearest edge voxel.
+    Raises:
+      ValueError: on wrong ranks, shapes, dtypes or an unknown interpolation.
+    Example:
+      >>> moved = warp(moving, flow)                      # images
+      >>> labels = warp(moving_labels, flow, "nearest")   # label maps
+    """
+    image = tf.convert_to_tensor(image)
+    flow = tf.convert_to_tensor(flow)
+    _check_rank("image", image, 5, "[B, X, Y, Z, C]")
+    _check_flow(flow)
+    _check_same_grid(image, flow)
+    if image.shape[0] is not None and flow.shape[0] is not None and image.shape[0] != flow.shape[0]:
+        raise ValueError(f"image batch {image.shape[0]} and flow batch {flow.shape[0]} differ.")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}; got {interpolation!r}.")
+    if interpolation == "nearest":
+        return _sample_nearest(image, flow)
+    if not image.dtype.is_floating:
+        raise ValueError(
+            f"linear warp needs a floating-point image; got {image.dtype.name} "
+            "(use interpolation='nearest' for label maps)."
+        )
+    if flow.dtype != image.dtype:
+        flow = tf.cast(flow, image.dtype)
+    return _sample_linear(image, flow)
+
+
+def compose(g1, g2):
+    """Compose two flows (paper eq. 3): ``g1 ⋆ g2 = g2 + warp(g1, g2)``.
+
+    Warping with ``g1`` then with ``g2`` equals warping once with ``g1 ⋆ g2``:
+    ``warp(warp(I, g1), g2) = warp(I, compose(g1, g2))``.
+
+    Args:
+      g1: ``[B, X, Y, Z, 3]`` float flow in voxels, applied first.
+      g2: ``[B, X, Y, Z, 3]`` float flow in voxels on the same grid, applied second.
+    Returns:
+      ``[B, X, Y, Z, 3]`` flow in voxels, pulling, on the same grid.
+    """
+    g1 = tf.convert_to_tensor(g1)
+    g2 = tf.convert_to_tensor(g2)
+    _check_flow(g1, "g1")
+    _check_flow(g2, "g2")
+    _check_same_grid(g1, g2, "g1")
+    return g2 + warp(g1, g2)
+
+
+def affine_flow(W, b, spatial_shape):
+    """The flow of the affine transform ``A = I + W`` on centred voxel coordinates.
+
+    ``flow(x) = W x + b`` with ``x_j = index_j - (size_j - 1) / 2`` so that the
+    sampled position is ``A x + b`` (paper eq. 11).
+
+    Args:
+      W: ``[B, 3, 3]`` float; ``A = I + W`` (W = 0 is the identity). Row i gives
+        the displacement along axis i.
+      b: ``[B, 3]`` float translation, in voxels.
+      spatial_shape: ``(X, Y, Z)`` of the fixed grid.
+    Returns:
+      ``[B, X, Y, Z, 3]`` flow in voxels, pulling (fixed grid → moving image).
+    """
+    W = tf.convert_to_tensor(W)
+    b = tf.convert_to_tensor(b, dtype=W.dtype)
+    if W.shape.rank != 3 or tuple(W.shape[1:]) != (3, 3):
+        raise ValueError(f"W must have shape [B, 3, 3]; got {W.shape}.")
+    if b.shape.rank != 2 or b.shape[1] != 3:
+        raise ValueError(f"b must have shape [B, 3]; got {b.shape}.")
+    spatial_shape = tuple(int(n) for n in spatial_shape)
+    if len(spatial_shape) != 3:
+        raise ValueError(f"spatial_shape must be (X, Y, Z); got {spatial_shape}.")
+    grid = centred_grid(spatial_shape, W.dtype)
+    return tf.einsum("xyzj,bij->bxyzi", grid, W) + b[:, None, None, None, :]
+
+
+def spatial_gradient(flow):
+    """Derivatives of a field along each axis (central differences, one-sided at edges).
+
+    Args:
+      flow: ``[B, X, Y, Z, C]`` float, each spatial size ≥ 2.
+    Returns:
+      ``[B, X, Y, Z, C, 3]``: ``out[..., c, a] = d flow_c / d x_a`` per voxel.
+    """
+    grads = []
+    for axis in (1, 2, 3):
+        n = flow.shape[axis]
+        if n is not None and n < 2:
+            raise ValueError(f"every spatial size must be ≥ 2 for derivatives; got {flow.shape}.")
+        first = tf.gather(flow, [1], axis=axis) - tf.gather(flow, [0], axis=axis)
+        last = tf.gather(flow, [n - 1], axis=axis) - tf.gather(flow, [n - 2], axis=axis)
+        ahead = tf.gather(flow, tf.range(2, n), axis=axis)
+        behind = tf.gather(flow, tf.range(0, n - 2), axis=axis)
+        middle = (ahead - behind) / 2.0
+        grads.append(tf.concat([first, middle, last], axis=axis))
+    return tf.stack(grads, axis=-1)
+
+
+def jacobian_determinant(flow):
+    """Jacobian determinant of the map ``x ↦ x + flow(x)`` at every voxel.
+
+    Args:
+      flow: ``[B, X, Y, Z, 3]`` (or ``[X, Y, Z, 3]``) float, voxels, pulling.
+    Returns:
+      ``[B, X, Y, Z]`` (or ``[X, Y, Z]``) float: ``det(I + ∇flow)``; 1 means no
+      volume change, ≤ 0 means folding. Derivatives are central differences.
+    """
+    flow = tf.convert_to_tensor(flow)
+    single = flow.shape.rank == 4
+    if single:
+        flow = flow[None]
+    _check_flow(flow)
+    jac = spatial_gradient(flow) + tf.eye(3, dtype=flow.dtype)
+    det = tf.linalg.det(jac)
+    return det[0] if single else det
