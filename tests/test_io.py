@@ -1,0 +1,255 @@
+"""Tests for vtn_tf.io: every InputError case, ITK LPS <-> RAS geometry, atomic writes."""
+
+import gzip
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from vtn_tf import io
+from vtn_tf.io import InputError
+
+
+def save_nifti(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
+    return str(path)
+
+
+def random_volume(shape=(6, 7, 8), seed=0):
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+def test_reads_nifti_with_geometry(tmp_path):
+    affine = np.diag([-1.5, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [10, -5, 2]
+    data = random_volume()
+    volume = io.read_volume(save_nifti(tmp_path / "a.nii.gz", data, affine))
+    np.testing.assert_array_equal(volume.data, data)
+    np.testing.assert_allclose(volume.affine, affine)
+    assert volume.spacing == pytest.approx((1.5, 2.0, 3.0))
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: None, "does not exist"),
+    (lambda p: os.mkdir(p), "is a folder"),
+    (lambda p: open(p, "wb").close(), r"empty \(0 bytes\)"),
+    (lambda p: open(p, "w").write("not an image\n"), "could not be read"),
+])
+def test_bad_files_raise_input_error(tmp_path, make, problem):
+    path = str(tmp_path / "moving.nii.gz")
+    make(path)
+    with pytest.raises(InputError, match=problem) as info:
+        io.read_volume(path, role="moving image")
+    assert "moving image" in str(info.value) and "moving.nii.gz" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_gzip(tmp_path):
+    full = save_nifti(tmp_path / "full.nii.gz", random_volume((20, 20, 20)))
+    payload = open(full, "rb").read()
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes(payload[: len(payload) // 2])
+    with pytest.raises(InputError, match="cut.nii.gz could not be read"):
+        io.read_volume(truncated)
+
+
+def test_text_named_nii(tmp_path):
+    path = tmp_path / "x.nii"
+    path.write_text("hello " * 100)
+    with pytest.raises(InputError, match="could not be read"):
+        io.read_volume(path)
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(b"\x89PNG")
+    with pytest.raises(InputError, match="unsupported file type"):
+        io.read_volume(path)
+
+
+def test_two_d_refused(tmp_path):
+    path = save_nifti(tmp_path / "labels.nii.gz", np.zeros((8, 8), np.float32))
+    with pytest.raises(InputError, match=r"moving image labels.nii.gz is 2-D .*3-D volume"):
+        io.read_volume(path, role="moving image")
+
+
+def test_single_slice_refused(tmp_path):
+    path = save_nifti(tmp_path / "slice.nii.gz", np.zeros((8, 8, 1), np.float32))
+    with pytest.raises(InputError, match="single slice"):
+        io.read_volume(path)
+
+
+def test_four_d_singleton_squeezed_and_multi_volume_refused(tmp_path):
+    data = random_volume()
+    single = io.read_volume(save_nifti(tmp_path / "one.nii.gz", data[..., None]))
+    assert single.data.shape == data.shape
+    path = save_nifti(tmp_path / "many.nii.gz", np.stack([data] * 3, axis=-1))
+    with pytest.raises(InputError, match="4-D .* 3 volumes"):
+        io.read_volume(path)
+
+
+def test_nan_and_inf_refused(tmp_path):
+    data = random_volume()
+    data[0, 0, 0], data[1, 1, 1] = np.nan, np.inf
+    with pytest.raises(InputError, match="2 NaN or infinite"):
+        io.read_volume(save_nifti(tmp_path / "nan.nii.gz", data))
+
+
+def test_complex_refused(tmp_path):
+    data = random_volume().astype(np.complex64)
+    with pytest.raises(InputError, match="complex"):
+        io.read_volume(save_nifti(tmp_path / "c.nii.gz", data))
+
+
+def test_bool_refused():
+    # NIfTI cannot store booleans; arrays can still arrive from code paths.
+    with pytest.raises(InputError, match="boolean"):
+        io.check_voxels(np.zeros((4, 4, 4), bool), "mask", "mask.nii.gz")
+
+
+@pytest.mark.parametrize("affine, problem", [
+    (np.diag([500.0, 1, 1, 1]), "implausible voxel spacing"),
+    (np.diag([0.0, 1, 1, 1]), "non-positive voxel spacing"),
+    (np.array([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), "singular"),
+])
+def test_bad_geometry_refused(affine, problem):
+    with pytest.raises(InputError, match=problem):
+        io.check_geometry(affine, "image", "a.nii.gz")
+
+
+def test_absurd_spacing_in_file(tmp_path):
+    path = save_nifti(tmp_path / "big.nii.gz", random_volume(), np.diag([1.0, 1, 250, 1]))
+    with pytest.raises(InputError, match="big.nii.gz has implausible voxel spacing"):
+        io.read_volume(path)
+
+
+def test_constant_image_refused():
+    volume = io.Volume(np.zeros((4, 4, 4)), np.eye(4), (1, 1, 1), "zeros.nii.gz")
+    with pytest.raises(InputError, match="zeros.nii.gz is all zeros"):
+        io.check_not_constant(volume, "fixed image")
+    volume.data = volume.data + 7
+    with pytest.raises(InputError, match="constant"):
+        io.check_not_constant(volume, "fixed image")
+
+
+def test_read_labels_integer_and_grid_checks(tmp_path):
+    image = io.read_volume(save_nifti(tmp_path / "img.nii.gz", random_volume()))
+    labels = np.zeros((6, 7, 8), np.float32)
+    labels[1:3, 2:4, 3:5] = 2
+    volume = io.read_labels(save_nifti(tmp_path / "ok.nii.gz", labels), reference=image)
+    assert volume.data.dtype == np.int32 and set(np.unique(volume.data)) == {0, 2}
+
+    labels[0, 0, 0] = 0.5
+    with pytest.raises(InputError, match="frac.nii.gz has 1 non-integer values"):
+        io.read_labels(save_nifti(tmp_path / "frac.nii.gz", labels))
+
+    other_grid = save_nifti(tmp_path / "grid.nii.gz", np.zeros((6, 7, 9), np.int16))
+    with pytest.raises(InputError, match="grid 6x7x9 but image img.nii.gz has 6x7x8"):
+        io.read_labels(other_grid, reference=image)
+
+    shifted = np.eye(4)
+    shifted[0, 3] = 0.5
+    moved = save_nifti(tmp_path / "moved.nii.gz", np.zeros((6, 7, 8), np.int16), shifted)
+    with pytest.raises(InputError, match="different voxel-to-world affine"):
+        io.read_labels(moved, reference=image)
+
+
+def test_mhd_lps_to_ras_affine(tmp_path):
+    data = random_volume((5, 6, 7))
+    image = sitk.GetImageFromArray(data.transpose(2, 1, 0))  # ITK arrays are [z, y, x]
+    image.SetSpacing((0.5, 0.75, 2.0))
+    image.SetOrigin((10.0, 20.0, 30.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))  # index x runs along LPS y, index y along x
+    sitk.WriteImage(image, str(tmp_path / "scan.mhd"))
+    volume = io.read_volume(tmp_path / "scan.mhd")
+    # By hand: RAS = diag(-1, -1, 1) @ (origin + D @ diag(spacing) @ index).
+    expected = np.array([[0.0, -0.75, 0.0, -10.0],
+                         [-0.5, 0.0, 0.0, -20.0],
+                         [0.0, 0.0, 2.0, 30.0],
+                         [0.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(volume.affine, expected)
+    np.testing.assert_array_equal(volume.data, data)
+    # Same physical point through ITK: index (1, 2, 3) -> LPS -> RAS.
+    lps = np.array(image.TransformIndexToPhysicalPoint((1, 2, 3)))
+    np.testing.assert_allclose(volume.affine @ [1, 2, 3, 1], [-lps[0], -lps[1], lps[2], 1])
+
+
+def test_mha_round_trip_keeps_affine(tmp_path):
+    affine = np.array([[0.0, -2.0, 0.0, 5.0], [1.0, 0.0, 0.0, -3.0],
+                       [0.0, 0.0, 1.5, 7.0], [0.0, 0.0, 0.0, 1.0]])
+    data = random_volume()
+    io.write_volume(tmp_path / "v.mha", data, affine)
+    volume = io.read_volume(tmp_path / "v.mha")
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-9)
+    np.testing.assert_array_equal(volume.data, data)
+
+
+def test_write_volume_refuses_existing_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "out.nii.gz"
+    data = random_volume()
+    io.write_volume(path, data, np.eye(4))
+    with pytest.raises(InputError, match="already exists"):
+        io.write_volume(path, data, np.eye(4))
+    io.write_volume(path, data * 2, np.eye(4), overwrite=True)
+    np.testing.assert_allclose(io.read_volume(path).data, data * 2)
+    assert os.listdir(tmp_path) == ["out.nii.gz"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(Exception):
+        io.write_volume(tmp_path / "bad.nii.gz", np.zeros((2, 2, 2), bool), np.eye(4))
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_into_missing_folder(tmp_path):
+    with pytest.raises(InputError, match="folder .* does not exist"):
+        io.write_volume(tmp_path / "no" / "x.nii.gz", random_volume(), np.eye(4))
+
+
+def test_atomic_text_and_bytes(tmp_path):
+    io.atomic_write_text(tmp_path / "a.txt", "hello")
+    io.atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "a.txt").read_text() == "hello"
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(InputError, match="already exists"):
+        io.atomic_write_text(tmp_path / "a.txt", "again")
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.bin"]
+
+
+def make_manifest(tmp_path, **changes):
+    io.write_volume(tmp_path / "s1.nii.gz", random_volume(), np.eye(4))
+    manifest = {"format": "vtn-tf-dataset/1", "name": "t", "modality": "MRI",
+                "grid": [64, 64, 64], "label_values": [], "atlas": None,
+                "subjects": [{"id": "s1", "image": "s1.nii.gz", "labels": None,
+                              "landmarks": None}],
+                "splits": {"train": ["s1"], "validation": [], "evaluation": []}}
+    manifest.update(changes)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path / "manifest.json"
+
+
+def test_load_manifest_resolves_paths(tmp_path):
+    manifest = io.load_manifest(make_manifest(tmp_path))
+    assert manifest["subjects"][0]["image"] == str(tmp_path / "s1.nii.gz")
+    assert io.load_manifest(tmp_path)["name"] == "t"  # a folder means its manifest.json
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"format": "other/2"}, "has format 'other/2'"),
+    ({"subjects": [{"id": "s1", "image": "missing.nii.gz"}]}, "missing.nii.gz\\) does not exist"),
+    ({"splits": {"train": ["s9"]}}, "unknown subject 's9'"),
+])
+def test_load_manifest_errors_name_the_manifest(tmp_path, changes, problem):
+    path = make_manifest(tmp_path, **changes)
+    with pytest.raises(InputError, match=problem) as info:
+        io.load_manifest(path)
+    assert "manifest.json" in str(info.value)
+
+
+def test_load_manifest_bad_json(tmp_path):
+    (tmp_path / "manifest.json").write_text("{oops")
+    with pytest.raises(InputError, match="not valid JSON"):
+        io.load_manifest(tmp_path / "manifest.json")
