@@ -257,8 +257,33 @@ class VTN(keras.Model):
             terms = self.loss_terms(fixed, moving, training=True)
             scaled = self.optimizer.scale_loss(terms["loss"])
         gradients = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply(gradients, self.trainable_variables)
+        if getattr(self, "skip_nonfinite_batches", False):
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None]
+                                   + [tf.math.is_finite(terms["loss"])])
+
+            def skip():
+                self.optimizer.iterations.assign_add(1)  # the step still counts: data and schedule stay aligned
+                return tf.constant(True)
+
+            skipped = tf.cond(finite, lambda: self._apply(gradients), skip)
+            terms = {name: tf.where(finite, value, 0.0) for name, value in terms.items()}
+            terms["skipped_batches"] = tf.cast(skipped, tf.float32)
+        else:
+            self._apply(gradients)
         return self._record(terms)
+
+    def skip_nonfinite(self, enabled=True):
+        """Skip (instead of applying) any batch whose loss or gradients are NaN/Inf.
+
+        Skipped batches still advance the step counter; the share of skipped
+        batches is reported as the ``skipped_batches`` metric."""
+        self.skip_nonfinite_batches = enabled
+        if enabled and "skipped_batches" not in self.trackers:
+            self.trackers["skipped_batches"] = keras.metrics.Mean(name="skipped_batches")
+
+    def _apply(self, gradients):
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return tf.constant(False)
 
     def test_step(self, data):
         fixed, moving = self._unpack(data)

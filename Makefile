@@ -1,0 +1,80 @@
+# vtn-tf: common tasks. Data come from VTN_DATA (default ../shared/data).
+PYTHON ?= python3
+VTN_DATA ?= $(abspath ../shared/data)
+PREPARED ?= prepared
+RUNS ?= runs
+# FULL=1 selects the paper's full configs (128^3, full width, 100k steps: a GPU job).
+FULL ?=
+# Real liver CT: LIVER_DATA=/path/to/LiTS (LIVER_LAYOUT=lits) or SLIVER07 (LIVER_LAYOUT=sliver07).
+LIVER_DATA ?=
+LIVER_LAYOUT ?= lits
+SET ?=
+export VTN_DATA
+
+.PHONY: help install test test-fast demo train-brain train-liver train-hippocampus tensorboard bench clean-runs
+
+help:
+	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
+	@echo "make test          install and run the test suite"
+	@echo "make train-brain   prepare LPBA40 and train (CPU scale; FULL=1 for the paper's ADD at 128^3)"
+	@echo "make train-liver   prepare liver data and train (synthetic stand-in unless LIVER_DATA is set)"
+	@echo "make tensorboard   watch the runs in $(RUNS)"
+	@echo "make bench         speed tables (warp, inference, training)"
+
+install:
+	$(PYTHON) -m pip install -q -e ".[test,plot]"
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+# ---- data preparation ---------------------------------------------------------------
+$(PREPARED)/hippocampus/manifest.json:
+	$(PYTHON) -m data_prep --layout hippocampus --input $(VTN_DATA)/hippocampus --output $(PREPARED)/hippocampus --no-crop --grid 64 64 64 --overwrite
+
+$(PREPARED)/lpba40-64/manifest.json:
+	$(PYTHON) -m data_prep --layout lpba40 --input $(VTN_DATA)/lpba40 --output $(PREPARED)/lpba40-64 --grid 64 64 64 --overwrite
+
+$(PREPARED)/lpba40-128/manifest.json:
+	$(PYTHON) -m data_prep --layout lpba40 --input $(VTN_DATA)/lpba40 --output $(PREPARED)/lpba40-128 --grid 128 128 128 --overwrite
+
+$(PREPARED)/liver-synthetic-64/manifest.json:
+	$(PYTHON) -m data_prep --layout abdomen-synthetic --input $(VTN_DATA)/abdomen_ct_labels --output $(PREPARED)/liver-synthetic-64 --crop-label 6 --grid 64 64 64 --overwrite
+
+$(PREPARED)/liver-synthetic-128/manifest.json:
+	$(PYTHON) -m data_prep --layout abdomen-synthetic --input $(VTN_DATA)/abdomen_ct_labels --output $(PREPARED)/liver-synthetic-128 --crop-label 6 --grid 128 128 128 --overwrite
+
+$(PREPARED)/liver/manifest.json:
+	@test -n "$(LIVER_DATA)" || (echo "set LIVER_DATA=/path/to/liver/scans (LIVER_LAYOUT=lits|sliver07)"; exit 2)
+	$(PYTHON) -m data_prep --layout $(LIVER_LAYOUT) --input $(LIVER_DATA) --output $(PREPARED)/liver --crop-label 1 --grid 128 128 128 --overwrite
+
+# ---- training -----------------------------------------------------------------------
+ifeq ($(FULL),)
+BRAIN_CONFIG = experiments/brain-cpu.json
+BRAIN_DATA = $(PREPARED)/lpba40-64/manifest.json
+LIVER_CONFIG = experiments/liver-cpu.json
+LIVER_MANIFEST = $(if $(LIVER_DATA),$(PREPARED)/liver/manifest.json,$(PREPARED)/liver-synthetic-64/manifest.json)
+else
+BRAIN_CONFIG = experiments/paper-brain-ADD.json
+BRAIN_DATA = $(PREPARED)/lpba40-128/manifest.json
+LIVER_CONFIG = experiments/paper-liver-ADDD-inv.json
+LIVER_MANIFEST = $(if $(LIVER_DATA),$(PREPARED)/liver/manifest.json,$(PREPARED)/liver-synthetic-128/manifest.json)
+endif
+
+train-brain: install $(BRAIN_DATA)
+	$(PYTHON) -m vtn_tf.apps.train --config $(BRAIN_CONFIG) --run_dir $(RUNS)/$(basename $(notdir $(BRAIN_CONFIG))) --set data.manifest=$(BRAIN_DATA) $(SET)
+
+train-liver: install $(LIVER_MANIFEST)
+	$(PYTHON) -m vtn_tf.apps.train --config $(LIVER_CONFIG) --run_dir $(RUNS)/$(basename $(notdir $(LIVER_CONFIG))) --set data.manifest=$(LIVER_MANIFEST) $(SET)
+
+train-hippocampus: install $(PREPARED)/hippocampus/manifest.json
+	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-cpu $(SET)
+
+tensorboard:
+	$(PYTHON) -m pip install -q tensorboard
+	$(PYTHON) -m tensorboard.main --logdir $(RUNS)
+
+clean-runs:
+	rm -rf $(RUNS)

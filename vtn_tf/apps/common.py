@@ -1,0 +1,26 @@
+"""What every command-line tool shares: one-line errors and a non-zero exit."""
+
+import contextlib
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Errors a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError, FloatingPointError, KeyError, OSError)
+
+
+@contextlib.contextmanager
+def user_errors(tool, verbose=False):
+    """Turn user errors into ``tool: error: message`` on stderr and exit status 2.
+
+    With ``verbose`` the traceback is kept (re-raised)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if verbose:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{tool}: error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,330 @@
+"""Training: a config in, a monitored, checkpointed, resumable VTN run out.
+
+`train(config, run_dir)` builds the model under a `tf.distribute` strategy, feeds it
+the deterministic pair stream of `vtn_tf.data`, and writes to ``run_dir``:
+
+* ``config.json``: the exact effective config (a later start must match it);
+* ``checkpoints/``: `tf.train.Checkpoint` files of the model and the optimizer
+  every ``train.checkpoint_every`` steps and at the end. `tf.train.CheckpointManager`
+  writes the data first and the index last, so a write interrupted half-way never
+  replaces the last good checkpoint;
+* ``logs/``: TensorBoard events: every loss term of every stage, the learning rate,
+  validation Dice (with the unregistered Dice for reference) and images.
+
+Resuming: batch k of the pair stream depends only on (seed, k) and the learning
+rate only on the optimizer's step, so a restarted run continues from the last
+checkpoint with the same step count, data and schedule.
+"""
+
+import json
+import math
+import os
+import pathlib
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from vtn_tf import config as config_lib
+from vtn_tf import data as data_lib
+from vtn_tf import metrics, spatial
+from vtn_tf.model import VTN
+
+
+@keras.saving.register_keras_serializable(package="vtn_tf")
+class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Constant rate, halved every epoch after ``halve_after_epoch`` (paper §V)."""
+
+    def __init__(self, learning_rate, steps_per_epoch, halve_after_epoch):
+        self.learning_rate = float(learning_rate)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.halve_after_epoch = int(halve_after_epoch)
+
+    def __call__(self, step):
+        epoch = tf.cast(step, tf.float32) // self.steps_per_epoch + 1.0
+        return self.learning_rate * tf.pow(0.5, tf.maximum(0.0, epoch - self.halve_after_epoch))
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "steps_per_epoch": self.steps_per_epoch,
+                "halve_after_epoch": self.halve_after_epoch}
+
+
+def choose_strategy(name):
+    """The `tf.distribute` strategy for ``train.distribute``."""
+    if name == "auto":
+        if os.environ.get("TF_CONFIG"):
+            name = "multiworker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "none"
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type in (None, "chief") or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def build_model(config, image_shape):
+    """A compiled VTN for ``image_shape = (X, Y, Z)`` from a config's model section."""
+    model = VTN(**config["model"])
+    model.build((None, *image_shape, 1))
+    train = config["train"]
+    schedule = PaperSchedule(train["learning_rate"], train["steps_per_epoch"], train["halve_after_epoch"])
+    model.compile(optimizer=keras.optimizers.Adam(schedule))
+    model.skip_nonfinite(train["on_nonfinite"] == "skip")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def prepare_run_dir(run_dir, config, restart=False):
+    """Write the config beside the checkpoints; refuse to resume a different experiment."""
+    run_dir = pathlib.Path(run_dir)
+    saved = run_dir / "config.json"
+    if saved.exists() and not restart:
+        previous = json.loads(saved.read_text())
+        if previous != config:
+            changed = sorted(f"{s}.{k}" for s in config for k in config[s]
+                             if previous.get(s, {}).get(k) != config[s][k])
+            raise config_lib.ConfigError(
+                f"{run_dir} holds a run with another config (differs in {', '.join(changed)}); "
+                "use a new run directory, or --restart to start over there.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(saved, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return run_dir
+
+
+def _atomic_write(path, text):
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+
+
+def mid_slices(volume):
+    """``[X, Y, Z]`` → the middle slice along Z, scaled to [0, 1], as ``[X, Y, 1]``."""
+    picture = np.asarray(volume)[:, :, volume.shape[2] // 2].astype(np.float32)
+    span = picture.max() - picture.min()
+    return ((picture - picture.min()) / span if span > 0 else picture * 0)[..., None]
+
+
+class Validation(keras.callbacks.Callback):
+    """Every ``every`` steps: Dice of warped moving labels on held-out pairs, plus images."""
+
+    def __init__(self, batches, label_values, writer, every, log=print):
+        super().__init__()
+        self.batches, self.label_values = batches, label_values
+        self.writer, self.every, self.log = writer, every, log
+        self.last = None
+
+    def evaluate(self, step):
+        scores, unregistered, folds = [], [], []
+        for k, batch in enumerate(self.batches):
+            out = self.model({"fixed": batch["fixed"], "moving": batch["moving"]})
+            warped_labels = spatial.warp(batch["moving_labels"], out["flow"], "nearest")
+            fixed_labels = batch["fixed_labels"].numpy()[0, ..., 0]
+            scores.append(metrics.dice(fixed_labels, warped_labels.numpy()[0, ..., 0], self.label_values)[1])
+            unregistered.append(metrics.dice(fixed_labels, batch["moving_labels"].numpy()[0, ..., 0],
+                                             self.label_values)[1])
+            folds.append(metrics.folding_fraction(out["flow"]))
+            if k == 0:
+                pictures = [mid_slices(batch[name].numpy()[0, ..., 0]) for name in ("fixed", "moving")]
+                pictures.append(mid_slices(out["warped"].numpy()[0, ..., 0]))
+                pictures.append(mid_slices(np.linalg.norm(out["flow"].numpy()[0], axis=-1)))
+        result = {"dice": float(np.nanmean(scores)), "dice_unregistered": float(np.nanmean(unregistered)),
+                  "folding_percent": 100.0 * float(np.mean(folds))}
+        with self.writer.as_default(step=step):
+            for name, value in result.items():
+                tf.summary.scalar(f"validation/{name}", value)
+            tf.summary.image("validation/fixed_moving_warped_flow-magnitude", np.stack(pictures), max_outputs=4)
+        self.writer.flush()
+        self.log(f"step {step}: validation Dice {result['dice']:.4f} "
+                 f"(unregistered {result['dice_unregistered']:.4f}), folding {result['folding_percent']:.3f}%")
+        self.last = result
+        return result
+
+    def on_train_begin(self, logs=None):
+        self.evaluate(int(self.model.optimizer.iterations))
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        if step % self.every == 0:
+            self.evaluate(step)
+
+
+class Scalars(keras.callbacks.Callback):
+    """Every loss term and the learning rate to TensorBoard, stamped with the global step."""
+
+    def __init__(self, writer, every):
+        super().__init__()
+        self.writer, self.every = writer, every
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        if step % self.every:
+            return
+        with self.writer.as_default(step=step):
+            for name, value in (logs or {}).items():
+                tf.summary.scalar(f"train/{name}", float(value))
+            rate = self.model.optimizer.learning_rate
+            tf.summary.scalar("train/learning_rate", float(rate(step) if callable(rate) else rate))
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stop at once (before any checkpoint) when the loss turns NaN or Inf."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"the training loss became {float(loss)} at step {int(self.model.optimizer.iterations)}; "
+                "stopped without writing a checkpoint (set train.on_nonfinite=skip to skip such batches, "
+                "or lower train.learning_rate).")
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """Save model + optimizer every ``every`` steps and at the end (never non-finite weights)."""
+
+    def __init__(self, manager, every, total_steps):
+        super().__init__()
+        self.manager, self.every, self.total_steps = manager, every, total_steps
+
+    def save(self):
+        step = int(self.model.optimizer.iterations)
+        if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
+            return
+        if not all(np.all(np.isfinite(v.numpy())) for v in self.model.trainable_variables):
+            raise FloatingPointError(f"weights are not finite at step {step}; no checkpoint written.")
+        self.manager.save(checkpoint_number=step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        if step % self.every == 0 or step >= self.total_steps:
+            self.save()
+
+
+def train(config, run_dir, restart=False, verbose=1, log=print):
+    """Train (or resume) the experiment ``config`` in ``run_dir``. Returns a summary dict."""
+    config_lib.validate(config)
+    train_cfg, data_cfg = config["train"], config["data"]
+    if not data_cfg["manifest"]:
+        raise config_lib.ConfigError("data.manifest is not set: point it at a prepared dataset's manifest.json.")
+    keras.utils.set_random_seed(train_cfg["seed"])
+    if train_cfg["mixed_precision"]:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = choose_strategy(train_cfg["distribute"])
+    chief = is_chief(strategy)
+    run_dir = pathlib.Path(run_dir)
+    if chief:
+        prepare_run_dir(run_dir, config, restart)
+    writer_dir = run_dir / "logs" if chief else pathlib.Path(tempfile.mkdtemp())
+    checkpoint_dir = run_dir / "checkpoints" if chief else pathlib.Path(tempfile.mkdtemp())
+
+    splits = ("train", "validation")
+    dataset = data_lib.load_prepared(data_cfg["manifest"], splits=splits, extra_subjects=(
+        [data_cfg["atlas"]] if data_cfg["pair_mode"] == "atlas" else []))
+    pairs = data_lib.training_pairs(dataset, "train", data_cfg["pair_mode"], data_cfg["atlas"])
+    image_shape = tuple(dataset.grid)
+    if chief:
+        write_model_description(run_dir, config["model"], image_shape, dataset.label_values)
+
+    with strategy.scope():
+        model = build_model(config, image_shape)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=train_cfg["keep_checkpoints"])
+    if manager.latest_checkpoint and not restart:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        log(f"resuming from {manager.latest_checkpoint}")
+    start_step = int(model.optimizer.iterations)
+    total_steps = train_cfg["epochs"] * train_cfg["steps_per_epoch"]
+    if start_step >= total_steps:
+        log(f"{run_dir} already finished ({start_step} of {total_steps} steps).")
+        return {"start_step": start_step, "steps": total_steps, "run_dir": str(run_dir)}
+
+    stream = data_lib.pair_dataset(
+        dataset, pairs, train_cfg["batch_size"], seed=train_cfg["seed"], start_step=start_step,
+        augment=data_cfg["augment"], max_displacement=data_cfg["max_displacement"],
+        control_points=data_cfg["control_points"])
+    writer = tf.summary.create_file_writer(str(writer_dir))
+    callbacks = [Scalars(writer, train_cfg["log_every"]), Checkpoints(manager, train_cfg["checkpoint_every"], total_steps)]
+    if train_cfg["on_nonfinite"] == "stop":
+        callbacks.insert(0, NonFiniteGuard())
+    validation = None
+    if dataset.splits.get("validation") and dataset.has_labels and chief:
+        val_pairs = validation_pairs(dataset, data_cfg)
+        validation = Validation(list(data_lib.evaluation_batches(dataset, val_pairs, include_labels=True)),
+                                dataset.label_values, writer, train_cfg["validate_every"], log)
+        callbacks.insert(0, validation)
+    began = time.perf_counter()
+    model.fit(stream, epochs=1, steps_per_epoch=total_steps - start_step, callbacks=callbacks, verbose=verbose)
+    seconds = time.perf_counter() - began
+    steps = int(model.optimizer.iterations) - start_step
+    summary = {"run_dir": str(run_dir), "start_step": start_step, "steps": int(model.optimizer.iterations),
+               "seconds": seconds, "steps_per_second": steps / seconds if seconds else float("nan")}
+    if validation and validation.last:
+        summary["validation"] = validation.last
+    log(f"trained {steps} steps in {seconds:.1f} s ({summary['steps_per_second']:.2f} steps/s); "
+        f"checkpoints in {checkpoint_dir}")
+    return summary
+
+
+def validation_pairs(dataset, data_cfg):
+    ids = sorted(dataset.splits["validation"])
+    if data_cfg["pair_mode"] == "atlas":
+        pairs = data_lib.evaluation_pairs(ids, "atlas", data_cfg["atlas"])
+    else:
+        pairs = data_lib.evaluation_pairs(ids, "pairwise")
+    return pairs[: data_cfg["validation_pairs"]]
+
+
+def write_model_description(run_dir, model_config, image_shape, label_values=()):
+    """``run_dir/model.json``: what `restore_model` needs to rebuild the network."""
+    _atomic_write(pathlib.Path(run_dir) / "model.json", json.dumps(
+        {"model": model_config, "image_shape": [int(n) for n in image_shape],
+         "label_values": [int(v) for v in label_values]}, indent=2) + "\n")
+
+
+def save_model_dir(model, image_shape, run_dir, label_values=()):
+    """Write a run directory for ``model`` (model.json + one checkpoint), e.g. for tests."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in model.get_config().items() if k in config_lib.DEFAULTS["model"]}
+    write_model_description(run_dir, config, image_shape, label_values)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(run_dir / "checkpoints"), 1).save(0)
+    return run_dir
+
+
+def restore_model(run_dir):
+    """The trained model of a run directory, from its latest checkpoint.
+
+    Reads only ``model.json`` (architecture and grid, plain JSON) and the
+    checkpoint's tensors: nothing in the run directory is executed.
+    Returns ``(model, image_shape, checkpoint_path)``.
+    """
+    run_dir = pathlib.Path(run_dir)
+    description = run_dir / "model.json"
+    if not description.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a vtn-tf run directory (no model.json).")
+    info = json.loads(description.read_text())
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (looked in {run_dir / 'checkpoints'}).")
+    model = VTN(**info["model"])
+    model.build((None, *info["image_shape"], 1))
+    try:
+        tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise ValueError(f"checkpoint {latest} does not fit the model in {description}: "
+                         f"{str(error).splitlines()[0]}") from None
+    return model, tuple(info["image_shape"]), latest
