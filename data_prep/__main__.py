@@ -33,7 +33,8 @@ def parser():
     p.add_argument("--input", required=True, help="dataset folder")
     p.add_argument("--output", required=True, help="folder for the prepared dataset")
     p.add_argument("--images", help="folder layout: image folder (default INPUT/images)")
-    p.add_argument("--labels", help="folder layout: label folder (default INPUT/labels if present)")
+    p.add_argument("--labels",
+                   help="folder layout: label folder (default INPUT/labels if present)")
     p.add_argument("--modality", choices=("CT", "MRI"), help="default: the layout's")
     p.add_argument("--grid", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="output grid, each a multiple of 64 (default: the layout's)")

@@ -171,8 +171,9 @@ def crop_box(image, labels, settings, subject_id):
         mask, what = scaled > settings.foreground_threshold, "foreground"
     box = geometry.bounding_box(mask, settings.margin_mm, image.spacing)
     if box is None:
-        raise InputError(f"{os.path.basename(labels.path if settings.crop == 'labels' else image.path)}"
-                         f" has no voxel of {what} to crop around (subject {subject_id})")
+        source = labels.path if settings.crop == "labels" else image.path
+        raise InputError(f"{os.path.basename(source)} has no voxel of {what} to crop around "
+                         f"(subject {subject_id})")
     return box
 
 

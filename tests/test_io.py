@@ -1,6 +1,5 @@
 """Tests for vtn_tf.io: every InputError case, ITK LPS <-> RAS geometry, atomic writes."""
 
-import gzip
 import json
 import os
 
