@@ -3,13 +3,31 @@
 Field conventions (everywhere): images ``[B, X, Y, Z, C]``, flows ``[B, X, Y, Z, 3]``
 as displacements in voxels of the fixed grid, channel c along axis c, pulling:
 ``warp(moving, f)(x) = moving(x + f(x))``.
+
+Sub-modules load on first use, so ``vtn_tf.io`` (used by ``data_prep``) does not
+pay TensorFlow's start-up.
 """
 
-from vtn_tf import losses, metrics
-from vtn_tf.model import VTN
-from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork
-from vtn_tf.spatial import affine_flow, compose, warp
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["AffineSubnetwork", "DenseSubnetwork", "VTN", "affine_flow", "compose", "losses",
-           "metrics", "warp"]
+
+_PUBLIC = {
+    "warp": "vtn_tf.spatial", "compose": "vtn_tf.spatial", "affine_flow": "vtn_tf.spatial",
+    "AffineSubnetwork": "vtn_tf.networks", "DenseSubnetwork": "vtn_tf.networks", "VTN": "vtn_tf.model",
+}
+_MODULES = {"losses", "metrics", "spatial", "networks", "model", "io", "data", "augment", "config",
+            "training", "evaluation", "registration", "export", "baselines"}
+__all__ = sorted(_PUBLIC) + ["losses", "metrics"]
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"vtn_tf.{name}")
+    raise AttributeError(f"module 'vtn_tf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC) | _MODULES)
