@@ -64,6 +64,13 @@ def _determinant_3x3(m):
             + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
 
 
+def _cofactors_3x3(m):
+    """The nine 2x2 minors of ``[..., 3, 3]`` (signs irrelevant: only their squares are used)."""
+    rows = [(1, 2), (0, 2), (0, 1)]
+    return tf.stack([tf.stack([m[..., r0, c0] * m[..., r1, c1] - m[..., r0, c1] * m[..., r1, c0]
+                               for c0, c1 in rows], -1) for r0, r1 in rows], -2)
+
+
 def _check_matrix(A):
     A = _float32(A)
     if A.shape.rank != 3 or tuple(A.shape[1:]) != (3, 3):
@@ -87,12 +94,15 @@ def orthogonality_loss(A):
     """
     A = _check_matrix(A)
     eps = ORTHOGONALITY_EPSILON
-    C = tf.matmul(A, A, transpose_a=True) + eps * tf.eye(3)
-    s1 = tf.linalg.trace(C)
-    s2 = (C[:, 0, 0] * C[:, 1, 1] - C[:, 0, 1] * C[:, 1, 0]
-          + C[:, 0, 0] * C[:, 2, 2] - C[:, 0, 2] * C[:, 2, 0]
-          + C[:, 1, 1] * C[:, 2, 2] - C[:, 1, 2] * C[:, 2, 1])
-    s3 = _determinant_3x3(C)
+    # The invariants of M = AᵀA as sums of squares (no cancellation: the closed-form
+    # det of C in float32 loses every digit for near-singular A and can turn negative):
+    # tr M = ‖A‖², s2(M) = ‖adj A‖² (Cauchy–Binet), det M = det(A)². Then C = M + εI.
+    trace_m = tf.reduce_sum(tf.square(A), [1, 2])
+    minors_m = tf.reduce_sum(tf.square(_cofactors_3x3(A)), [1, 2])
+    det_m = tf.square(_determinant_3x3(A))
+    s1 = trace_m + 3 * eps
+    s2 = minors_m + 2 * eps * trace_m + 3 * eps ** 2
+    s3 = det_m + eps * minors_m + eps ** 2 * trace_m + eps ** 3
     return s1 + (1 + eps) ** 2 * s2 / s3 - 6 * (1 + eps)
 
 
