@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from vtn_tf import config as config_lib
+
+
+def test_defaults_are_the_paper_schedule():
+    config = config_lib.load_config()
+    assert config["train"]["learning_rate"] == 1e-4
+    assert config["train"]["batch_size"] == 8
+    assert config["train"]["epochs"] * config["train"]["steps_per_epoch"] == 100000
+    assert config["model"]["spec"] == "ADDD"
+
+
+def test_learning_rate_halves_every_epoch_after_the_fourth():
+    config = config_lib.load_config(overrides=["train.steps_per_epoch=10"])
+    rates = [config_lib.learning_rate_at(config, step) for step in (0, 39, 40, 49, 50)]
+    assert rates == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5]
+
+
+def test_overrides_parse_json_and_strings():
+    config = config_lib.load_config(overrides=["train.batch_size=2", "model.spec=ADD",
+                                               "model.similarity_weights=[1, 0, 1]"])
+    assert config["train"]["batch_size"] == 2
+    assert config["model"]["spec"] == "ADD"
+    assert config["model"]["similarity_weights"] == [1, 0, 1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batchsize=2", "unknown field train.batchsize"),
+    ("optimiser.rate=1", "unknown section"),
+    ("model.spec=DA", "model.spec"),
+    ("model.spec=AA", "model.spec"),
+    ("train.batch_size=0", "positive integer"),
+    ("train.on_nonfinite=ignore", "on_nonfinite"),
+    ("batch_size=2", "section.field=value"),
+])
+def test_bad_overrides_are_refused(override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.load_config(overrides=[override])
+
+
+def test_extends_and_file_errors(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"model": {"spec": "ADD"}, "train": {"batch_size": 4}}))
+    child = tmp_path / "child.json"
+    child.write_text(json.dumps({"extends": "base.json", "train": {"batch_size": 2}}))
+    config = config_lib.load_config(child)
+    assert (config["model"]["spec"], config["train"]["batch_size"]) == ("ADD", 2)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(config_lib.ConfigError, match="not valid JSON"):
+        config_lib.load_config(tmp_path / "bad.json")
+    with pytest.raises(config_lib.ConfigError, match="does not exist"):
+        config_lib.load_config(tmp_path / "missing.json")
+    (tmp_path / "typo.json").write_text(json.dumps({"model": {"spex": "D"}}))
+    with pytest.raises(config_lib.ConfigError, match="unknown field model.spex"):
+        config_lib.load_config(tmp_path / "typo.json")
+
+
+def test_every_shipped_experiment_loads():
+    import pathlib
+    for path in sorted(pathlib.Path(__file__).parents[1].glob("experiments/*.json")):
+        config = config_lib.load_config(path)
+        assert config["model"]["spec"]
