@@ -306,7 +306,11 @@ def test_training_on_one_hippocampus_pair_raises_dice(vtn_data):
     root = pathlib.Path(vtn_data) / "hippocampus"
     names = sorted(p.name for p in (root / "images").glob("*.nii.gz"))
     training = names[:-40]  # the last 40 are the evaluation subjects
-    fixed_name, moving_name = training[0], training[1]
+    # A training pair with room to improve (unregistered Dice 0.45); a well-aligned pair such
+    # as 003 → 001 (0.79) has no room for a +0.1 gain.
+    fixed_name, moving_name = "hippocampus_001.nii.gz", "hippocampus_020.nii.gz"
+    if fixed_name not in training or moving_name not in training:
+        pytest.skip(f"{fixed_name} or {moving_name} missing from the hippocampus training subjects")
     fixed = normalise(load_volume(root / "images" / fixed_name))[None, ..., None]
     moving = normalise(load_volume(root / "images" / moving_name))[None, ..., None]
     fixed_labels = load_volume(root / "labels" / fixed_name).astype(np.int32)
@@ -333,4 +337,4 @@ def test_training_on_one_hippocampus_pair_raises_dice(vtn_data):
     assert after > before + 0.1
 
 
-STEPS = 300
+STEPS = 200  # measured: Dice 0.45 → 0.52 / 0.61 / 0.66 / 0.67 after 50 / 100 / 150 / 200
