@@ -302,6 +302,7 @@ def normalise(image):
 
 
 @pytest.mark.slow
+@pytest.mark.data
 def test_training_on_one_hippocampus_pair_raises_dice(vtn_data):
     root = pathlib.Path(vtn_data) / "hippocampus"
     names = sorted(p.name for p in (root / "images").glob("*.nii.gz"))
