@@ -207,10 +207,6 @@ def test_train_step_reports_every_term():
     assert np.mean(changed) > 0.9  # Adam moves (almost) every variable in its first step
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "model.py train_step/test_step pass Keras's `data` straight to _unpack; train_on_batch and "
-    "test_on_batch deliver (x, None, None) and fit(x=(fixed, moving)) delivers ((fixed, moving),), "
-    "so all three raise 'VTN inputs must be ...'"))
 def test_train_on_batch_accepts_a_dict():
     model = VTN("D", width=WIDTH)
     model.compile(optimizer=keras.optimizers.Adam(1e-4))
@@ -279,9 +275,6 @@ def test_missing_keys_are_rejected(tiny_model):
         tiny_model({"fixed": tf.zeros((1, SIZE, SIZE, SIZE, 1))})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "model.py VTN.call casts fixed/moving to float32 before _check_images, so its "
-    "'must be floating point' check can never fire and integer images are accepted silently"))
 def test_integer_images_are_rejected(tiny_model):
     image = tf.zeros((1, SIZE, SIZE, SIZE, 1), tf.int32)
     with pytest.raises(ValueError):

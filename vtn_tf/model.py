@@ -122,6 +122,14 @@ class VTN(keras.Model):
 
     # ----- forward -------------------------------------------------------------------
     @staticmethod
+    def _unpack_batch(data):
+        """Keras hands batches over as ``x``, ``(x,)`` or ``(x, None, None)``; take ``x``."""
+        if isinstance(data, (tuple, list)) and len(data) in (1, 3) and isinstance(data[0], (dict, tuple, list)) \
+                and all(item is None for item in data[1:]):
+            data = data[0]
+        return VTN._unpack(data)
+
+    @staticmethod
     def _unpack(inputs):
         if isinstance(inputs, dict):
             if "fixed" not in inputs or "moving" not in inputs:
@@ -144,10 +152,9 @@ class VTN(keras.Model):
         check_spatial_shape(fixed.shape)
 
     def call(self, inputs, training=False):
-        fixed, moving = self._unpack(inputs)
-        fixed = tf.cast(tf.convert_to_tensor(fixed), tf.float32)
-        moving = tf.cast(tf.convert_to_tensor(moving), tf.float32)
+        fixed, moving = (tf.convert_to_tensor(image) for image in self._unpack(inputs))
         self._check_images(fixed, moving)
+        fixed, moving = tf.cast(fixed, tf.float32), tf.cast(moving, tf.float32)
         spatial_shape = fixed.shape[1:4]
         out = {"stage_flows": [], "stage_aggregate_flows": [], "stage_warped": []}
         aggregate, warped, affine = None, moving, None
@@ -252,7 +259,7 @@ class VTN(keras.Model):
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     def train_step(self, data):
-        fixed, moving = self._unpack(data)
+        fixed, moving = self._unpack_batch(data)
         with tf.GradientTape() as tape:
             terms = self.loss_terms(fixed, moving, training=True)
             scaled = self.optimizer.scale_loss(terms["loss"])
@@ -286,7 +293,7 @@ class VTN(keras.Model):
         return tf.constant(False)
 
     def test_step(self, data):
-        fixed, moving = self._unpack(data)
+        fixed, moving = self._unpack_batch(data)
         return self._record(self.loss_terms(fixed, moving, training=False))
 
     def get_config(self):
