@@ -55,7 +55,7 @@ def _number(subject_id):
 def test_load_prepared_reads_splits_and_atlas(prepared):
     dataset = data.load_prepared(prepared)
     assert dataset.grid == GRID and dataset.synthetic and dataset.atlas == "e1"
-    assert dataset.label_values == [0, 1, 5]
+    assert dataset.label_values == [0, 1, 5] and dataset.has_labels
     assert set(dataset.images) == set(TRAIN + VALIDATION + ["e1"])  # atlas loaded too
     image, labels = dataset.images["s2"], dataset.labels["s2"]
     assert image.dtype == np.float32 and image.shape == GRID
@@ -179,3 +179,16 @@ def test_evaluation_batches(prepared):
     np.testing.assert_array_equal(batch["fixed"].numpy()[0, ..., 0], _image(_number("e1")))
     np.testing.assert_array_equal(batch["moving_labels"].numpy()[0, ..., 0],
                                   _labels(_number("e2")))
+
+
+def test_subject_without_labels(prepared):
+    manifest = json.loads(prepared.read_text())
+    manifest["subjects"][0]["labels"] = None  # s1
+    prepared.write_text(json.dumps(manifest))
+    dataset = data.load_prepared(prepared, splits=("train",))
+    assert dataset.labels["s1"] is None and not dataset.has_labels
+    pairs = data.training_pairs(dataset)
+    with pytest.raises(ValueError, match="'s1'.*no labels"):
+        data.pair_dataset(dataset, pairs, batch_size=2, include_labels=True)
+    batch = _first(data.pair_dataset(dataset, pairs, batch_size=2))
+    assert set(batch) == {"fixed", "moving"}

@@ -67,6 +67,11 @@ class PreparedDataset:
     images: dict
     labels: dict
 
+    @property
+    def has_labels(self):
+        """Whether every loaded subject has a label map."""
+        return bool(self.labels) and all(v is not None for v in self.labels.values())
+
     def ids(self, split):
         """Subject ids of a loaded split, in manifest order."""
         if split not in self.loaded_splits:
