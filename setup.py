@@ -16,6 +16,7 @@ setup(
         "nibabel>=5.2,<6",
         "SimpleITK>=2.3,<3",
         "absl-py>=2.1,<3",
+        "tensorboard>=2.19,<3",
         "scipy>=1.11,<2",
     ],
     extras_require={

@@ -117,7 +117,9 @@ class VTN(keras.Model):
             AffineSubnetwork(width, name=name) if letter == "A" else
             DenseSubnetwork(width, flow_scale, flow_head_initializer, name=name)
             for letter, name in zip(spec, self.stage_names)]
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_term_names()}
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in self.loss_term_names() + ["skipped_batches"]}
+        self.skip_nonfinite_batches = False
         self._image_shape = None
 
     # ----- forward -------------------------------------------------------------------
@@ -251,12 +253,13 @@ class VTN(keras.Model):
 
     @property
     def metrics(self):
-        return list(self.trackers.values())
+        return [tracker for name, tracker in self.trackers.items()
+                if name != "skipped_batches" or self.skip_nonfinite_batches]
 
     def _record(self, terms):
         for name, value in terms.items():
             self.trackers[name].update_state(value)
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
+        return {tracker.name: tracker.result() for tracker in self.metrics}
 
     def train_step(self, data):
         fixed, moving = self._unpack_batch(data)
@@ -264,7 +267,7 @@ class VTN(keras.Model):
             terms = self.loss_terms(fixed, moving, training=True)
             scaled = self.optimizer.scale_loss(terms["loss"])
         gradients = tape.gradient(scaled, self.trainable_variables)
-        if getattr(self, "skip_nonfinite_batches", False):
+        if self.skip_nonfinite_batches:
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None]
                                    + [tf.math.is_finite(terms["loss"])])
 
@@ -284,9 +287,7 @@ class VTN(keras.Model):
 
         Skipped batches still advance the step counter; the share of skipped
         batches is reported as the ``skipped_batches`` metric."""
-        self.skip_nonfinite_batches = enabled
-        if enabled and "skipped_batches" not in self.trackers:
-            self.trackers["skipped_batches"] = keras.metrics.Mean(name="skipped_batches")
+        self.skip_nonfinite_batches = bool(enabled)
 
     def _apply(self, gradients):
         self.optimizer.apply(gradients, self.trainable_variables)

@@ -51,6 +51,22 @@ class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "halve_after_epoch": self.halve_after_epoch}
 
 
+def make_checkpoint(model, optimizer=None):
+    """A `tf.train.Checkpoint` of the model's (and optimizer's) variables.
+
+    Keras 3 layers are not TensorFlow trackables, so the variables are listed
+    explicitly. Model variables are keyed by their layer paths, so a checkpoint of
+    another architecture fails to restore instead of loading into the wrong layers."""
+    def value(v):
+        return getattr(v, "value", v)
+
+    # Paths without the model's own name (which Keras uniquifies per process).
+    tree = {"model": {v.path.split("/", 1)[-1].replace("/", "."): value(v) for v in model.weights}}
+    if optimizer is not None:  # optimizer slots follow the model's variable order
+        tree["optimizer"] = {f"{k:05d}": value(v) for k, v in enumerate(optimizer.variables)}
+    return tf.train.Checkpoint(**tree)
+
+
 def choose_strategy(name):
     """The `tf.distribute` strategy for ``train.distribute``."""
     if name == "auto":
@@ -241,7 +257,7 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
 
     with strategy.scope():
         model = build_model(config, image_shape)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    checkpoint = make_checkpoint(model, model.optimizer)
     manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=train_cfg["keep_checkpoints"])
     if manager.latest_checkpoint and not restart:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
@@ -261,8 +277,10 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
     if train_cfg["on_nonfinite"] == "stop":
         callbacks.insert(0, NonFiniteGuard())
     validation = None
-    if dataset.splits.get("validation") and dataset.has_labels and chief:
-        val_pairs = validation_pairs(dataset, data_cfg)
+    val_pairs = validation_pairs(dataset, data_cfg) if dataset.has_labels and chief else []
+    if chief and not val_pairs:
+        log("no labelled validation pairs: validation Dice is not tracked.")
+    if val_pairs:
         validation = Validation(list(data_lib.evaluation_batches(dataset, val_pairs, include_labels=True)),
                                 dataset.label_values, writer, train_cfg["validate_every"], log)
         callbacks.insert(0, validation)
@@ -280,7 +298,9 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
 
 
 def validation_pairs(dataset, data_cfg):
-    ids = sorted(dataset.splits["validation"])
+    ids = sorted(dataset.splits.get("validation") or [])
+    if len(ids) < 2:
+        return []
     if data_cfg["pair_mode"] == "atlas":
         pairs = data_lib.evaluation_pairs(ids, "atlas", data_cfg["atlas"])
     else:
@@ -301,7 +321,7 @@ def save_model_dir(model, image_shape, run_dir, label_values=()):
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in model.get_config().items() if k in config_lib.DEFAULTS["model"]}
     write_model_description(run_dir, config, image_shape, label_values)
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(run_dir / "checkpoints"), 1).save(0)
+    tf.train.CheckpointManager(make_checkpoint(model), str(run_dir / "checkpoints"), 1).save(0)
     return run_dir
 
 
@@ -323,7 +343,11 @@ def restore_model(run_dir):
     model = VTN(**info["model"])
     model.build((None, *info["image_shape"], 1))
     try:
-        tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+        status = make_checkpoint(model).restore(latest).expect_partial()
+        status.assert_existing_objects_matched()
+        stored = {name for name, _ in tf.train.list_variables(latest) if name.startswith("model/")}
+        if len(stored) != len(model.weights):
+            raise ValueError(f"it holds {len(stored)} model tensors, the model has {len(model.weights)}")
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise ValueError(f"checkpoint {latest} does not fit the model in {description}: "
                          f"{str(error).splitlines()[0]}") from None

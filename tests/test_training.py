@@ -1,0 +1,154 @@
+"""Training: TensorBoard contents, checkpoints, exact resume after SIGKILL, NaN guards."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vtn_tf import config as config_lib
+from vtn_tf import training
+from vtn_tf.model import VTN
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny-ci.json"
+
+
+@pytest.fixture(scope="module")
+def toy_manifest(tmp_path_factory):
+    from data_prep.toy import write_toy_folder
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_folder(root / "raw", subjects=6)
+    subprocess.run([sys.executable, "-m", "data_prep", "--layout", "folder", "--input", str(root / "raw"),
+                    "--modality", "MRI", "--no-crop", "--grid", "64", "64", "64", "--validation-count", "2",
+                    "--output", str(root / "prepared")], check=True, capture_output=True)
+    return root / "prepared" / "manifest.json"
+
+
+def tiny_config(manifest, *overrides):
+    return config_lib.load_config(TINY, [f"data.manifest={manifest}", *overrides])
+
+
+def event_tags(log_dir):
+    tags = set()
+    for path in pathlib.Path(log_dir).rglob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_training_writes_config_checkpoints_and_tensorboard(toy_manifest, tmp_path):
+    config = tiny_config(toy_manifest)
+    summary = training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+    total = config["train"]["epochs"] * config["train"]["steps_per_epoch"]
+    assert summary["steps"] == total
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith(f"-{total}")
+    tags = event_tags(tmp_path / "run" / "logs")
+    for term in ["loss", "affine_similarity", "affine_determinant", "affine_orthogonality",
+                 "dense1_similarity", "dense1_smoothness", "learning_rate"]:
+        assert f"train/{term}" in tags
+    assert {"validation/dice", "validation/dice_unregistered"} <= tags
+    assert any(tag.startswith("validation/fixed_moving_warped") for tag in tags)
+    model, shape, _ = training.restore_model(tmp_path / "run")
+    assert shape == (64, 64, 64) and model.spec == "AD"
+
+
+def test_a_different_config_is_not_resumed(toy_manifest, tmp_path):
+    training.train(tiny_config(toy_manifest), tmp_path / "run", verbose=0, log=lambda *_: None)
+    with pytest.raises(config_lib.ConfigError, match="model.width"):
+        training.train(tiny_config(toy_manifest, "model.width=0.25"), tmp_path / "run", verbose=0)
+
+
+def _trained_weights(run_dir):
+    model, _, _ = training.restore_model(run_dir)
+    return [v.numpy() for v in model.trainable_variables]
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_resumes_exactly(toy_manifest, tmp_path):
+    """Kill a run mid-way (SIGKILL) twice; the restarted command ends where an
+    uninterrupted run ends: same step count, same weights (CPU is deterministic here)."""
+    overrides = ["--set", f"data.manifest={toy_manifest}", "--set", "train.epochs=3",
+                 "--set", "train.validate_every=1000"]
+    command = [sys.executable, "-m", "vtn_tf.apps.train", "--config", str(TINY), "--progress", "0"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    subprocess.run(command + ["--run_dir", str(tmp_path / "straight")] + overrides, check=True,
+                   capture_output=True, env=env)
+    killed = tmp_path / "killed"
+    for kill_after in (2, 4):
+        process = subprocess.Popen(command + ["--run_dir", str(killed)] + overrides, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            latest = tf.train.latest_checkpoint(str(killed / "checkpoints"))
+            if latest and int(latest.rsplit("-", 1)[1]) >= kill_after:
+                break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert tf.train.latest_checkpoint(str(killed / "checkpoints")) is not None
+    subprocess.run(command + ["--run_dir", str(killed)] + overrides, check=True, capture_output=True, env=env)
+    straight_ckpt = tf.train.latest_checkpoint(str(tmp_path / "straight" / "checkpoints"))
+    killed_ckpt = tf.train.latest_checkpoint(str(killed / "checkpoints"))
+    assert straight_ckpt.rsplit("-", 1)[1] == killed_ckpt.rsplit("-", 1)[1] == "12"
+    for a, b in zip(_trained_weights(tmp_path / "straight"), _trained_weights(killed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _nan_stream(batches=4):
+    x = np.random.default_rng(0).random((1, 64, 64, 64, 1)).astype(np.float32)
+    bad = x.copy()
+    bad[0, 0, 0, 0, 0] = np.nan
+    items = [{"fixed": x, "moving": x[:, ::-1].copy()}, {"fixed": bad, "moving": x}] * (batches // 2)
+    return tf.data.Dataset.from_tensor_slices({k: np.concatenate([i[k] for i in items]) for k in items[0]}).batch(1)
+
+
+def _small_model(on_nonfinite):
+    config = config_lib.load_config(TINY, [f"train.on_nonfinite={on_nonfinite}"])
+    return training.build_model(config, (64, 64, 64))
+
+
+def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
+    model = _small_model("stop")
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(tmp_path), 2)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 2"):
+        model.fit(_nan_stream(), callbacks=[training.NonFiniteGuard(), training.Checkpoints(manager, 1, 10)],
+                  verbose=0)
+    assert manager.latest_checkpoint.endswith("-1")  # the good step 1 only
+
+
+def test_nonfinite_batches_can_be_skipped():
+    model = _small_model("skip")
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    history = model.fit(_nan_stream(), verbose=0)
+    assert history.history["skipped_batches"][-1] == pytest.approx(0.5)
+    assert int(model.optimizer.iterations) == 4
+    assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
+    assert any(not np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))
+
+
+def test_paper_schedule_matches_the_config_formula():
+    config = config_lib.load_config(overrides=["train.steps_per_epoch=10"])
+    schedule = training.PaperSchedule(1e-4, 10, 4)
+    for step in (0, 9, 39, 40, 41, 49, 50, 99):
+        assert float(schedule(step)) == pytest.approx(config_lib.learning_rate_at(config, step))
+
+
+def test_restore_refuses_a_mismatched_checkpoint(tmp_path):
+    model = VTN("AD", width=0.125, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    training.save_model_dir(model, (64, 64, 64), tmp_path)
+    description = json.loads((tmp_path / "model.json").read_text())
+    description["model"]["width"] = 0.25
+    (tmp_path / "model.json").write_text(json.dumps(description))
+    with pytest.raises(ValueError, match="does not fit"):
+        training.restore_model(tmp_path)
