@@ -1,0 +1,199 @@
+"""Shared helpers for the benchmark scripts: machine description, timing, memory, tables.
+
+Benchmarks print markdown tables and compare side by side in one run (ratios); they never
+assert wall-clock times. Timings are the median of ``--repeats`` runs after ``--warmup``
+runs (the first call of a tf.function traces and compiles; warm-up keeps that out).
+
+Peak memory:
+* CPU: the process's peak resident set. Before each measured cell the kernel's high-water
+  mark is reset (``/proc/self/clear_refs`` ← 5, Linux ≥ 4.0), so the number read back
+  (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which then equals ``VmHWM``) is the peak
+  *of that cell* plus whatever the process already held (TensorFlow itself, earlier
+  models still alive). Where the reset is not permitted it is the running process peak.
+* GPU: ``tf.config.experimental.get_memory_info('GPU:0')['peak']`` after
+  ``reset_memory_stats``: the allocator's peak during the cell.
+"""
+
+import argparse
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/bench_x.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def base_parser(description):
+    """Flags every script shares; scripts add their own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    parser.add_argument("--full", action="store_true", help="the full sweep (slow on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs per cell first")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TF intra- and inter-op threads (0 = TensorFlow's default)")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="keras mixed_float16 policy (warps and losses stay float32)")
+    return parser
+
+
+def setup_tensorflow(args):
+    """Import TensorFlow with the flags' thread and precision settings (before any op)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if args.mixed_precision:
+        import keras
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    return tf
+
+
+def data_dir():
+    """Real data: ``$VTN_DATA`` or ``../shared/data`` relative to the repository root."""
+    return pathlib.Path(os.environ.get("VTN_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def has_gpu():
+    import tensorflow as tf
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def load_average():
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def print_machine(args, extra=()):
+    """Describe the machine and the settings the numbers below were taken with."""
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = []
+    for gpu in gpus:
+        details = tf.config.experimental.get_device_details(gpu)
+        names.append(details.get("device_name", gpu.name))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"- machine: {cpu_model()}, {cores} cores usable ({os.cpu_count()} online), "
+          f"Python {platform.python_version()}")
+    print(f"- TensorFlow {tf.__version__}, Keras {keras.__version__}; "
+          f"GPU: {', '.join(names) if names else 'none'}")
+    print(f"- load average (1, 5, 15 min) at start: {load_average()} "
+          "(other work on a shared machine makes the timings noisy)")
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TF default)")
+    print(f"- threads: {args.threads or 'TF default'}; TF_ENABLE_ONEDNN_OPTS={onednn}; "
+          f"precision: {'mixed_float16' if args.mixed_precision else 'float32'}")
+    for line in extra:
+        print(f"- {line}")
+    print()
+
+
+def sync():
+    """Wait until every queued device op has finished (GPU timings need it)."""
+    import tensorflow as tf
+    if has_gpu():
+        tf.test.experimental.sync_devices()
+
+
+def time_call(function, repeats, warmup, max_seconds=None):
+    """Median seconds of ``function()`` over ``repeats`` runs after ``warmup`` runs.
+
+    The function's result is synchronised (GPU) before the clock stops. With
+    ``max_seconds``, stops repeating once that much time was spent (at least one run).
+    Returns ``(median, times)``.
+    """
+    for _ in range(warmup):
+        function()
+        sync()
+    times, start = [], time.perf_counter()
+    for _ in range(max(1, repeats)):
+        begin = time.perf_counter()
+        function()
+        sync()
+        times.append(time.perf_counter() - begin)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times), times
+
+
+def reset_peak_memory():
+    """Start a new peak-memory window (see the module notes)."""
+    import tensorflow as tf
+    if has_gpu():
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as stream:
+            stream.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb():
+    """Peak memory since the last `reset_peak_memory`, in MiB (GPU allocator or CPU RSS)."""
+    import tensorflow as tf
+    if has_gpu():
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def memory_label():
+    return "peak GPU MiB" if has_gpu() else "peak RSS MiB"
+
+
+def is_out_of_memory(error):
+    import tensorflow as tf
+    return isinstance(error, (tf.errors.ResourceExhaustedError, MemoryError)) or \
+        "out of memory" in str(error).lower() or "OOM" in str(error)
+
+
+def format_seconds(seconds):
+    if seconds is None:
+        return "—"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def ratio(numerator, denominator):
+    if numerator is None or denominator is None or denominator <= 0:
+        return "—"
+    return f"{numerator / denominator:.1f}×"
+
+
+def print_table(headers, rows):
+    """A markdown table; cells are converted with str()."""
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "|".join("---" for _ in headers) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+    print()
+    sys.stdout.flush()
+
+
+def finish():
+    print(f"- load average at end: {load_average()}")
