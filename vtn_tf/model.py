@@ -197,6 +197,14 @@ class VTN(keras.Model):
         self._image_shape = [None] + shape[1:]
         self.built = True
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 first averages a distributed batch with strategy.reduce, which fails
+        # for a dict batch under MultiWorkerMirroredStrategy. A built model with a built
+        # optimizer (as `vtn_tf.training` makes) needs no symbolic build at all.
+        if self.built and getattr(self, "optimizer", None) is not None and self.optimizer.built:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def get_build_config(self):
         return {"image_shape": self._image_shape} if self._image_shape else {}
 
@@ -259,7 +267,13 @@ class VTN(keras.Model):
     def _record(self, terms):
         for name, value in terms.items():
             self.trackers[name].update_state(value)
-        return {tracker.name: tracker.result() for tracker in self.metrics}
+        results = {tracker.name: tracker.result() for tracker in self.metrics}
+        strategy = tf.distribute.get_strategy()
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+                strategy.extended._in_multi_worker_mode():
+            # Keras 3.15 averages step logs across workers along axis 0, which scalars lack.
+            results = {name: tf.reshape(value, [1]) for name, value in results.items()}
+        return results
 
     def train_step(self, data):
         fixed, moving = self._unpack_batch(data)

@@ -15,7 +15,11 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
 def user_errors(tool, verbose=False):
     """Turn user errors into ``tool: error: message`` on stderr and exit status 2.
 
-    With ``verbose`` the traceback is kept (re-raised)."""
+    With ``verbose`` the traceback is kept (re-raised), unfiltered by Keras."""
+    if verbose:
+        import keras
+
+        keras.config.disable_traceback_filtering()
     try:
         yield
     except USER_ERRORS as error:
