@@ -40,5 +40,5 @@ def test_two_workers_train_together(toy_manifest, tmp_path):  # noqa: F811
     chief = tmp_path / "run0"
     assert tf.train.latest_checkpoint(str(chief / "checkpoints")).endswith("-8")
     assert not (tmp_path / "run1" / "checkpoints").exists()  # only the chief writes the run
-    summary = json.loads(outputs[0][outputs[0].index("{"):])
+    summary = json.loads(outputs[0][outputs[0].rindex('{\n  "run_dir"'):])
     assert summary["steps"] == 8
