@@ -98,7 +98,7 @@ def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit):
     common.sync()
     first = time.perf_counter() - start
     seconds, _ = common.time_call(lambda: register(fixed, moving), repeats, warmup)
-    return model, seconds, first, common.peak_memory_mb()
+    return model, seconds, first, common.peak_memory_text()
 
 
 def breakdown(tf, model, fixed, moving, repeats, warmup):
@@ -175,7 +175,7 @@ def settings_sweep(args, spec):
             continue
         values = json.loads(lines[-1][len("RESULT "):])
         rows.append([name, common.format_seconds(values["graph"]), common.format_seconds(values["xla"]),
-                     f"{values['memory']:.0f}"])
+                     values["memory"]])
         print(f"  … settings '{name}' done", flush=True)
     return rows
 
@@ -207,7 +207,7 @@ def main():
                                           args.warmup, False)
         _, xla, _, memory_xla = measure_vtn(tf, args.specs[0], fixed, moving, args.width, args.repeats,
                                             args.warmup, True)
-        print("RESULT " + json.dumps({"graph": graph, "xla": xla, "memory": max(memory, memory_xla)}))
+        print("RESULT " + json.dumps({"graph": graph, "xla": xla, "memory": f"{memory} / {memory_xla}"}))
         return
 
     print(f"# Inference: one registration at {args.size}^3, batch 1\n")
@@ -230,7 +230,7 @@ def main():
         fastest[spec] = min((t for t in (graph, xla) if t is not None), default=None)
         rows.append([spec, common.format_seconds(graph), common.format_seconds(xla), common.ratio(graph, xla),
                      common.format_seconds(graph_first), common.format_seconds(xla_first),
-                     f"{graph_memory or 0:.0f} / {xla_memory or 0:.0f}"])
+                     f"{graph_memory or '—'} / {xla_memory or '—'}"])
         print(f"  … {spec} done", flush=True)
     print()
     common.print_table(["spec", "tf.function", "tf.function(jit_compile)", "graph / XLA",
@@ -267,7 +267,8 @@ def main():
     if not args.no_settings and not args.quick:
         spec = args.specs[-1]
         print(f"## {spec} under other settings (fresh process each)\n")
-        common.print_table(["setting", "tf.function", "tf.function(jit_compile)", common.memory_label()],
+        common.print_table(["setting", "tf.function", "tf.function(jit_compile)",
+                            common.memory_label() + " graph / XLA"],
                            settings_sweep(args, spec))
     common.finish()
 

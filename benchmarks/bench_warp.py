@@ -199,23 +199,23 @@ def main():
             diff = float(np.abs(vtn_out.numpy()[0, ..., 0] - reference).max())
             common.reset_peak_memory()
             vtn_s, _ = common.time_call(lambda: forward(image, flow), repeats, warmup)
-            vtn_mem = common.peak_memory_mb()
+            vtn_mem = common.peak_memory_text()
             gather_fn = tf.function(gather_forward)
             gather_s, _ = common.time_call(lambda: gather_fn(image, flow), repeats, warmup)
             rows.append([label, interpolation, "forward", common.format_seconds(vtn_s),
                          common.format_seconds(scipy_s), common.format_seconds(gather_s),
                          common.ratio(scipy_s, vtn_s), common.ratio(gather_s, vtn_s),
-                         f"{diff:.1e}", f"{vtn_mem:.0f}"])
+                         f"{diff:.1e}", vtn_mem])
             if interpolation == "linear":
                 backward = gradient_function(tf, lambda i, f: vtn_tf.warp(i, f), weights)
                 naive_backward = gradient_function(tf, naive_linear, weights)
                 common.reset_peak_memory()
                 vtn_b, _ = common.time_call(lambda: backward(image, flow), repeats, warmup)
-                vtn_b_mem = common.peak_memory_mb()
+                vtn_b_mem = common.peak_memory_text()
                 gather_b, _ = common.time_call(lambda: naive_backward(image, flow), repeats, warmup)
                 rows.append([label, interpolation, "forward+backward", common.format_seconds(vtn_b),
                              "—", common.format_seconds(gather_b), "—", common.ratio(gather_b, vtn_b),
-                             "", f"{vtn_b_mem:.0f}"])
+                             "", vtn_b_mem])
                 candidate_rows += measure_candidates(
                     tf, implementations, image, flow, weights, reference, backward(image, flow),
                     label, vtn_s, vtn_b, scipy_s, repeats, warmup)

@@ -138,9 +138,28 @@ def time_call(function, repeats, warmup, max_seconds=None):
     return statistics.median(times), times
 
 
+_window_start_mb = 0.0
+
+
+def current_memory_mb():
+    """Memory in use now, MiB: the GPU allocator's, or this process's resident set."""
+    import tensorflow as tf
+    if has_gpu():
+        return tf.config.experimental.get_memory_info("GPU:0")["current"] / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def reset_peak_memory():
     """Start a new peak-memory window (see the module notes)."""
     import tensorflow as tf
+    global _window_start_mb
+    _window_start_mb = current_memory_mb()
     if has_gpu():
         tf.config.experimental.reset_memory_stats("GPU:0")
         return
@@ -159,8 +178,14 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def peak_memory_text():
+    """``"peak (+growth over the window's start)"`` in MiB, for a table cell."""
+    peak = peak_memory_mb()
+    return f"{peak:.0f} (+{max(0.0, peak - _window_start_mb):.0f})"
+
+
 def memory_label():
-    return "peak GPU MiB" if has_gpu() else "peak RSS MiB"
+    return "peak GPU MiB (+over start)" if has_gpu() else "peak RSS MiB (+over start)"
 
 
 def is_out_of_memory(error):
