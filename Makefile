@@ -11,7 +11,7 @@ LIVER_LAYOUT ?= lits
 SET ?=
 export VTN_DATA
 
-.PHONY: help install test test-fast demo train-brain train-liver train-hippocampus tensorboard bench clean-runs
+.PHONY: help install demo test test-fast demo train-brain train-liver train-hippocampus tensorboard bench clean-runs
 
 help:
 	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
@@ -78,3 +78,8 @@ tensorboard:
 
 clean-runs:
 	rm -rf $(RUNS)
+
+# ---- quickstart ---------------------------------------------------------------------
+demo:
+	$(PYTHON) -m pip install -q -e ".[plot]"
+	$(PYTHON) -m vtn_tf.apps.demo --data $(VTN_DATA)

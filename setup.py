@@ -32,6 +32,7 @@ setup(
             "vtn-register=vtn_tf.apps.register:run",
             "vtn-export=vtn_tf.apps.export:run",
             "vtn-prepare=data_prep.__main__:main",
+            "vtn-demo=vtn_tf.apps.demo:run",
         ]
     },
 )

@@ -262,8 +262,10 @@ def check_output_folder(settings):
     if os.path.isdir(settings.output) and os.listdir(settings.output) and not settings.overwrite:
         raise InputError(f"output folder {settings.output} is not empty; pass --overwrite "
                          "to write into it")
-    parent = os.path.dirname(settings.output)
-    if not os.path.isdir(settings.output) and not os.access(parent, os.W_OK):
+    parent = os.path.dirname(os.path.abspath(settings.output))
+    while not os.path.exists(parent):  # missing parents are created too (like mkdir -p)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(settings.output) and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
         raise InputError(f"output folder {settings.output} cannot be created in {parent}")
 
 
