@@ -51,6 +51,11 @@ class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "halve_after_epoch": self.halve_after_epoch}
 
 
+def step_of(model):
+    """The optimizer's step count (works for mirrored variables too)."""
+    return int(tf.convert_to_tensor(getattr(model.optimizer.iterations, "value", model.optimizer.iterations)))
+
+
 def make_checkpoint(model, optimizer=None):
     """A `tf.train.Checkpoint` of the model's (and optimizer's) variables.
 
@@ -171,10 +176,10 @@ class Validation(keras.callbacks.Callback):
         return result
 
     def on_train_begin(self, logs=None):
-        self.evaluate(int(self.model.optimizer.iterations))
+        self.evaluate(step_of(self.model))
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = step_of(self.model)
         if step % self.every == 0:
             self.evaluate(step)
 
@@ -187,7 +192,7 @@ class Scalars(keras.callbacks.Callback):
         self.writer, self.every = writer, every
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = step_of(self.model)
         if step % self.every:
             return
         with self.writer.as_default(step=step):
@@ -204,7 +209,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise FloatingPointError(
-                f"the training loss became {float(loss)} at step {int(self.model.optimizer.iterations)}; "
+                f"the training loss became {float(loss)} at step {step_of(self.model)}; "
                 "stopped without writing a checkpoint (set train.on_nonfinite=skip to skip such batches, "
                 "or lower train.learning_rate).")
 
@@ -217,7 +222,7 @@ class Checkpoints(keras.callbacks.Callback):
         self.manager, self.every, self.total_steps = manager, every, total_steps
 
     def save(self):
-        step = int(self.model.optimizer.iterations)
+        step = step_of(self.model)
         if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
             return
         if not all(np.all(np.isfinite(v.numpy())) for v in self.model.trainable_variables):
@@ -225,7 +230,7 @@ class Checkpoints(keras.callbacks.Callback):
         self.manager.save(checkpoint_number=step)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = step_of(self.model)
         if step % self.every == 0 or step >= self.total_steps:
             self.save()
 
@@ -262,7 +267,7 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
     if manager.latest_checkpoint and not restart:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         log(f"resuming from {manager.latest_checkpoint}")
-    start_step = int(model.optimizer.iterations)
+    start_step = step_of(model)
     total_steps = train_cfg["epochs"] * train_cfg["steps_per_epoch"]
     if start_step >= total_steps:
         log(f"{run_dir} already finished ({start_step} of {total_steps} steps).")
@@ -287,8 +292,8 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
     began = time.perf_counter()
     model.fit(stream, epochs=1, steps_per_epoch=total_steps - start_step, callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - began
-    steps = int(model.optimizer.iterations) - start_step
-    summary = {"run_dir": str(run_dir), "start_step": start_step, "steps": int(model.optimizer.iterations),
+    steps = step_of(model) - start_step
+    summary = {"run_dir": str(run_dir), "start_step": start_step, "steps": step_of(model),
                "seconds": seconds, "steps_per_second": steps / seconds if seconds else float("nan")}
     if validation and validation.last:
         summary["validation"] = validation.last
