@@ -80,7 +80,9 @@ def correlation(a, b):
 
 
 # ---- VTN -----------------------------------------------------------------------------------
-def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit):
+def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit, slow_first=None):
+    """Build ``spec``, time its forward; with ``slow_first`` seconds, a first call slower than
+    that is followed by one timed call only (XLA on CPU can take minutes per call)."""
     from vtn_tf.model import VTN
 
     shape = fixed.shape
@@ -97,11 +99,13 @@ def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit):
     register(fixed, moving)
     common.sync()
     first = time.perf_counter() - start
+    if slow_first is not None and first > slow_first:
+        repeats, warmup = 1, 0
     seconds, _ = common.time_call(lambda: register(fixed, moving), repeats, warmup)
     return model, seconds, first, common.peak_memory_text()
 
 
-def breakdown(tf, model, fixed, moving, repeats, warmup):
+def breakdown(tf, model, fixed, moving, repeats, warmup, xla=True):
     """Time the pieces of one ADDD-like forward separately."""
     from vtn_tf import spatial
 
@@ -110,7 +114,7 @@ def breakdown(tf, model, fixed, moving, repeats, warmup):
     for stage, name in zip(model.stages, model.stage_names):
         if name not in ("affine", "dense1"):
             continue
-        for jit in (False, True):
+        for jit in (False, True) if xla else (False,):
             fn = tf.function(lambda x, _stage=stage: _stage(x), jit_compile=jit)
             seconds, _ = common.time_call(lambda: fn(pair), repeats, warmup)
             rows.append([f"{type(stage).__name__} forward", "XLA" if jit else "graph", seconds])
@@ -171,11 +175,10 @@ def settings_sweep(args, spec):
         result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
         lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
-            rows.append([name, "failed: " + (result.stderr.strip().splitlines() or ["?"])[-1], "", ""])
+            rows.append([name, "failed: " + (result.stderr.strip().splitlines() or ["?"])[-1], ""])
             continue
         values = json.loads(lines[-1][len("RESULT "):])
-        rows.append([name, common.format_seconds(values["graph"]), common.format_seconds(values["xla"]),
-                     values["memory"]])
+        rows.append([name, common.format_seconds(values["graph"]), values["memory"]])
         print(f"  … settings '{name}' done", flush=True)
     return rows
 
@@ -188,6 +191,9 @@ def main():
     parser.add_argument("--resize", choices=("zoom", "crop"), default="zoom")
     parser.add_argument("--no-classical", action="store_true", help="skip ANTs and elastix")
     parser.add_argument("--no-settings", action="store_true", help="skip the thread/oneDNN sweep")
+    parser.add_argument("--xla-limit", type=float, default=60.0,
+                        help="if a spec's first XLA call takes longer, time it once and skip XLA for the "
+                             "larger specs")
     parser.add_argument("--child", action="store_true", help=argparse_suppress())
     args = parser.parse_args()
     args.specs = args.specs or (["D", "ADDD"] if args.quick else ["D", "AD", "ADD", "ADDD"])
@@ -205,21 +211,26 @@ def main():
     if args.child:
         _, graph, _, memory = measure_vtn(tf, args.specs[0], fixed, moving, args.width, args.repeats,
                                           args.warmup, False)
-        _, xla, _, memory_xla = measure_vtn(tf, args.specs[0], fixed, moving, args.width, args.repeats,
-                                            args.warmup, True)
-        print("RESULT " + json.dumps({"graph": graph, "xla": xla, "memory": f"{memory} / {memory_xla}"}))
+        print("RESULT " + json.dumps({"graph": graph, "memory": memory}))
         return
 
     print(f"# Inference: one registration at {args.size}^3, batch 1\n")
     common.print_machine(args, [source, f"width {args.width:g} (1 = paper), untrained weights (timing only); "
                                 f"median of {args.repeats} after {args.warmup} warm-up"])
-    rows, largest, fastest = [], None, {}
+    rows, largest, fastest, xla_skip = [], None, {}, None
     for spec in args.specs:
         times = {}
         for jit in (False, True):
+            if jit and xla_skip:
+                print(f"  - {spec} with XLA skipped: {xla_skip}")
+                times[jit] = (None, None, None)
+                continue
             try:
                 model, seconds, first, memory = measure_vtn(tf, spec, fixed, moving, args.width,
-                                                            args.repeats, args.warmup, jit)
+                                                            args.repeats, args.warmup, jit,
+                                                            args.xla_limit if jit else None)
+                if jit and first > args.xla_limit:
+                    xla_skip = f"{spec}'s first XLA call took {first:.0f} s (> --xla-limit {args.xla_limit:g})"
             except Exception as error:  # noqa: BLE001 - report and go on (e.g. XLA failure, OOM)
                 print(f"  ! {spec} jit={jit}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
                 times[jit] = (None, None, None)
@@ -239,7 +250,7 @@ def main():
 
     if largest is not None:
         print("## What one forward is made of (same size, batch 1)\n")
-        pieces = breakdown(tf, largest, fixed, moving, args.repeats, args.warmup)
+        pieces = breakdown(tf, largest, fixed, moving, args.repeats, args.warmup, xla=not xla_skip)
         common.print_table(["piece", "mode", "seconds"],
                            [[p, m, common.format_seconds(s)] for p, m, s in pieces])
 
@@ -267,8 +278,7 @@ def main():
     if not args.no_settings and not args.quick:
         spec = args.specs[-1]
         print(f"## {spec} under other settings (fresh process each)\n")
-        common.print_table(["setting", "tf.function", "tf.function(jit_compile)",
-                            common.memory_label() + " graph / XLA"],
+        common.print_table(["setting", "tf.function (no XLA)", common.memory_label()],
                            settings_sweep(args, spec))
     common.finish()
 

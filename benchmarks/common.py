@@ -207,7 +207,8 @@ def format_seconds(seconds):
 def ratio(numerator, denominator):
     if numerator is None or denominator is None or denominator <= 0:
         return "—"
-    return f"{numerator / denominator:.1f}×"
+    value = numerator / denominator
+    return f"{value:.1f}×" if value >= 0.1 else f"{value:.2g}×"
 
 
 def print_table(headers, rows):
