@@ -1,0 +1,100 @@
+"""Evaluate registration methods on a prepared dataset, or compare two result files.
+
+Examples:
+  vtn-evaluate --model runs/hippo --manifest prepared/hippocampus/manifest.json \\
+      --protocol consecutive --methods vtn,identity --out results/hippo.csv
+  vtn-evaluate --manifest prepared/lpba40-64/manifest.json --protocol atlas --atlas S01 \\
+      --methods identity,ants,elastix --out results/lpba-classical.csv
+  vtn-evaluate --compare results/a.csv results/b.csv        # one method in each file
+  vtn-evaluate --compare results/a.csv --methods vtn,ants   # two methods of one file
+The CSV holds one row per pair and method; a markdown summary is printed and written next to
+it (name.md). Progress lines and skipped methods go to stderr.
+"""
+
+import sys
+
+from absl import app, flags
+
+from vtn_tf.apps.common import user_errors
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "run directory of a trained VTN (for method vtn)")
+flags.DEFINE_string("manifest", None, "manifest.json of a prepared dataset (or its folder)")
+flags.DEFINE_string("split", "evaluation", "split whose subjects are registered")
+flags.DEFINE_enum("protocol", "consecutive", ["consecutive", "pairwise", "atlas"],
+                  "consecutive: sorted ids, (2k fixed, 2k+1 moving); pairwise: all ordered "
+                  "pairs; atlas: the atlas fixed, every other subject moving")
+flags.DEFINE_string("atlas", None, "atlas subject id for --protocol atlas "
+                    "(default: the manifest's atlas)")
+flags.DEFINE_integer("max_pairs", None, "keep only the first N pairs")
+flags.DEFINE_string("methods", None, "comma-separated: vtn, identity, ants, elastix "
+                    "(default vtn,identity; with --compare: the method(s) to compare)")
+flags.DEFINE_string("out", None, "result CSV (a .md summary is written next to it)")
+flags.DEFINE_boolean("overwrite", False, "replace an existing result CSV and summary")
+flags.DEFINE_list("compare", None, "result CSV(s) to compare with a paired Wilcoxon test: "
+                  "--compare a.csv b.csv, or --compare a.csv --methods m1,m2")
+flags.DEFINE_enum("metric", "dice", ["dice", "iou", "landmark_mm"],
+                  "per-pair score compared by --compare")
+flags.DEFINE_boolean("verbose", False, "show tracebacks")
+
+
+def log(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def compare(files, methods):
+    from vtn_tf import evaluation
+
+    if len(files) == 1:
+        if len(methods) != 2:
+            raise ValueError("--compare with one file needs --methods naming two methods, "
+                             "e.g. --methods vtn,ants")
+        rows = evaluation.read_results(files[0])
+        sides = [(evaluation.select_method(rows, m, files[0]), f"{m} ({files[0]})") for m in methods]
+    elif len(files) == 2:
+        if len(methods) > 2:
+            raise ValueError("--compare with two files takes at most two --methods")
+        chosen = methods * 2 if len(methods) == 1 else (methods or [None, None])
+        sides = []
+        for path, method in zip(files, chosen):
+            rows = evaluation.select_method(evaluation.read_results(path), method, path)
+            sides.append((rows, f"{rows[0]['method']} ({path})"))
+    else:
+        raise ValueError(f"--compare takes one or two result files; got {len(files)}")
+    result = evaluation.compare(sides[0][0], sides[1][0], FLAGS.metric)
+    print(evaluation.format_comparison(result, sides[0][1], sides[1][1]))
+
+
+def evaluate():
+    from vtn_tf import evaluation
+
+    if not FLAGS.manifest:
+        raise ValueError("--manifest is required (a prepared dataset's manifest.json)")
+    if not FLAGS.out:
+        raise ValueError("--out is required (the result CSV to write)")
+    _, summary = evaluation.run_protocol(
+        FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
+        split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
+        overwrite=FLAGS.overwrite, log=log)
+    print(summary, end="")
+
+
+def main(argv):
+    with user_errors("vtn-evaluate", FLAGS.verbose):
+        if FLAGS.compare:
+            # `--compare a.csv b.csv`: absl leaves b.csv as a positional argument.
+            files = list(FLAGS.compare) + list(argv[1:])
+            methods = [m.strip() for m in (FLAGS.methods or "").split(",") if m.strip()]
+            compare(files, methods)
+            return
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        evaluate()
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
