@@ -18,7 +18,7 @@ flags.DEFINE_string("data", os.environ.get("VTN_DATA", "../shared/data"), "folde
 flags.DEFINE_string("prepared", "prepared", "where prepared datasets go")
 flags.DEFINE_string("run_dir", "runs/demo", "training run directory (resumed if present)")
 flags.DEFINE_string("out", "outputs/demo", "where the picture and the registration outputs go")
-flags.DEFINE_integer("steps", 300, "training steps (about 1 s each on 2 cores)")
+flags.DEFINE_integer("steps", 200, "training steps (about 1.3 s each on 2 cores)")
 flags.DEFINE_integer("pairs", 10, "held-out pairs to evaluate")
 flags.DEFINE_boolean("synthetic", False, "use synthetic toy data even when real data are present")
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
