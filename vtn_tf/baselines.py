@@ -14,6 +14,10 @@ convention of :mod:`vtn_tf.spatial`, so that the same Jacobian, folding and land
 apply. Both tools are optional (``pip install .[baselines]``); :func:`unavailable` says why one
 cannot run instead of failing at import.
 
+ANTs SyN with its defaults samples 20 % of the voxels at random for the affine stage, so two
+runs on one pair differ slightly (Dice by about 0.01 on hippocampus pairs); elastix's default
+maps also sample at random, from a fixed seed.
+
 Threads: ITK (and so both tools) is limited to ``THREADS`` threads, set before the first import.
 Timing covers the registration call only (not the label resampling or the field export).
 """
@@ -50,7 +54,7 @@ def _import(method):
 
 def unavailable(method):
     """None when ``method`` can run here, else a one-line reason (missing package)."""
-    module, package = _PACKAGES[method]
+    package = _PACKAGES[method][1]
     try:
         _import(method)
     except (ImportError, AttributeError) as error:

@@ -11,6 +11,7 @@ The CSV holds one row per pair and method; a markdown summary is printed and wri
 it (name.md). Progress lines and skipped methods go to stderr.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -50,7 +51,7 @@ def compare(files, methods):
             raise ValueError("--compare with one file needs --methods naming two methods, "
                              "e.g. --methods vtn,ants")
         rows = evaluation.read_results(files[0])
-        sides = [(evaluation.select_method(rows, m, files[0]), f"{m} ({files[0]})") for m in methods]
+        sides = [(evaluation.select_method(rows, m, files[0]), m) for m in methods]
     elif len(files) == 2:
         if len(methods) > 2:
             raise ValueError("--compare with two files takes at most two --methods")
@@ -58,7 +59,7 @@ def compare(files, methods):
         sides = []
         for path, method in zip(files, chosen):
             rows = evaluation.select_method(evaluation.read_results(path), method, path)
-            sides.append((rows, f"{rows[0]['method']} ({path})"))
+            sides.append((rows, f"{rows[0]['method']} ({os.path.basename(path)})"))
     else:
         raise ValueError(f"--compare takes one or two result files; got {len(files)}")
     result = evaluation.compare(sides[0][0], sides[1][0], FLAGS.metric)
