@@ -10,6 +10,7 @@ checkpoint in --run_dir. TensorBoard: ``tensorboard --logdir runs``.
 
 import json
 import pathlib
+import sys
 
 from absl import app, flags
 
@@ -22,7 +23,8 @@ flags.DEFINE_string("run_dir", None, "where checkpoints, logs and the exact conf
 flags.DEFINE_multi_string("set", [], "override a config field: section.field=value (repeatable)")
 flags.DEFINE_boolean("restart", False, "ignore checkpoints in run_dir and start over")
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
-flags.DEFINE_integer("progress", 1, "Keras progress display: 0 silent, 1 bar, 2 one line per epoch")
+flags.DEFINE_integer("progress", None, "Keras progress display: 0 silent, 1 bar, 2 one line at the end "
+                     "(default: a bar on a terminal, 2 otherwise)")
 
 
 def main(argv):
@@ -34,7 +36,7 @@ def main(argv):
 
         config = config_lib.load_config(FLAGS.config, FLAGS.set)
         run_dir = FLAGS.run_dir or str(pathlib.Path("runs") / pathlib.Path(FLAGS.config or "default").stem)
-        summary = training.train(config, run_dir, restart=FLAGS.restart, verbose=FLAGS.progress)
+        summary = training.train(config, run_dir, restart=FLAGS.restart, verbose=FLAGS.progress if FLAGS.progress is not None else (1 if sys.stdout.isatty() else 2))
         print(json.dumps(summary, indent=2))
 
 
