@@ -83,3 +83,5 @@ clean-runs:
 demo:
 	$(PYTHON) -m pip install -q -e ".[plot]"
 	$(PYTHON) -m vtn_tf.apps.demo --data $(VTN_DATA)
+
+include benchmarks/Makefile.inc
