@@ -85,3 +85,31 @@ demo:
 	$(PYTHON) -m vtn_tf.apps.demo --data $(VTN_DATA)
 
 include benchmarks/Makefile.inc
+
+# ---- evaluation and ablations (paper Tables V/IX; issue: accuracy) -----------------
+# One row each:  make row-hippocampus-ADD   make row-hippocampus-DD-inv   make row-brain-ADD
+# A row trains the CPU config with the spec in its name (and the invertibility loss for
+# "-inv"), then evaluates it on the evaluation split beside the unregistered pairs.
+# BASELINES=ants,elastix adds the classical tools (pip install ".[baselines]").
+BASELINES ?=
+ROW_STEPS ?= 600
+row_spec = $(word 1,$(subst -, ,$(1)))
+row_inv = $(if $(findstring -inv,$(1)),--set model.invertibility_weight=1e-3,)
+
+row-hippocampus-%: install $(PREPARED)/hippocampus/manifest.json
+	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-$* \
+	  --set model.spec=$(call row_spec,$*) $(call row_inv,$*) --set train.steps_per_epoch=$$(( $(ROW_STEPS) / 4 )) $(SET)
+	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/hippocampus-$* --manifest $(PREPARED)/hippocampus/manifest.json \
+	  --protocol consecutive --methods vtn,identity$(if $(BASELINES),$(comma)$(BASELINES)) --out results/hippocampus-$*.csv --overwrite
+
+row-brain-%: install $(PREPARED)/lpba40-64/manifest.json
+	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-cpu.json --run_dir $(RUNS)/brain-$* \
+	  --set model.spec=$(call row_spec,$*) $(call row_inv,$*) --set train.steps_per_epoch=$$(( $(ROW_STEPS) / 2 )) \
+	  --set model.similarity_weights=last $(SET)
+	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/brain-$* --manifest $(PREPARED)/lpba40-64/manifest.json \
+	  --protocol atlas --atlas S01 --methods vtn,identity$(if $(BASELINES),$(comma)$(BASELINES)) --out results/brain-$*.csv --overwrite
+
+comma := ,
+ABLATION_SPECS ?= A D AD ADD ADDD
+ablation-hippocampus: $(foreach s,$(ABLATION_SPECS),row-hippocampus-$(s) row-hippocampus-$(s)-inv)
+ablation-brain: $(foreach s,$(ABLATION_SPECS),row-brain-$(s) row-brain-$(s)-inv)
