@@ -22,7 +22,10 @@ then bisection, catching out-of-memory errors).
 Usage: ``python benchmarks/bench_training.py [--quick] [--full] [--max-seconds 60]``.
 """
 
-import gc
+import argparse
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -94,14 +97,40 @@ def build(tf, spec, size, batch, invertibility, width):
     return build_model(config, (size,) * 3)
 
 
-def measure_cell(tf, spec, size, batch, invertibility, width, warmup, repeats, stream_kind="pairs"):
-    """Returns (seconds per step, first-step seconds, peak MiB, train-step traces, warp traces)."""
-    import keras
+def measure_cell(args, spec, size, batch, invertibility, warmup, repeats, stream_kind="pairs", warp_xla=True):
+    """Run one cell in a fresh process (memory is returned, peaks are the cell's own).
 
+    Returns (seconds per step, first-step seconds, peak memory text, train-step traces,
+    warp traces); raises RuntimeError (with the child's message) when the cell fails."""
+    cell = {"spec": spec, "size": size, "batch": batch, "invertibility": invertibility, "warmup": warmup,
+            "repeats": repeats, "stream_kind": stream_kind, "warp_xla": warp_xla}
+    command = [sys.executable, __file__, "--cell", json.dumps(cell), "--width", str(args.width),
+               "--threads", str(args.threads)] + (["--mixed-precision"] if args.mixed_precision else [])
+    result = subprocess.run(command, capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return tuple(json.loads(line[len("RESULT "):]))
+    error = [line for line in result.stderr.strip().splitlines() if "Error" in line or "error" in line]
+    message = (error or result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    if result.returncode in (-9, 137):
+        message = f"killed (out of host memory?): {message}"
+    raise RuntimeError(message)
+
+
+def run_cell(tf, cell, width):
+    """The child side of `measure_cell`."""
     from vtn_tf import spatial
 
-    keras.backend.clear_session()
-    gc.collect()
+    if not cell["warp_xla"]:  # the same maths in a plain tf.function
+        spatial._sample_linear = tf.function(spatial._sample_linear.python_function, reduce_retracing=True)
+    print("RESULT " + json.dumps(_measure_in_process(
+        tf, cell["spec"], cell["size"], cell["batch"], cell["invertibility"], width, cell["warmup"],
+        cell["repeats"], cell["stream_kind"])))
+
+
+def _measure_in_process(tf, spec, size, batch, invertibility, width, warmup, repeats, stream_kind="pairs"):
+    from vtn_tf import spatial
+
     common.reset_peak_memory()
     model = build(tf, spec, size, batch, invertibility, width)
     traces = {"train_step": 0}
@@ -120,7 +149,6 @@ def measure_cell(tf, spec, size, batch, invertibility, width, warmup, repeats, s
     step = float(np.median(intervals[warmup:])) if len(intervals) > warmup else float(intervals[-1])
     memory = common.peak_memory_text()
     warp_traces = spatial._sample_linear.experimental_get_tracing_count() - warp_traces
-    del model, stream
     return step, float(intervals[0]), memory, traces["train_step"], warp_traces
 
 
@@ -143,8 +171,12 @@ def main():
     parser.add_argument("--no-diagnose", action="store_true", help="skip the diagnostics table")
     parser.add_argument("--find-max-batch", action="store_true",
                         help="GPU: largest ADDD batch that trains at 128^3 (binary search)")
+    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     tf = common.setup_tensorflow(args)
+    if args.cell:
+        run_cell(tf, json.loads(args.cell), args.width)
+        return
     gpu = common.has_gpu()
     if args.quick:
         args.specs = args.specs or ["D", "ADD"]
@@ -157,7 +189,7 @@ def main():
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.warmup = args.warmup if args.warmup is not None else 2
     if args.max_seconds is None:
-        args.max_seconds = float("inf") if (args.full or gpu) else 45.0
+        args.max_seconds = float("inf") if (args.full or gpu) else 30.0
 
     print("# Training: steps per second through model.fit\n")
     common.print_machine(args, [
@@ -179,9 +211,9 @@ def main():
                 continue
         try:
             step, first, memory, traces, warp_traces = measure_cell(
-                tf, spec, size, batch, inv, args.width, args.warmup, args.repeats)
-        except Exception as error:  # noqa: BLE001 - OOM or other failure: report, go on
-            kind = "out of memory" if common.is_out_of_memory(error) else type(error).__name__
+                args, spec, size, batch, inv, args.warmup, args.repeats)
+        except RuntimeError as error:  # OOM or other failure in the child: report, go on
+            kind = "out of memory" if common.is_out_of_memory(error) else str(error)[:120]
             rows.append(label + ["—", "—", "—", "—", f"failed: {kind}"])
             continue
         base = base or (cell, step)
@@ -205,8 +237,6 @@ def main():
 
 def diagnose(tf, args):
     """Pipeline stalls and XLA-on/off for the warp, on one small cell."""
-    from vtn_tf import spatial
-
     spec, size, batch = args.specs[0], args.sizes[0], max(args.batches)
     print(f"## Diagnostics ({spec}, {size}^3, batch {batch}, no invertibility)\n")
     rows = []
@@ -216,18 +246,13 @@ def diagnose(tf, args):
     results = {}
     for name, kind in variants:
         step, _, memory, traces, warp_traces = measure_cell(
-            tf, spec, size, batch, False, args.width, args.warmup, args.repeats, kind)
+            args, spec, size, batch, False, args.warmup, args.repeats, kind)
         results[kind] = step
         rows.append([name, common.format_seconds(step), common.ratio(step, results["pairs"]),
                      memory, f"{traces} / {warp_traces}"])
-    # The warp without XLA: swap the module's sampler for the same maths in a plain tf.function.
-    jit_sampler = spatial._sample_linear
-    spatial._sample_linear = tf.function(jit_sampler.python_function, reduce_retracing=True)
-    try:
-        step, _, memory, traces, _ = measure_cell(
-            tf, spec, size, batch, False, args.width, args.warmup, args.repeats, "pairs")
-    finally:
-        spatial._sample_linear = jit_sampler
+    # The warp without XLA: the module's sampler swapped for the same maths in a plain tf.function.
+    step, _, memory, traces, _ = measure_cell(args, spec, size, batch, False, args.warmup, args.repeats,
+                                              "pairs", warp_xla=False)
     rows.append(["warp without XLA (tf.function, same maths)", common.format_seconds(step),
                  common.ratio(step, results["pairs"]), memory, f"{traces} / —"])
     augment_s = time_pipeline(tf, size, batch, "pairs", args.repeats + 2)
@@ -256,10 +281,10 @@ def find_max_batch(tf, args):
 
     def fits(batch):
         try:
-            step, _, memory, _, _ = measure_cell(tf, "ADDD", 128, batch, False, args.width, 1, 1)
+            step, _, memory, _, _ = measure_cell(args, "ADDD", 128, batch, False, 1, 1)
             print(f"  … batch {batch}: {step:.2f} s/step, {memory} MiB", flush=True)
             return step
-        except Exception as error:  # noqa: BLE001
+        except RuntimeError as error:
             if not common.is_out_of_memory(error):
                 raise
             print(f"  … batch {batch}: out of memory", flush=True)
