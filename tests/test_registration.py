@@ -1,0 +1,282 @@
+"""vtn_tf.registration / vtn-register: world-space bookkeeping, field files, refusals.
+
+The world/voxel bookkeeping is pinned independently of the network: an identity model (a
+tiny VTN with zeroed heads) must reproduce the fixed image from a moving file that holds the
+same anatomy under another header. The field files are checked against SimpleITK, which
+reads ``flow_itk.nii.gz`` and ``affine.txt`` with its own conventions.
+"""
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO
+from vtn_tf import io, registration, spatial
+
+sitk = pytest.importorskip("SimpleITK")
+
+NET = (64, 64, 64)
+FIXED_SHAPE = (40, 36, 32)
+FIXED_AFFINE = np.array([[1.5, 0, 0, -30], [0, 1.2, 0, -20], [0, 0, 2.0, 10], [0, 0, 0, 1]])
+# moving index (a, b, c) holds fixed index (39 - b, a, c + 3): flipped, permuted, cropped.
+MOVING_TO_FIXED = np.array([[0, -1, 0, 39], [1, 0, 0, 0], [0, 0, 1, 3], [0, 0, 0, 1.0]])
+
+
+def smooth(points):
+    """A smooth, non-symmetric function of world points ``[..., 3]`` (mm)."""
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    return (3 + np.sin(x / 7.0) + np.cos(y / 6.0 + 0.3) + np.sin(z / 9.0 + 1.0) + 0.01 * x).astype(np.float32)
+
+
+def world_of(shape, affine):
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
+    return index @ affine[:3, :3].T + affine[:3, 3]
+
+
+def save(path, data, affine):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def identity_run(tmp_path_factory):
+    """A run directory whose tiny AD model outputs exactly the zero flow."""
+    from vtn_tf import training
+    from vtn_tf.model import VTN
+
+    model = VTN("AD", width=0.125, flow_head_initializer="small")
+    model.build((None, *NET, 1))
+    affine, dense = model.stages
+    for variable in (affine.matrix_head.kernel, affine.translation_head.kernel, dense.output_layer.kernel):
+        variable.assign(np.zeros(variable.shape, np.float32))
+    return training.save_model_dir(model, NET, tmp_path_factory.mktemp("identity_run"))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Fixed and moving files holding the same voxels under different headers (+ labels)."""
+    fixed = smooth(world_of(FIXED_SHAPE, FIXED_AFFINE))
+    moving = fixed[::-1][:, :, 3:].transpose(1, 0, 2)
+    labels = np.where(moving > 3.2, 7, 0).astype(np.uint8) + np.where(moving > 4.0, 200, 0).astype(np.uint8)
+    moving_affine = FIXED_AFFINE @ MOVING_TO_FIXED
+    return {"fixed": save(tmp_path / "fixed.nii.gz", fixed, FIXED_AFFINE),
+            "moving": save(tmp_path / "moving.nii.gz", moving, moving_affine),
+            "labels": save(tmp_path / "seg.nii.gz", labels, moving_affine),
+            "fixed_data": fixed, "out": tmp_path / "out"}
+
+
+def test_identity_model_reproduces_fixed_in_world_space(identity_run, pair):
+    written = registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
+                                          moving_labels=[pair["labels"]], log=lambda *_: None)
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == sorted(["warped.nii.gz", "flow_voxels.nii.gz", "flow_itk.nii.gz",
+                            "warped_labels_seg.nii.gz", "affine.json", "affine.txt"])
+    warped = nib.load(pair["out"] / "warped.nii.gz")
+    np.testing.assert_allclose(warped.affine, FIXED_AFFINE, atol=1e-5)
+    assert warped.shape == FIXED_SHAPE
+    # The moving file covers fixed z >= 3 only: there it is the fixed image, outside it 0.
+    np.testing.assert_allclose(warped.get_fdata()[:, :, 3:], pair["fixed_data"][:, :, 3:], atol=1e-5)
+    assert np.all(warped.get_fdata()[:, :, :2] == 0)
+    labels = nib.load(pair["out"] / "warped_labels_seg.nii.gz")
+    assert labels.get_data_dtype() == np.uint8
+    expected = np.where(pair["fixed_data"] > 3.2, 7, 0) + np.where(pair["fixed_data"] > 4.0, 200, 0)
+    np.testing.assert_array_equal(np.asarray(labels.dataobj)[:, :, 3:], expected[:, :, 3:])
+    assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 7, 207}
+
+
+def test_network_grid_samples_the_same_anatomy_from_an_oblique_moving_header():
+    """Fixed and moving are one smooth world function on different grids (rotated, other
+    spacing, LPS-like): on the network grid they must agree in the interior."""
+    fixed = io.Volume(smooth(world_of(FIXED_SHAPE, FIXED_AFFINE)), FIXED_AFFINE, (1.5, 1.2, 2.0))
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    moving_affine = np.eye(4)
+    moving_affine[:3, :3] = rotation @ np.diag([-1.0, -0.9, 1.3])
+    moving_affine[:3, 3] = [40, 30, 5]
+    shape = (90, 90, 60)
+    moving = io.Volume(smooth(world_of(shape, moving_affine)), moving_affine, io.spacing_of(moving_affine))
+    fixed_net, moving_net, G = registration.to_network_grid(fixed, moving, NET, intensity="none")
+    inside = (slice(8, -8),) * 3
+    covered = moving_net[inside] != 0
+    assert covered.mean() > 0.5
+    expected = smooth(world_of(NET, FIXED_AFFINE @ G))[inside]  # interpolation error only
+    np.testing.assert_allclose(fixed_net[inside], expected, atol=0.05)
+    np.testing.assert_allclose(moving_net[inside][covered], expected[covered], atol=0.05)
+    assert np.median(np.abs(moving_net[inside][covered] - expected[covered])) < 0.005
+    # Cells aligned: network voxel 0 and 63 sit half a network voxel inside the fixed edges.
+    np.testing.assert_allclose(G[:3, :3] @ np.zeros(3) + G[:3, 3], (np.array(FIXED_SHAPE) / 64 - 1) / 2)
+
+
+def test_flow_to_fixed_grid_scales_and_interpolates():
+    constant = np.broadcast_to(np.float32([2.0, -1.0, 0.5]), NET + (3,))
+    flow = registration.flow_to_fixed_grid(constant, (32, 128, 64))
+    assert flow.shape == (32, 128, 64, 3) and flow.dtype == np.float32
+    np.testing.assert_allclose(flow[5, 7, 9], [1.0, -2.0, 0.5], rtol=1e-6)
+    # A field linear in the network index stays linear (and consistent) on the fixed grid.
+    grid = spatial.identity_grid(NET).numpy()
+    linear = 0.1 * grid[..., [1, 2, 0]]
+    flow = registration.flow_to_fixed_grid(linear, (32, 128, 64))
+    G = registration.network_to_fixed((32, 128, 64), NET)
+    x = np.array([10.0, 50.0, 30.0])
+    n = np.linalg.solve(G[:3, :3], x - G[:3, 3])
+    np.testing.assert_allclose(flow[10, 50, 30], np.diag(G)[:3] * 0.1 * n[[1, 2, 0]], rtol=1e-5)
+
+
+class StubModel:
+    """A known, non-trivial network output: an affine stage plus a smooth dense part."""
+
+    def __init__(self):
+        self.A = np.array([[1.05, 0.03, 0.0], [-0.02, 0.97, 0.04], [0.01, 0.0, 1.02]], np.float32)
+        self.b = np.array([2.3, -1.7, 0.9], np.float32)
+
+    def __call__(self, inputs, dense=True):
+        W = (self.A - np.eye(3, dtype=np.float32))[None]
+        flow = spatial.affine_flow(W, self.b[None], NET).numpy()
+        if dense:
+            grid = spatial.identity_grid(NET).numpy()
+            flow = flow + 1.5 * np.sin(grid[..., [1, 2, 0]] / 9.0)[None]
+        return {"flow": flow, "warped": inputs["moving"], "affine_matrix": self.A[None],
+                "affine_translation": self.b[None]}
+
+
+def _labels_pair(tmp_path):
+    fixed_data = smooth(world_of(FIXED_SHAPE, FIXED_AFFINE))
+    moving_affine = FIXED_AFFINE @ MOVING_TO_FIXED
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=(36, 40, 29)).astype(np.int16) * 11
+    moving = rng.random((36, 40, 29)).astype(np.float32)
+    paths = {"fixed": save(tmp_path / "fixed.nii.gz", fixed_data, FIXED_AFFINE),
+             "moving": save(tmp_path / "moving.nii.gz", moving, moving_affine),
+             "labels": save(tmp_path / "labels.nii.gz", labels, moving_affine)}
+    fixed, moving, label_volumes = registration.read_inputs(paths["fixed"], paths["moving"], [paths["labels"]])
+    return paths, fixed, moving, label_volumes
+
+
+def test_itk_field_and_affine_match_simpleitk(tmp_path):
+    paths, fixed, moving, labels = _labels_pair(tmp_path)
+    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None)
+    out = tmp_path / "out"
+    registration.write_result(result, fixed, [paths["labels"]], labels, out, log=lambda *_: None)
+
+    flow = nib.load(out / "flow_voxels.nii.gz")
+    assert flow.shape == FIXED_SHAPE + (3,) and flow.get_data_dtype() == np.float32
+    assert np.abs(flow.get_fdata()).max() > 2  # a non-trivial field
+    mine = nib.load(out / "warped_labels_labels.nii.gz")
+    assert mine.get_data_dtype() == np.int16
+    mine = np.asarray(mine.dataobj)
+    assert set(np.unique(mine)) <= {0, 11, 22, 33, 44}
+
+    field = sitk.ReadImage(str(out / "flow_itk.nii.gz"))
+    assert field.GetNumberOfComponentsPerPixel() == 3 and field.GetDimension() == 3
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    reference = sitk.ReadImage(paths["fixed"])
+    theirs = sitk.Resample(sitk.ReadImage(paths["labels"]), reference, transform, sitk.sitkNearestNeighbor, 0)
+    theirs = sitk.GetArrayFromImage(theirs).transpose(2, 1, 0)
+    assert np.mean(theirs == mine) > 0.999  # rounding ties aside, identical
+    assert np.mean(theirs != 0) > 0.5
+
+    # The world affine (affine.txt, LPS) equals the affine stage's field where no dense part.
+    affine_only = StubModel()
+    result = registration.register_volumes(lambda inputs: affine_only(inputs, dense=False), NET, fixed, moving,
+                                           log=lambda *_: None)
+    registration.write_result(result, fixed, [], [], tmp_path / "affine", log=lambda *_: None)
+    itk_affine = sitk.ReadTransform(str(tmp_path / "affine" / "affine.txt"))
+    field = nib.load(tmp_path / "affine" / "flow_itk.nii.gz").get_fdata()[:, :, :, 0]
+    for index in [(20, 18, 16), (10, 25, 8), (30, 6, 24)]:
+        point = reference.TransformIndexToPhysicalPoint(index)
+        expected = np.asarray(point) + field[index]
+        np.testing.assert_allclose(itk_affine.TransformPoint(point), expected, atol=1e-3)
+
+
+def test_labels_off_the_moving_grid_are_refused_before_writing(identity_run, pair, tmp_path):
+    off = save(tmp_path / "off.nii.gz", np.zeros((36, 40, 28), np.uint8), FIXED_AFFINE)
+    with pytest.raises(io.InputError, match="off.nii.gz.*must match"):
+        registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
+                                    moving_labels=[off], log=lambda *_: None)
+    assert not pair["out"].exists()
+
+
+@pytest.mark.parametrize("problem", ["2d", "nan", "constant", "garbage"])
+def test_bad_images_are_refused(identity_run, pair, tmp_path, problem):
+    bad = tmp_path / "bad.nii.gz"
+    if problem == "2d":
+        save(bad, np.ones((10, 12), np.float32), np.eye(4))
+    elif problem == "nan":
+        data = np.ones((10, 12, 8), np.float32)
+        data[3, 3, 3] = np.nan
+        save(bad, data, np.eye(4))
+    elif problem == "constant":
+        save(bad, np.zeros((10, 12, 8), np.float32), np.eye(4))
+    else:
+        bad.write_bytes(b"not an image at all" * 20)
+    with pytest.raises(io.InputError, match="moving image bad.nii.gz"):
+        registration.register_files(identity_run, pair["fixed"], str(bad), pair["out"], log=lambda *_: None)
+    assert not pair["out"].exists()
+
+
+def test_missing_or_corrupt_model_is_refused(identity_run, pair, tmp_path):
+    with pytest.raises(io.InputError, match="does not exist"):
+        registration.register_files(tmp_path / "nowhere", pair["fixed"], pair["moving"], pair["out"])
+    other = tmp_path / "other_run"
+    other.mkdir()
+    (other / "checkpoints").symlink_to(os.path.join(identity_run, "checkpoints"))
+    text = open(os.path.join(identity_run, "model.json")).read().replace('"width": 0.125', '"width": 0.25')
+    (other / "model.json").write_text(text)
+    with pytest.raises(io.InputError, match="does not fit the model"):
+        registration.register_files(other, pair["fixed"], pair["moving"], pair["out"], log=lambda *_: None)
+    (other / "model.json").write_text("{not json")
+    with pytest.raises(io.InputError, match="other_run cannot be used"):
+        registration.register_files(other, pair["fixed"], pair["moving"], pair["out"], log=lambda *_: None)
+    assert not pair["out"].exists()
+
+
+def test_existing_outputs_refused_without_overwrite(identity_run, pair):
+    quiet = {"log": lambda *_: None}
+    registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], **quiet)
+    before = (pair["out"] / "warped.nii.gz").stat().st_mtime_ns
+    with pytest.raises(io.InputError, match="already exists"):
+        registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], **quiet)
+    assert (pair["out"] / "warped.nii.gz").stat().st_mtime_ns == before
+    registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], overwrite=True, **quiet)
+    assert not [n for n in os.listdir(pair["out"]) if n.startswith(".")]  # no temporary files left
+
+
+def _cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "vtn_tf.apps.register", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_registers_and_reports_errors_on_one_line(identity_run, pair, tmp_path):
+    done = _cli("--model", identity_run, pair["fixed"], pair["moving"], "--out", pair["out"],
+                "--moving_labels", pair["labels"])
+    assert done.returncode == 0, done.stderr
+    assert "40x36x32" in done.stdout and "wrote 6 files" in done.stdout
+    failed = _cli("--model", identity_run, pair["fixed"], tmp_path / "absent.nii.gz", "--out", tmp_path / "o2")
+    assert failed.returncode == 2
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("vtn-register")]
+    assert len(lines) == 1 and "absent.nii.gz does not exist" in lines[0]
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_lpba40_outputs_land_in_the_fixed_world_space(identity_run, vtn_data, tmp_path):
+    fixed = vtn_data / "lpba40" / "images" / "S01.nii.gz"
+    moving = vtn_data / "lpba40" / "images" / "S02.nii.gz"
+    labels = vtn_data / "lpba40" / "labels" / "S02.nii.gz"
+    if not fixed.exists():
+        pytest.skip(f"{fixed} not found")
+    registration.register_files(identity_run, fixed, moving, tmp_path, moving_labels=[labels],
+                                overwrite=True, log=lambda *_: None)
+    reference = nib.load(fixed)
+    for name in ("warped.nii.gz", "flow_voxels.nii.gz", "flow_itk.nii.gz", "warped_labels_S02.nii.gz"):
+        image = nib.load(tmp_path / name)
+        np.testing.assert_allclose(image.affine, reference.affine, atol=1e-4)
+        assert image.shape[:3] == reference.shape
