@@ -104,17 +104,55 @@ def ras_affine_to_itk(affine):
     return tuple(spacing), tuple(direction.ravel()), tuple(_LPS_TO_RAS @ affine[:3, 3])
 
 
-def _load_nifti(path):
+def memory_limit():
+    """Bytes one volume may take in memory: half the machine's physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def check_header(shape, itemsize, header_spacing, role, path):
+    """Raise InputError, before any voxel is read, for a size beyond memory or negative spacing.
+
+    Args:
+      shape: array shape the header claims; itemsize: bytes per voxel (all components);
+      header_spacing: voxel sizes as stored in the header (mm), before any repair.
+    """
+    name = _name(path)
+    needed = int(np.prod([int(n) for n in shape], dtype=object)) * int(itemsize)
+    if needed > memory_limit():
+        raise InputError(f"{role} {name} claims {'x'.join(map(str, shape))} voxels "
+                         f"({needed / 2**30:.1f} GiB); more than the {memory_limit() / 2**30:.1f} "
+                         "GiB one volume may use (half this machine's memory)")
+    if any(s < 0 for s in header_spacing):
+        text = ", ".join(f"{s:g}" for s in header_spacing)
+        raise InputError(f"{role} {name} has negative voxel spacing in its header ({text} mm)")
+
+
+def _load_nifti(path, role):
     image = nib.load(path)
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ValueError("not a NIfTI image")
+    with nib.openers.ImageOpener(path) as stream:  # as stored: nibabel repairs what it loads
+        header = type(image.header).from_fileobj(stream, check=False)
+    shape = header.get_data_shape()
+    check_header(shape, header.get_data_dtype().itemsize,
+                 [float(s) for s in header["pixdim"][1:1 + min(3, len(shape))]], role, path)
     return np.asanyarray(image.dataobj), np.asarray(image.affine, float)
 
 
-def _load_itk(path):
+def _load_itk(path, role):
     import SimpleITK as sitk  # only needed for MetaImage / NRRD
 
-    image = sitk.ReadImage(os.fspath(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    reader.ReadImageInformation()
+    voxel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(),
+                       reader.GetNumberOfComponents())
+    check_header(reader.GetSize(), sitk.GetArrayViewFromImage(voxel).nbytes, reader.GetSpacing(),
+                 role, path)
+    image = reader.Execute()
     data = sitk.GetArrayFromImage(image)  # [z, y, x] (+ components)
     if image.GetNumberOfComponentsPerPixel() > 1:
         data = np.moveaxis(data, -1, 0)  # components first, then reversed to last
@@ -195,17 +233,20 @@ def read_volume(path, role="image"):
       :class:`Volume` with data ``[X, Y, Z]`` in the file's dtype and a RAS-mm affine.
 
     Raises:
-      InputError: missing, empty or unreadable file; not 3-D; boolean, complex, NaN or
-        infinite voxels; non-positive, implausible (> 100 mm) or singular geometry.
+      InputError: missing, empty or unreadable file; a header claiming more voxels than fit
+        in memory (checked before reading them); not 3-D; boolean, complex, NaN or infinite
+        voxels; negative (header), non-positive, implausible (> 100 mm) or singular geometry.
     """
     path = os.fspath(path)
     _check_file(path, role)
     try:
         if _suffix(path) in NIFTI_SUFFIXES:
-            data, affine = _load_nifti(path)
+            data, affine = _load_nifti(path, role)
         else:
-            data, affine = _load_itk(path)
-    except (OSError, EOFError, ValueError, RuntimeError, zlib.error, gzip.BadGzipFile,
+            data, affine = _load_itk(path, role)
+    except InputError:
+        raise
+    except (MemoryError, OSError, EOFError, ValueError, RuntimeError, zlib.error, gzip.BadGzipFile,
             nib.filebasedimages.ImageFileError) as error:
         raise InputError(f"{role} {_name(path)} could not be read as an image "
                          f"({_read_error_reason(error)})") from None
