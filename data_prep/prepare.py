@@ -12,6 +12,7 @@ Every repair made to the input is recorded as one line in ``preparation.fixes``.
 import dataclasses
 import json
 import os
+import shutil
 import time
 import zlib
 
@@ -296,6 +297,24 @@ def prepare_dataset(settings, log=print):
     fixes = []
     splits = plan_splits(settings, sorted(subjects), fixes)
     order = list(dict.fromkeys(splits["train"] + splits["validation"] + splits["evaluation"]))
+    created = _first_missing(settings.output)
+    try:
+        return _prepare_subjects(settings, layout, subjects, splits, order, fixes, log)
+    except BaseException:
+        if created:  # a failed run leaves no partial dataset behind (only what it created)
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path):
+    """The outermost folder of ``path`` that does not exist yet (None if ``path`` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def _prepare_subjects(settings, layout, subjects, splits, order, fixes, log):
     for folder in ("images", "labels") + (("landmarks",) if settings.landmarks else ()):
         os.makedirs(os.path.join(settings.output, folder), exist_ok=True)
 
