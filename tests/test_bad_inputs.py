@@ -199,8 +199,10 @@ def world(tmp_path_factory):
     bad.write_manifest(str(data / "missing"), subjects[:1] + [("s1", "gone.nii.gz", None)],
                        grid=(64, 64, 64))
     (data / "nan").mkdir()
+    with_nan = bad.volume((64, 64, 64))
+    with_nan[1, 2, 3] = np.nan
     bad.write_manifest(str(data / "nan"), subjects[:1] + [
-        ("s1", bad.write_nan(str(data), "nan.nii.gz"), None)], grid=(16, 16, 16))
+        ("s1", bad.save(data / "nan.nii.gz", with_nan), None)], grid=(64, 64, 64))
     (data / "other_grid").mkdir()
     bad.write_manifest(str(data / "other_grid"), subjects[:1] + [
         ("s1", subjects[1][1], bad.write_labels_other_grid(str(data), "small.nii.gz"))],
@@ -288,7 +290,7 @@ EVALUATE_CASES = {
     "corrupt checkpoint": (
         lambda w, out: ["--manifest", w / "data" / "good", "--model", w / "run_corrupt",
                         "--methods", "vtn", "--out", out], "run_corrupt",
-        r"checkpoint .* does not fit|corrupt|truncated|could not"),
+        r"checkpoint .* is unreadable \(truncated or corrupt"),
     "mismatched checkpoint": (
         lambda w, out: ["--manifest", w / "data" / "good", "--model", w / "run_mismatched",
                         "--methods", "vtn", "--out", out], "run_mismatched",
@@ -309,6 +311,7 @@ EVALUATE_CASES = {
 @pytest.fixture(scope="module")
 def evaluate_results(world):
     (world / "existing.csv").write_text("old results\n")
+    (world / "results").mkdir()  # vtn-evaluate writes into an existing folder
     cases = {name: build(world, world / "results" / f"eval{k}.csv")
              for k, (name, (build, _, _)) in enumerate(EVALUATE_CASES.items())}
     return drive("evaluate", cases, world)
@@ -320,7 +323,7 @@ def test_evaluate_refuses(case, evaluate_results, world):
     _, name, problem = EVALUATE_CASES[case]
     assert_refused(result["code"], result["stderr"], name, problem)
     assert last_line(result["stderr"]).startswith("vtn-evaluate: error:")
-    assert not (world / "results").exists()
+    assert not os.listdir(world / "results")  # no CSV, no summary, no temporary file
     assert (world / "existing.csv").read_text() == "old results\n"
     assert not (world / "existing.md").exists()
     assert (world / "file.txt").read_text() == "a file, not a folder"
@@ -431,9 +434,9 @@ def api_cases():
         "warp: integer image, linear": (
             lambda: vtn_tf.warp(tf.zeros((1, 8, 8, 8, 1), tf.int32), flow),
             "linear warp needs a floating-point image"),
-        "warp: boolean image, nearest": (
-            lambda: vtn_tf.warp(tf.zeros((1, 8, 8, 8, 1), tf.bool), flow, "nearest"),
-            r"bool|dtype"),
+        "warp: boolean image, linear": (  # (nearest keeps booleans: a valid mask warp)
+            lambda: vtn_tf.warp(tf.zeros((1, 8, 8, 8, 1), tf.bool), flow),
+            "linear warp needs a floating-point image; got bool"),
         "compose: flow of rank 4": (lambda: vtn_tf.compose(flow[0], flow), r"\[B, X, Y, Z, 3\]"),
         "affine_flow: wrong matrix shape": (
             lambda: vtn_tf.affine_flow(tf.zeros((1, 2, 2)), tf.zeros((1, 3)), (8, 8, 8)),
@@ -450,7 +453,7 @@ def api_cases():
 
 
 API_CASES = ["warp: image of rank 4", "warp: flow on another grid", "warp: integer image, linear",
-             "warp: boolean image, nearest", "compose: flow of rank 4",
+             "warp: boolean image, linear", "compose: flow of rank 4",
              "affine_flow: wrong matrix shape", "VTN: grid not divisible by 64", "VTN: spec DA",
              "VTN: spec AA", "io: boolean voxels"]
 
@@ -462,7 +465,7 @@ def test_api_refuses(case):
         call()
 
 
-@pytest.mark.parametrize("run, problem", [("run_corrupt", "does not fit the model"),
+@pytest.mark.parametrize("run, problem", [("run_corrupt", "is unreadable"),
                                           ("run_mismatched", "does not fit the model"),
                                           ("run_absent", "not a vtn-tf run directory")])
 def test_restore_model_refuses(run, problem, world):

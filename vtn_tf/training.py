@@ -247,16 +247,17 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
     strategy = choose_strategy(train_cfg["distribute"])
     chief = is_chief(strategy)
     run_dir = pathlib.Path(run_dir)
-    if chief:
-        prepare_run_dir(run_dir, config, restart)
-    writer_dir = run_dir / "logs" if chief else pathlib.Path(tempfile.mkdtemp())
-    checkpoint_dir = run_dir / "checkpoints" if chief else pathlib.Path(tempfile.mkdtemp())
-
+    # The data are read and checked before the run directory is written: a bad manifest
+    # leaves no run directory behind.
     splits = ("train", "validation")
     dataset = data_lib.load_prepared(data_cfg["manifest"], splits=splits, extra_subjects=(
         [data_cfg["atlas"]] if data_cfg["pair_mode"] == "atlas" else []))
     pairs = data_lib.training_pairs(dataset, "train", data_cfg["pair_mode"], data_cfg["atlas"])
     image_shape = tuple(dataset.grid)
+    if chief:
+        prepare_run_dir(run_dir, config, restart)
+    writer_dir = run_dir / "logs" if chief else pathlib.Path(tempfile.mkdtemp())
+    checkpoint_dir = run_dir / "checkpoints" if chief else pathlib.Path(tempfile.mkdtemp())
     if chief:
         write_model_description(run_dir, config["model"], image_shape, dataset.label_values)
 
@@ -353,6 +354,9 @@ def restore_model(run_dir):
         stored = {name for name, _ in tf.train.list_variables(latest) if name.startswith("model/")}
         if len(stored) != len(model.weights):
             raise ValueError(f"it holds {len(stored)} model tensors, the model has {len(model.weights)}")
+    except (IndexError, tf.errors.DataLossError) as error:  # truncated or damaged files
+        raise ValueError(f"checkpoint {latest} is unreadable (truncated or corrupt: "
+                         f"{(str(error).strip() or type(error).__name__).splitlines()[0]})") from None
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise ValueError(f"checkpoint {latest} does not fit the model in {description}: "
                          f"{str(error).splitlines()[0]}") from None
