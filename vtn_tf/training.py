@@ -291,7 +291,8 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
                                 dataset.label_values, writer, train_cfg["validate_every"], log)
         callbacks.insert(0, validation)
     began = time.perf_counter()
-    model.fit(stream, epochs=1, steps_per_epoch=total_steps - start_step, callbacks=callbacks, verbose=verbose)
+    model.fit(stream, epochs=1, steps_per_epoch=total_steps - start_step, callbacks=callbacks, verbose=verbose,
+              shuffle=False)
     seconds = time.perf_counter() - began
     steps = step_of(model) - start_step
     summary = {"run_dir": str(run_dir), "start_step": start_step, "steps": step_of(model),
