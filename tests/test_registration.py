@@ -280,3 +280,19 @@ def test_lpba40_outputs_land_in_the_fixed_world_space(identity_run, vtn_data, tm
         image = nib.load(tmp_path / name)
         np.testing.assert_allclose(image.affine, reference.affine, atol=1e-4)
         assert image.shape[:3] == reference.shape
+
+
+def test_itk_field_matches_ants_apply_transforms(tmp_path):
+    ants = pytest.importorskip("ants", reason="antspyx not installed (pip install antspyx)")
+    paths, fixed, moving, labels = _labels_pair(tmp_path)
+    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None)
+    registration.write_result(result, fixed, [paths["labels"]], labels, tmp_path / "out", log=lambda *_: None)
+    reference = ants.image_read(paths["fixed"])
+    field = [str(tmp_path / "out" / "flow_itk.nii.gz")]
+    theirs = ants.apply_transforms(reference, ants.image_read(paths["labels"]), transformlist=field,
+                                   interpolator="nearestNeighbor").numpy()
+    mine = np.asarray(nib.load(tmp_path / "out" / "warped_labels_labels.nii.gz").dataobj)
+    assert np.mean(theirs == mine) > 0.999
+    theirs = ants.apply_transforms(reference, ants.image_read(paths["moving"]), transformlist=field,
+                                   interpolator="linear").numpy()
+    np.testing.assert_allclose(theirs, result.warped, atol=1e-4)

@@ -138,6 +138,8 @@ def check_output(out, overwrite):
     if out.exists() and not overwrite:
         raise io.InputError(f"output {out} already exists; pass --overwrite to replace it")
     parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise io.InputError(f"output {out} is inside {parent}, which is a file; a folder is required")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise io.InputError(f"output folder {parent} is not writable")
 

@@ -351,6 +351,8 @@ def check_outputs(out, label_paths, overwrite):
     if existing and not overwrite:
         raise io.InputError(f"output {out / existing[0]} already exists; pass --overwrite to replace it")
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise io.InputError(f"output {out} is inside {parent}, which is a file; an output folder is required")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise io.InputError(f"output folder {parent} is not writable")
 
