@@ -203,6 +203,7 @@ def moving_positions(flow_voxels, fixed_affine, moving_affine, rows):
 def resample_moving(data, flow_voxels, fixed_affine, moving_affine, order):
     """``data`` (on the moving grid) resampled onto the fixed grid through the field."""
     shape = flow_voxels.shape[:3]
+    data = data.astype(np.float32, copy=False) if order else data  # convert once, not per slab
     out = np.empty(shape, np.float32 if order else data.dtype)
     for start in range(0, shape[0], _SLAB):
         rows = range(start, min(start + _SLAB, shape[0]))
