@@ -368,7 +368,7 @@ REGISTER_CASES = {
         "already exists; pass --overwrite"),
     "output folder under a file": (
         lambda w, i, out: ["--model", w / "run_good", i / "good.nii.gz", i / "good.nii.gz",
-                           "--out", w / "file.txt" / "out"], "file.txt", "not writable|is a file"),
+                           "--out", w / "file.txt" / "out"], "file.txt", "which is a file"),
 }
 REGISTER_WORKS = {
     "fixed and moving of different orientations": ("good.nii.gz", "reoriented.nii.gz"),
@@ -478,3 +478,40 @@ def test_restore_model_refuses(run, problem, world):
     with pytest.raises((ValueError, FileNotFoundError), match=problem) as caught:
         training.restore_model(world / run)
     assert run in str(caught.value)
+
+
+# ---- vtn-export ------------------------------------------------------------------------------
+EXPORT_CASES = {
+    # name: (argv builder(world, out), file named, problem)
+    "corrupt checkpoint": (lambda w, out: ["--model", w / "run_corrupt", "--out", out],
+                           "run_corrupt", r"is unreadable \(truncated or corrupt"),
+    "mismatched checkpoint": (lambda w, out: ["--model", w / "run_mismatched", "--out", out],
+                              "run_mismatched", "does not fit the model"),
+    "missing model": (lambda w, out: ["--model", w / "run_absent", "--out", out], "run_absent",
+                      "does not exist|not a vtn-tf run directory"),
+    "existing output": (lambda w, out: ["--model", w / "run_good", "--out", w / "existing_export"],
+                        "existing_export", "already exists; pass --overwrite"),
+    "output under a file": (lambda w, out: ["--model", w / "run_good", "--out",
+                                            w / "file.txt" / "export"], "file.txt", "which is a file"),
+}
+
+
+@pytest.fixture(scope="module")
+def export_results(world):
+    if not (REPO / "vtn_tf" / "apps" / "export.py").exists():
+        pytest.skip("vtn_tf/apps/export.py is not in this checkout yet")
+    (world / "existing_export").mkdir()
+    (world / "existing_export" / "keep.txt").write_text("mine")
+    cases = {name: build(world, world / "exports" / f"export{k}")
+             for k, (name, (build, _, _)) in enumerate(EXPORT_CASES.items())}
+    return drive("export", cases, world)
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_refuses(case, export_results, world):
+    result = export_results[case]
+    _, name, problem = EXPORT_CASES[case]
+    assert_refused(result["code"], result["stderr"], name, problem)
+    assert last_line(result["stderr"]).startswith("vtn-export: error:")
+    assert not (world / "exports").exists()
+    assert bad.snapshot(world / "existing_export") == {"keep.txt": b"mine"}
