@@ -187,29 +187,6 @@ def normalise(data, settings):
     return scaled, scaled > settings.foreground_threshold
 
 
-def read_landmarks(path, subject_id):
-    """``(N, 3)`` float array from a CSV/TXT file (comma or space separated, header allowed)."""
-    rows = []
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, 1):
-            fields = line.replace(",", " ").replace(";", " ").split()
-            if not fields or line.lstrip().startswith("#"):
-                continue
-            try:
-                values = [float(f) for f in fields]
-            except ValueError:
-                if rows:
-                    raise InputError(f"landmarks {path} line {number} is not numeric") from None
-                continue  # header
-            if len(values) != 3:
-                raise InputError(f"landmarks {path} line {number} has {len(values)} values; "
-                                 "x, y, z are required")
-            rows.append(values)
-    if not rows:
-        raise InputError(f"landmarks {path} holds no points (subject {subject_id})")
-    return np.array(rows)
-
-
 def find_landmarks(settings, subject_id):
     for suffix in (".csv", ".txt"):
         candidate = os.path.join(settings.landmarks, subject_id + suffix)
@@ -248,7 +225,7 @@ def prepare_subject(subject, settings, fixes, reference=None):
             fixes.append(f"{subject.id}: no landmark file in {settings.landmarks}; "
                          "landmarks set to null")
         else:
-            points = landmarks_to_grid(read_landmarks(path, subject.id), settings,
+            points = landmarks_to_grid(io.read_landmarks(path), settings,
                                        image.affine, affine)
             outside = np.any((points < -0.5) | (points > np.array(settings.grid) - 0.5), axis=1)
             if outside.any():

@@ -51,32 +51,6 @@ def columns(label_values):
             + list(FIELD_COLUMNS) + ["seconds", "device"])
 
 
-def read_landmarks(path):
-    """``[N, 3]`` float64 voxel coordinates from a prepared ``landmarks/ID.csv`` (``x,y,z``).
-
-    Blank lines, ``#`` comments and a header line are skipped.
-    """
-    rows = []
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, 1):
-            fields = line.replace(",", " ").split()
-            if not fields or line.lstrip().startswith("#"):
-                continue
-            try:
-                values = [float(f) for f in fields]
-            except ValueError:
-                if rows:
-                    raise io.InputError(f"landmarks {path} line {number} is not numeric") from None
-                continue  # header
-            if len(values) != 3:
-                raise io.InputError(f"landmarks {path} line {number} has {len(values)} values; "
-                                    "x, y, z are required")
-            rows.append(values)
-    if not rows:
-        raise io.InputError(f"landmarks {path} holds no points")
-    return np.array(rows)
-
-
 def pair_metrics(fixed_labels, warped_labels, label_values, flow, spacing=(1.0, 1.0, 1.0),
                  landmarks=None):
     """Scores of one registered pair.
@@ -253,7 +227,7 @@ def _landmarks(dataset, fixed_id, moving_id):
     paths = [dataset.subjects[i].get("landmarks") for i in (fixed_id, moving_id)]
     if any(path is None for path in paths):
         return None
-    points = [read_landmarks(path) for path in paths]
+    points = [io.read_landmarks(path) for path in paths]
     if points[0].shape != points[1].shape:
         raise io.InputError(f"landmarks {paths[0]} hold {len(points[0])} points but {paths[1]} "
                             f"hold {len(points[1])}; they must correspond one to one")

@@ -427,3 +427,30 @@ def load_manifest(path):
         if unknown:
             raise InputError(f"{name}: split {split!r} names unknown subject {unknown[0]!r}")
     return manifest
+
+
+def read_landmarks(path):
+    """``[N, 3]`` float64 point coordinates from a CSV/TXT file (one ``x, y, z`` per line).
+
+    Comma, semicolon or space separated; blank lines, ``#`` comments and one header
+    line are skipped. The coordinates' frame (voxels, RAS or LPS mm) is the caller's.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, 1):
+            fields = line.replace(",", " ").replace(";", " ").split()
+            if not fields or line.lstrip().startswith("#"):
+                continue
+            try:
+                values = [float(f) for f in fields]
+            except ValueError:
+                if rows:
+                    raise InputError(f"landmarks {path} line {number} is not numeric") from None
+                continue  # header
+            if len(values) != 3:
+                raise InputError(f"landmarks {path} line {number} has {len(values)} values; "
+                                 "x, y, z are required")
+            rows.append(values)
+    if not rows:
+        raise InputError(f"landmarks {path} holds no points")
+    return np.array(rows)
