@@ -152,3 +152,35 @@ def test_restore_refuses_a_mismatched_checkpoint(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(description))
     with pytest.raises(ValueError, match="does not fit"):
         training.restore_model(tmp_path)
+
+
+def test_a_half_written_checkpoint_never_replaces_the_last_good_one(toy_manifest, tmp_path):
+    """Simulate a crash in the middle of a checkpoint write: the data files of a newer
+    checkpoint exist (truncated) but the index was never updated. Resuming uses the
+    last complete checkpoint."""
+    config = tiny_config(toy_manifest)
+    run = tmp_path / "run"
+    training.train(config, run, verbose=0, log=lambda *_: None)
+    checkpoints = run / "checkpoints"
+    good = tf.train.latest_checkpoint(str(checkpoints))
+    for source in checkpoints.glob(pathlib.Path(good).name + ".*"):
+        half = source.read_bytes()[: max(1, source.stat().st_size // 2)]
+        (checkpoints / source.name.replace(pathlib.Path(good).name, "ckpt-99")).write_bytes(half)
+    assert tf.train.latest_checkpoint(str(checkpoints)) == good
+    model, _, restored = training.restore_model(run)
+    assert restored == good
+
+
+def test_mixed_precision_keeps_flows_warps_and_losses_in_float32(toy_manifest):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = VTN("AD", width=0.125, flow_head_initializer="small")
+        x = np.random.default_rng(0).random((1, 64, 64, 64, 1)).astype(np.float32)
+        out = model({"fixed": x, "moving": x[:, ::-1].copy()})
+        assert model.stages[-1].compute_dtype == "float16"
+        for name in ("flow", "warped", "affine_matrix"):
+            assert out[name].dtype == tf.float32, name
+        terms = model.loss_terms(x, x[:, ::-1].copy())
+        assert all(value.dtype == tf.float32 and np.isfinite(float(value)) for value in terms.values())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
