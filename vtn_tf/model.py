@@ -52,8 +52,6 @@ def default_similarity_weights(spec, preset="paper"):
         raise ValueError(f"similarity preset must be 'paper' or 'last'; got {preset!r}.")
     dense = list(PAPER_DENSE_SIMILARITY[-n_dense:]) if n_dense else []
     dense = [0.0] * (n_dense - len(dense)) + dense
-    if n_dense == 1:
-        dense = [1.0]
     return ([1.0] if spec.startswith("A") else []) + dense
 
 
