@@ -84,7 +84,8 @@ def test_sigkill_then_restart_resumes_exactly(toy_manifest, tmp_path):
     subprocess.run(command + ["--run_dir", str(tmp_path / "straight")] + overrides, check=True,
                    capture_output=True, env=env)
     killed = tmp_path / "killed"
-    for kill_after in (2, 4):
+    delays = np.random.default_rng(0).uniform(0.0, 1.5, 2)  # kill mid-step, not just after a save
+    for kill_after, delay in zip((2, 4), delays):
         process = subprocess.Popen(command + ["--run_dir", str(killed)] + overrides, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
@@ -93,6 +94,7 @@ def test_sigkill_then_restart_resumes_exactly(toy_manifest, tmp_path):
             if latest and int(latest.rsplit("-", 1)[1]) >= kill_after:
                 break
             time.sleep(0.2)
+        time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert tf.train.latest_checkpoint(str(killed / "checkpoints")) is not None
