@@ -72,8 +72,7 @@ train-liver: install $(LIVER_MANIFEST)
 train-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-cpu $(SET)
 
-tensorboard:
-	$(PYTHON) -m pip install -q tensorboard
+tensorboard: install
 	$(PYTHON) -m tensorboard.main --logdir $(RUNS)
 
 clean-runs:
