@@ -66,30 +66,19 @@ def train(manifest, run_dir, steps):
 
 
 def evaluate(manifest, run_dir, pairs):
-    """Dice of the held-out pairs before and after registration."""
-    import numpy as np
+    """Dice of the held-out pairs before and after registration (`vtn_tf.evaluation`)."""
+    from vtn_tf import evaluation
 
-    from vtn_tf import data as data_lib
-    from vtn_tf import metrics, spatial, training
-
-    model, _, _ = training.restore_model(run_dir)
-    dataset = data_lib.load_prepared(manifest, splits=("evaluation",))
-    chosen = data_lib.evaluation_pairs(sorted(dataset.splits["evaluation"]), "consecutive")[:pairs]
-    rows = []
-    for fixed_id, moving_id in chosen:
-        fixed = dataset.images[fixed_id][None, ..., None]
-        moving = dataset.images[moving_id][None, ..., None]
-        out = model({"fixed": fixed, "moving": moving})
-        warped = spatial.warp(dataset.labels[moving_id][None, ..., None], out["flow"], "nearest")
-        before = metrics.dice(dataset.labels[fixed_id], dataset.labels[moving_id], dataset.label_values)[1]
-        after = metrics.dice(dataset.labels[fixed_id], warped.numpy()[0, ..., 0], dataset.label_values)[1]
-        rows.append((fixed_id, moving_id, before, after, metrics.folding_fraction(out["flow"]) * 100))
+    dataset, chosen = evaluation.load_pairs(manifest, "evaluation", "consecutive", max_pairs=pairs)
+    methods, _ = evaluation.make_methods(["identity", "vtn"], run_dir)
+    rows = evaluation.evaluate(dataset, chosen, methods)
+    before = {(r["fixed"], r["moving"]): r["dice"] for r in rows if r["method"] == "identity"}
     print("\n| fixed | moving | Dice before | Dice after | folding % |\n|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row[0]} | {row[1]} | {row[2]:.3f} | {row[3]:.3f} | {row[4]:.3f} |")
-    means = np.mean([r[2:] for r in rows], axis=0)
-    print(f"| **mean of {len(rows)}** | | **{means[0]:.3f}** | **{means[1]:.3f}** | {means[2]:.3f} |\n")
-    return model, dataset, chosen[0]
+    for row in (r for r in rows if r["method"] == "vtn"):
+        print(f"| {row['fixed']} | {row['moving']} | {before[row['fixed'], row['moving']]:.3f} "
+              f"| {row['dice']:.3f} | {row['folding_percent']:.3f} |")
+    print("\n" + evaluation.summary_table(rows) + "\n")
+    return methods["vtn"].model, dataset, chosen[0]
 
 
 def draw(model, dataset, pair, path):
