@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from absl import flags
-from scipy import stats
+from scipy import ndimage, stats
 
 from vtn_tf import baselines, data, evaluation, training
 from vtn_tf.apps import evaluate as evaluate_app
@@ -172,6 +172,21 @@ def test_vtn_method_warps_labels_with_its_own_flow(prepared, run_dir):
     outputs = model({"fixed": args[0][None, ..., None], "moving": args[1][None, ..., None]})
     np.testing.assert_allclose(flow, outputs["flow"].numpy()[0], atol=1e-4)
     assert warped.shape == GRID and warped.dtype == np.int32 and seconds > 0
+
+
+def test_test_time_passes_reach_the_method_and_the_summary(prepared, run_dir, tmp_path, cli):
+    model, _, _ = training.restore_model(run_dir)
+    dataset = data.load_prepared(prepared, splits=("evaluation",))
+    fixed, moving, labels = dataset.images["e1"], dataset.images["e2"], dataset.labels["e2"]
+    warped, flow, _ = evaluation.VTNMethod(model, passes=2)(fixed, moving, labels, (1.0, 1.0, 1.0))
+    expected = model.register(fixed[None, ..., None], moving[None, ..., None], passes=2)["flow"].numpy()[0]
+    np.testing.assert_allclose(flow, expected, atol=1e-4)
+    coords = np.moveaxis(np.stack(np.meshgrid(*map(np.arange, GRID), indexing="ij"), -1) + flow, -1, 0)
+    reference = ndimage.map_coordinates(labels, coords, order=0, mode="nearest")
+    assert np.mean(warped == reference) > 0.999  # nearest ties at exact .5 may round apart
+    code, stdout, _ = cli("--model", run_dir, "--manifest", prepared, "--methods", "vtn",
+                          "--passes", "2", "--out", tmp_path / "passes.csv")
+    assert code == 0 and "with 2 test-time passes" in stdout
 
 
 def test_wilcoxon_comparison_matches_scipy(tmp_path, cli):

@@ -156,6 +156,22 @@ def test_dense_only_cascade_composes():
     assert "affine_matrix" not in out
 
 
+def test_test_time_recursion_composes_whole_passes(add_run):
+    model, fixed, moving, out = add_run
+    one = model.register(fixed, moving, passes=1)
+    np.testing.assert_allclose(one["flow"].numpy(), out["flow"], atol=1e-5)
+    two = model.register(fixed, moving, passes=2)
+    # Pass 2 registers the pass-1 warped image (pinned to scipy by the test above) to the fixed
+    # one; the composition and the final warp are checked against scipy.
+    step = model({"fixed": fixed, "moving": out["warped"]})["flow"].numpy()
+    assert np.abs(step).max() > 0.5  # the second pass moves voxels
+    np.testing.assert_allclose(two["flow"].numpy(), reference_compose(out["flow"], step), atol=5e-3, rtol=1e-3)
+    np.testing.assert_allclose(two["warped"].numpy(), reference_warp(moving, two["flow"].numpy()), atol=1e-3)
+    np.testing.assert_allclose(two["affine_matrix"].numpy(), out["affine_matrix"], atol=1e-6)
+    with pytest.raises(ValueError, match="passes"):
+        model.register(fixed, moving, passes=0)
+
+
 def test_loss_terms_are_weighted_correctly(add_run):
     model, fixed, moving, out = add_run
     terms = {k: float(v) for k, v in model.loss_terms(fixed, moving).items()}

@@ -93,15 +93,17 @@ class VTNMethod:
 
     Args:
       model: a built :class:`vtn_tf.model.VTN`.
+      passes: test-time recursion of the cascade (:meth:`vtn_tf.model.VTN.register`; 1 = the paper).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, passes=1):
         self.model = model
+        self.passes = int(passes)
         self.warmed_up = False
 
         @tf.function(reduce_retracing=True)
         def register(fixed, moving, moving_labels):
-            flow = model({"fixed": fixed, "moving": moving})["flow"]
+            flow = model.register(fixed, moving, self.passes)["flow"]
             return spatial.warp(moving_labels, flow, "nearest"), flow
 
         self._register = register
@@ -134,13 +136,14 @@ def baseline_method(name):
 
 
 # ---- running a protocol -------------------------------------------------------------------
-def make_methods(names, model_dir=None, log=print):
+def make_methods(names, model_dir=None, log=print, passes=1):
     """Evaluation methods by name, in order; baselines whose package is missing are skipped.
 
     Args:
       names: from :func:`parse_methods`.
       model_dir: run directory of a trained VTN (needed for ``"vtn"``).
       log: told, in one line, about every skipped method.
+      passes: test-time recursion passes of the VTN (1 = the paper).
     Returns:
       ``({name: callable}, image_shape or None)``, the model's grid for ``"vtn"``.
     Raises:
@@ -157,7 +160,7 @@ def make_methods(names, model_dir=None, log=print):
             from vtn_tf import training
 
             model, image_shape, _ = training.restore_model(model_dir)
-            methods[name] = VTNMethod(model)
+            methods[name] = VTNMethod(model, passes)
         elif name == "identity":
             methods[name] = identity_method
         else:
@@ -266,7 +269,8 @@ def evaluate(dataset, pairs, methods, log=None):
 
 
 def run_protocol(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evaluation",
-                 protocol="consecutive", atlas=None, max_pairs=None, overwrite=False, log=print):
+                 protocol="consecutive", atlas=None, max_pairs=None, overwrite=False, log=print,
+                 passes=1):
     """Everything ``vtn-evaluate`` does: check, load, register, score, write CSV + summary.
 
     Every check that can fail (output files, methods, model, manifest, pairs, grids) runs
@@ -280,7 +284,7 @@ def run_protocol(manifest, out, methods=("vtn", "identity"), model_dir=None, spl
         raise FileNotFoundError(f"model {model_dir} does not exist (a run directory with "
                                 "model.json and checkpoints/ is required)")
     dataset, pairs = load_pairs(manifest, split, protocol, atlas, max_pairs)
-    callables, image_shape = make_methods(names, model_dir, log)
+    callables, image_shape = make_methods(names, model_dir, log, passes)
     if image_shape is not None and tuple(image_shape) != tuple(dataset.grid):
         grid = "x".join(map(str, dataset.grid))
         raise ValueError(f"model {model_dir} was built for a {'x'.join(map(str, image_shape))} "
@@ -289,7 +293,8 @@ def run_protocol(manifest, out, methods=("vtn", "identity"), model_dir=None, spl
     header = (f"# {dataset.name}: {split} split, {protocol} protocol, {len(pairs)} pairs\n\n"
               f"Dice / IoU averaged over labels {scored_labels(dataset.label_values)[:8]}"
               f"{' ...' if len(scored_labels(dataset.label_values)) > 8 else ''}; mean ± std over "
-              f"pairs. VTN runs on: {VTNMethod.device()}; ANTs / elastix on CPU "
+              f"pairs. VTN runs on: {VTNMethod.device()}"
+              f"{f' with {passes} test-time passes' if passes > 1 else ''}; ANTs / elastix on CPU "
               f"({baselines.THREADS} threads).")
     summary = write_results(rows, out, dataset.label_values, overwrite, header)
     return rows, summary

@@ -183,6 +183,33 @@ class VTN(keras.Model):
         out["flow"], out["warped"] = aggregate, warped
         return out
 
+    def register(self, fixed, moving, passes=1):
+        """Inference, optionally with test-time recursion of the whole cascade.
+
+        Pass 1 is :meth:`call`. Each further pass registers the moving image warped by the
+        flow so far and composes: ``flow_k = flow_{k-1} ⋆ cascade(fixed, warp(moving,
+        flow_{k-1}))`` (eq. 3), the shared-weight recursion of the authors' later Recursive
+        Cascaded Networks (Zhao et al., ICCV 2019), applied only at test time.
+
+        Args:
+          fixed, moving: ``[B, X, Y, Z, 1]`` images on the network grid.
+          passes: how many times the cascade runs (1 = the paper).
+        Returns:
+          the :meth:`call` dict of pass 1, with ``flow`` (``[B, X, Y, Z, 3]``, voxels, pulling:
+          ``warped(x) = moving(x + flow(x))``) and ``warped`` replaced by the composed ones.
+          ``affine_matrix`` / ``affine_translation`` stay those of pass 1's affine stage.
+        """
+        passes = int(passes)
+        if passes < 1:
+            raise ValueError(f"passes must be at least 1, got {passes}")
+        out = dict(self({"fixed": fixed, "moving": moving}))
+        moving = tf.cast(moving, tf.float32)
+        for _ in range(passes - 1):
+            step = self({"fixed": fixed, "moving": out["warped"]})["flow"]
+            out["flow"] = spatial.compose(out["flow"], step)
+            out["warped"] = spatial.warp(moving, out["flow"])
+        return out
+
     def build(self, input_shape):
         """Create the weights for images of ``input_shape`` = ``[B, X, Y, Z, 1]``."""
         if isinstance(input_shape, dict):

@@ -259,7 +259,8 @@ class Result:
     network_flow: np.ndarray
 
 
-def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="mri", log=print):
+def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="mri", log=print,
+                     passes=1):
     """Register ``moving`` to ``fixed`` (both :class:`vtn_tf.io.Volume`) with ``model``.
 
     Args:
@@ -268,6 +269,7 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
         pulling) and, for an affine stage, ``affine_matrix`` / ``affine_translation``.
       network_shape: ``(X, Y, Z)`` of the network grid.
       moving_labels: :class:`vtn_tf.io.Volume` label maps on the moving grid.
+      passes: test-time recursion passes (:meth:`vtn_tf.model.VTN.register`); needs a VTN when > 1.
     Returns:
       :class:`Result`.
     """
@@ -275,7 +277,11 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
     net_spacing = np.asarray(fixed.spacing) * np.diag(G)[:3]
     log(f"network grid {_shape(network_shape)} over the fixed field of view "
         f"({_mm(net_spacing)} mm voxels); moving sampled there through world coordinates")
-    out = model({"fixed": fixed_net[None, ..., None], "moving": moving_net[None, ..., None]})
+    inputs = (fixed_net[None, ..., None], moving_net[None, ..., None])
+    if passes > 1:
+        out = model.register(*inputs, passes=passes)
+    else:
+        out = model({"fixed": inputs[0], "moving": inputs[1]})
     network_flow = np.asarray(out["flow"])[0]
     flow_voxels = flow_to_fixed_grid(network_flow, fixed.data.shape)
     warped = resample_moving(moving.data, flow_voxels, fixed.affine, moving.affine, order=1)
@@ -375,7 +381,7 @@ def describe(role, volume):
 
 
 def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), intensity="mri",
-                   overwrite=False, log=print):
+                   overwrite=False, log=print, passes=1):
     """Register two files with a run directory's model and write the outputs into ``out``.
 
     See the module docstring for the grids and the exact meaning of every output. Returns
@@ -393,7 +399,9 @@ def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), inte
     log(describe("moving", moving))
     log(f"model {run_dir} ({checkpoint}), spec {getattr(model, 'spec', '?')}, grid {_shape(network_shape)}; "
         f"intensities: {intensity}")
-    result = register_volumes(model, network_shape, fixed, moving, labels, intensity, log)
+    if passes > 1:
+        log(f"test-time recursion: {passes} passes of the cascade")
+    result = register_volumes(model, network_shape, fixed, moving, labels, intensity, log, passes)
     return write_result(result, fixed, label_paths, labels, out, overwrite, log)
 
 

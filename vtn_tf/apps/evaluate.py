@@ -32,6 +32,8 @@ flags.DEFINE_string("methods", None, "comma-separated: vtn, identity, ants, elas
                     "(default vtn,identity; with --compare: the method(s) to compare)")
 flags.DEFINE_string("out", None, "result CSV (a .md summary is written next to it)")
 flags.DEFINE_boolean("overwrite", False, "replace an existing result CSV and summary")
+flags.DEFINE_integer("passes", 1, "test-time recursion: run the VTN cascade this many times, each on "
+                     "the previous pass's warped image, and compose the flows (1 = the paper)", lower_bound=1)
 flags.DEFINE_list("compare", None, "result CSV(s) to compare with a paired Wilcoxon test: "
                   "--compare a.csv b.csv, or --compare a.csv --methods m1,m2")
 flags.DEFINE_enum("metric", "dice", ["dice", "iou", "landmark_mm"],
@@ -76,7 +78,7 @@ def evaluate():
     _, summary = evaluation.run_protocol(
         FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
         split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
-        overwrite=FLAGS.overwrite, log=log)
+        overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes)
     print(summary, end="")
 
 

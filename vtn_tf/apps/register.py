@@ -30,6 +30,8 @@ flags.DEFINE_enum("intensity", "mri", ["mri", "ct", "none"],
                   "normalisation before the network: mri = 0.5/99.5 percentile clip + rescale, "
                   "ct = window 290 / level 120 HU, none = as is (already in [0, 1])")
 flags.DEFINE_boolean("overwrite", False, "replace existing outputs")
+flags.DEFINE_integer("passes", 1, "test-time recursion: run the cascade this many times, each on the "
+                     "previous pass's warped image, composing the flows (1 = the paper)", lower_bound=1)
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 
@@ -48,7 +50,8 @@ def main(argv):
         from vtn_tf import registration
 
         registration.register_files(FLAGS.model, fixed, moving, FLAGS.out, moving_labels=FLAGS.moving_labels,
-                                    intensity=FLAGS.intensity, overwrite=FLAGS.overwrite)
+                                    intensity=FLAGS.intensity, overwrite=FLAGS.overwrite,
+                                    passes=FLAGS.passes)
 
 
 def run():
