@@ -13,6 +13,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests.conftest import REPO
 from vtn_tf import export, io
@@ -85,6 +86,20 @@ def test_savedmodel_runs_in_a_fresh_tensorflow_process(run_dir, exported, pair_a
     served = np.load(tmp_path / "flow.npy")
     assert served.shape == (2, *NET, 3) and served.dtype == np.float32
     np.testing.assert_allclose(served, flow, atol=1e-4)
+
+
+def test_export_serves_the_test_time_passes(run_dir, pair_and_flow, tmp_path):
+    from vtn_tf.registration import load_model
+
+    folder, _ = pair_and_flow
+    fixed, moving = np.load(folder / "fixed.npy"), np.load(folder / "moving.npy")
+    out = export.export_model(run_dir, tmp_path / "exported", passes=2, log=lambda *_: None)
+    assert json.loads((out / "vtn_export.json").read_text())["passes"] == 2
+    served = tf.saved_model.load(str(out)).signatures["serving_default"](
+        fixed=tf.constant(fixed), moving=tf.constant(moving))["flow"].numpy()
+    model, _, _ = load_model(str(run_dir))
+    np.testing.assert_allclose(served, model.register(fixed, moving, passes=2)["flow"].numpy(), atol=1e-3)
+    assert np.abs(served - model({"fixed": fixed, "moving": moving})["flow"].numpy()).max() > 0.1
 
 
 def test_saved_model_cli_lists_the_signature(exported):

@@ -22,8 +22,9 @@ JIT), but TensorFlow Serving runs XLA-marked functions only experimentally (CPU:
 for platform CUDA", tensorflow/serving#2214). So the default export traces the warp
 **without** XLA (plain TensorFlow ops, the same numbers; no ``_XlaMustCompile`` attribute in
 the graph) and runs anywhere; ``--xla`` keeps the compiled warp (faster where XLA runs).
-``vtn_export.json`` beside ``saved_model.pb`` records the run, checkpoint, spec, grid and
-this choice (TensorFlow Serving ignores the file).
+``vtn_export.json`` beside ``saved_model.pb`` records the run, checkpoint, spec, grid, this
+choice and ``passes`` (``--passes N`` bakes N test-time passes of the cascade into the
+graph, :meth:`vtn_tf.model.VTN.register`; TensorFlow Serving ignores the file).
 
 TensorFlow Serving (REST on port 8501; the export folder becomes version 1 of model "vtn")::
 
@@ -67,14 +68,17 @@ class ServingModule(tf.Module):
     (``model_variables``) and the model is called from a closure while tracing.
     """
 
-    def __init__(self, model, image_shape):
+    def __init__(self, model, image_shape, passes=1):
         super().__init__(name="vtn_serving")
         self.model_variables = [getattr(v, "value", v) for v in model.weights]
         spec = tf.TensorSpec([None, *image_shape, 1], tf.float32)
 
         def serve(fixed, moving):
             """``fixed``, ``moving`` ``[B, X, Y, Z, 1]`` -> flow ``[B, X, Y, Z, 3]``, warped ``[B, X, Y, Z, 1]``."""
-            out = model({"fixed": fixed, "moving": moving}, training=False)
+            if passes > 1:  # test-time recursion (VTN.register), baked into the graph
+                out = model.register(fixed, moving, passes)
+            else:
+                out = model({"fixed": fixed, "moving": moving}, training=False)
             return {"flow": tf.identity(out["flow"], name="flow"),
                     "warped": tf.identity(out["warped"], name="warped")}
 
@@ -96,7 +100,7 @@ def warp_without_xla():
             setattr(spatial, name, function)
 
 
-def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=False):
+def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=False, passes=1):
     """Write ``model`` as a SavedModel in ``out`` (via a temporary folder and a rename).
 
     Args:
@@ -105,13 +109,14 @@ def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=Fa
       out: target folder; refused if it exists, unless ``overwrite``.
       metadata: dict written to ``out/vtn_export.json``.
       xla: keep the XLA-compiled warp (see the module doc); default: plain TensorFlow ops.
+      passes: test-time recursion passes served (:meth:`vtn_tf.model.VTN.register`; 1 = the paper).
     Returns:
       ``out`` as a `pathlib.Path`.
     """
     out = pathlib.Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = ServingModule(model, tuple(int(n) for n in image_shape))
+    module = ServingModule(model, tuple(int(n) for n in image_shape), passes)
     temporary = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
     try:
         with contextlib.nullcontext() if xla else warp_without_xla():  # saving traces the function
@@ -144,7 +149,7 @@ def check_output(out, overwrite):
         raise io.InputError(f"output folder {parent} is not writable")
 
 
-def export_model(run_dir, out, overwrite=False, xla=False, log=print):
+def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1):
     """Export a run directory's model (latest checkpoint) as a SavedModel in ``out``.
 
     Raises `vtn_tf.io.InputError` (before writing) for an existing ``out`` without
@@ -158,10 +163,11 @@ def export_model(run_dir, out, overwrite=False, xla=False, log=print):
                 "inputs": {"fixed": [None, *image_shape, 1], "moving": [None, *image_shape, 1]},
                 "outputs": {"flow": [None, *image_shape, 3], "warped": [None, *image_shape, 1]},
                 "flow_convention": "voxels of the input grid, pulling: warped(x) = moving(x + flow(x))",
-                "xla_warp": bool(xla)}
-    out = save_serving(model, image_shape, out, metadata, overwrite, xla)
+                "xla_warp": bool(xla), "passes": int(passes)}
+    out = save_serving(model, image_shape, out, metadata, overwrite, xla, passes)
     shape = ", ".join(map(str, image_shape))
     log(f"exported {run_dir} ({checkpoint}, spec {model.spec}) to {out}: signature {SIGNATURE!r}, "
         f"inputs fixed/moving float32 [None, {shape}, 1] -> flow [None, {shape}, 3], warped [None, {shape}, 1]; "
-        f"warp {'XLA-compiled' if xla else 'without XLA'}")
+        f"warp {'XLA-compiled' if xla else 'without XLA'}"
+        f"{f'; {passes} test-time passes' if passes > 1 else ''}")
     return out

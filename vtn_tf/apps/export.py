@@ -22,6 +22,8 @@ flags.DEFINE_string("out", None, "SavedModel folder to create (refused if it exi
 flags.DEFINE_boolean("xla", False, "keep the XLA-compiled warp in the SavedModel (default: plain "
                      "TensorFlow ops, which every TensorFlow Serving build runs)")
 flags.DEFINE_boolean("overwrite", False, "replace an existing --out")
+flags.DEFINE_integer("passes", 1, "test-time recursion served: the cascade runs this many times, "
+                     "composing the flows (1 = the paper)", lower_bound=1)
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 
@@ -35,7 +37,8 @@ def main(argv):
     with user_errors("vtn-export", FLAGS.verbose):
         from vtn_tf import export
 
-        export.export_model(FLAGS.model, FLAGS.out, overwrite=FLAGS.overwrite, xla=FLAGS.xla)
+        export.export_model(FLAGS.model, FLAGS.out, overwrite=FLAGS.overwrite, xla=FLAGS.xla,
+                             passes=FLAGS.passes)
 
 
 def run():
