@@ -11,6 +11,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
                NotADirectoryError, FloatingPointError, KeyError, OSError)
 
 
+def define_passes_flag():
+    """``--passes N``: test-time recursion of the cascade (`vtn_tf.model.VTN.register`)."""
+    from absl import flags
+
+    if "passes" in flags.FLAGS:  # already defined by another tool imported in this process
+        return
+    flags.DEFINE_integer("passes", 1, "test-time recursion: run the cascade this many times, each on the "
+                         "previous pass's warped image, composing the flows (1 = the paper)", lower_bound=1)
+
+
 @contextlib.contextmanager
 def user_errors(tool, verbose=False):
     """Turn user errors into ``tool: error: message`` on stderr and exit status 2.

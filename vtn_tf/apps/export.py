@@ -14,7 +14,7 @@ see `vtn_tf.export` for TensorFlow Serving commands and the REST request format.
 
 from absl import app, flags, logging
 
-from vtn_tf.apps.common import user_errors
+from vtn_tf.apps.common import define_passes_flag, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -22,8 +22,7 @@ flags.DEFINE_string("out", None, "SavedModel folder to create (refused if it exi
 flags.DEFINE_boolean("xla", False, "keep the XLA-compiled warp in the SavedModel (default: plain "
                      "TensorFlow ops, which every TensorFlow Serving build runs)")
 flags.DEFINE_boolean("overwrite", False, "replace an existing --out")
-flags.DEFINE_integer("passes", 1, "test-time recursion served: the cascade runs this many times, "
-                     "composing the flows (1 = the paper)", lower_bound=1)
+define_passes_flag()
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 

@@ -18,7 +18,7 @@ Example (the ITK field with ANTs, the same resampling as warped.nii.gz):
 
 from absl import app, flags
 
-from vtn_tf.apps.common import user_errors
+from vtn_tf.apps.common import define_passes_flag, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -30,8 +30,7 @@ flags.DEFINE_enum("intensity", "mri", ["mri", "ct", "none"],
                   "normalisation before the network: mri = 0.5/99.5 percentile clip + rescale, "
                   "ct = window 290 / level 120 HU, none = as is (already in [0, 1])")
 flags.DEFINE_boolean("overwrite", False, "replace existing outputs")
-flags.DEFINE_integer("passes", 1, "test-time recursion: run the cascade this many times, each on the "
-                     "previous pass's warped image, composing the flows (1 = the paper)", lower_bound=1)
+define_passes_flag()
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 
