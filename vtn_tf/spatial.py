@@ -66,33 +66,38 @@ def centred_grid(spatial_shape, dtype=tf.float32):
 
 @tf.function(jit_compile=True, reduce_retracing=True)
 def _sample_linear(image, flow):
-    """Trilinear sampling with edge clamping (XLA-compiled). Shapes as in `warp`."""
+    """Trilinear sampling with edge clamping (XLA-compiled). Shapes as in `warp`.
+
+    The lower corner is clamped to ``size - 2`` (so a position on the last voxel uses
+    weight 1 on the upper corner), which makes every upper corner the lower corner's flat
+    index plus a fixed stride: one index computation, 8 gathers, 7 linear interpolations (z,
+    then y, then x). About 10% faster than 8 independently clamped corners at 128^3 on 2 cores
+    (``benchmarks/bench_warp.py``).
+    """
     shape = tf.shape(image)
-    batch, size = shape[0], shape[1:4]
-    max_index = tf.cast(size - 1, flow.dtype)
-    position = identity_grid_dynamic(size, flow.dtype) + flow
-    position = tf.clip_by_value(position, 0.0, max_index)
-    lower = tf.floor(position)
-    frac = position - lower  # weights of the upper corner, in [0, 1]
-    lower = tf.cast(lower, tf.int32)
-    upper = tf.minimum(lower + 1, size - 1)
-    flat = tf.reshape(image, [batch, -1, shape[4]])
+    batch, size, channels = shape[0], shape[1:4], shape[4]
+    top = tf.cast(size - 1, flow.dtype)
+    position = tf.clip_by_value(identity_grid_dynamic(size, flow.dtype) + flow, 0.0, top)
+    lower = tf.clip_by_value(tf.floor(position), 0.0, tf.maximum(top - 1.0, 0.0))
+    frac = position - lower  # weights of the upper corners, in [0, 1]
     strides = tf.stack([size[1] * size[2], size[2], 1])
-    out = 0.0
-    for cx in (0, 1):
-        ix = upper[..., 0] if cx else lower[..., 0]
-        wx = frac[..., 0] if cx else 1.0 - frac[..., 0]
-        for cy in (0, 1):
-            iy = upper[..., 1] if cy else lower[..., 1]
-            wy = frac[..., 1] if cy else 1.0 - frac[..., 1]
-            for cz in (0, 1):
-                iz = upper[..., 2] if cz else lower[..., 2]
-                wz = frac[..., 2] if cz else 1.0 - frac[..., 2]
-                index = ix * strides[0] + iy * strides[1] + iz
-                values = tf.gather(flat, tf.reshape(index, [batch, -1]), batch_dims=1)
-                values = tf.reshape(values, shape)
-                out += values * tf.cast((wx * wy * wz)[..., None], image.dtype)
-    return out
+    corner = tf.cast(lower, tf.int32)
+    base = corner[..., 0] * strides[0] + corner[..., 1] * strides[1] + corner[..., 2]
+    base += tf.reshape(tf.range(batch) * tf.reduce_prod(size), [-1, 1, 1, 1])
+    step = tf.minimum(size - 1, 1) * strides  # 0 along an axis of length 1
+    flat = tf.reshape(image, [-1, channels])
+    weight = [tf.cast(frac[..., a, None], image.dtype) for a in range(3)]
+
+    def lerp(low, high, w):  # exact at w = 0 and w = 1, so a zero flow is the identity
+        return low * (1.0 - w) + high * w
+
+    def along_z(offset):
+        return lerp(tf.gather(flat, base + offset), tf.gather(flat, base + offset + step[2]), weight[2])
+
+    def along_y(offset):
+        return lerp(along_z(offset), along_z(offset + step[1]), weight[1])
+
+    return lerp(along_y(0), along_y(step[0]), weight[0])
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
