@@ -68,6 +68,27 @@ def test_a_different_config_is_not_resumed(toy_manifest, tmp_path):
         training.train(tiny_config(toy_manifest, "model.width=0.25"), tmp_path / "run", verbose=0)
 
 
+def test_more_epochs_extend_a_finished_run(toy_manifest, tmp_path):
+    """A finished 1-epoch run started again with epochs=2 goes on from its last checkpoint
+    and ends where a straight 2-epoch run ends (same step, same weights); fewer epochs,
+    or more epochs together with another change, are refused."""
+    quiet = {"verbose": 0, "log": lambda *_: None}
+    one, two = tiny_config(toy_manifest, "train.epochs=1"), tiny_config(toy_manifest, "train.epochs=2")
+    training.train(two, tmp_path / "straight", **quiet)
+    training.train(one, tmp_path / "extended", **quiet)
+    messages = []
+    summary = training.train(two, tmp_path / "extended", verbose=0, log=messages.append)
+    assert summary["start_step"] == 4 and summary["steps"] == 8
+    assert any("extending" in m and "1 to 2 epochs" in m for m in messages)
+    for a, b in zip(_trained_weights(tmp_path / "straight"), _trained_weights(tmp_path / "extended")):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(config_lib.ConfigError, match="train.epochs"):
+        training.train(one, tmp_path / "extended", **quiet)
+    with pytest.raises(config_lib.ConfigError, match="model.width"):
+        training.train(tiny_config(toy_manifest, "train.epochs=3", "model.width=0.25"),
+                       tmp_path / "extended", **quiet)
+
+
 def _trained_weights(run_dir):
     model, _, _ = training.restore_model(run_dir)
     return [v.numpy() for v in model.trainable_variables]

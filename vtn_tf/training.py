@@ -109,18 +109,34 @@ def build_model(config, image_shape):
     return model
 
 
-def prepare_run_dir(run_dir, config, restart=False):
-    """Write the config beside the checkpoints; refuse to resume a different experiment."""
+# Fields a finished or interrupted run may change when it is started again: more epochs
+# extend its schedule (the learning-rate halving goes on where it stopped).
+EXTENDABLE = {("train", "epochs")}
+
+
+def prepare_run_dir(run_dir, config, restart=False, log=print):
+    """Write the config beside the checkpoints; refuse to resume a different experiment.
+
+    The one change allowed is more ``train.epochs``: the run then goes on from its last
+    checkpoint to the new total (``vtn-train ... --set train.epochs=5`` on a 3-epoch run).
+    """
     run_dir = pathlib.Path(run_dir)
     saved = run_dir / "config.json"
     if saved.exists() and not restart:
         previous = json.loads(saved.read_text())
         if previous != config:
-            changed = sorted(f"{s}.{k}" for s in config for k in config[s]
+            changed = sorted((s, k) for s in config for k in config[s]
                              if previous.get(s, {}).get(k) != config[s][k])
-            raise config_lib.ConfigError(
-                f"{run_dir} holds a run with another config (differs in {', '.join(changed)}); "
-                "use a new run directory, or --restart to start over there.")
+            names = ", ".join(f"{s}.{k}" for s, k in changed)
+            extended = (changed and set(changed) <= EXTENDABLE
+                        and config["train"]["epochs"] > previous["train"]["epochs"])
+            if not extended:
+                raise config_lib.ConfigError(
+                    f"{run_dir} holds a run with another config (differs in {names}); "
+                    "use a new run directory, or --restart to start over there "
+                    "(only more train.epochs may extend a run).")
+            log(f"extending {run_dir} from {previous['train']['epochs']} to "
+                f"{config['train']['epochs']} epochs.")
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(saved, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return run_dir
@@ -256,7 +272,7 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
     pairs = data_lib.training_pairs(dataset, "train", data_cfg["pair_mode"], data_cfg["atlas"])
     image_shape = tuple(dataset.grid)
     if chief:
-        prepare_run_dir(run_dir, config, restart)
+        prepare_run_dir(run_dir, config, restart, log)
     writer_dir = run_dir / "logs" if chief else pathlib.Path(tempfile.mkdtemp())
     checkpoint_dir = run_dir / "checkpoints" if chief else pathlib.Path(tempfile.mkdtemp())
     if chief:

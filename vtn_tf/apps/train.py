@@ -5,7 +5,9 @@ Examples:
   vtn-train --config experiments/paper-liver-ADDD.json --set train.batch_size=4 \\
       --set data.manifest=prepared/liver/manifest.json
 Start the same command again after an interruption: it resumes from the last
-checkpoint in --run_dir. TensorBoard: ``tensorboard --logdir runs``.
+checkpoint in --run_dir. To train a run for longer, start it again with more epochs
+(``--set train.epochs=5`` on a 3-epoch run); any other change needs a new --run_dir.
+TensorBoard: ``tensorboard --logdir runs``.
 """
 
 import json
