@@ -34,6 +34,8 @@ def voxel_grid(shape):
 @pytest.mark.parametrize("shape, batch, channels, scale", [
     ((9, 12, 7), 2, 3, 2.0),     # moderate displacements, non-cubic grid, B > 1, C > 1
     ((8, 6, 10), 3, 1, 15.0),    # displacements far outside the volume: edge clamping
+    ((1, 5, 4), 2, 2, 3.0),      # an axis of length 1 (a single slice)
+    ((6, 2, 1), 1, 1, 2.0),      # lengths 2 and 1: every sample touches an edge
 ])
 def test_warp_linear_matches_scipy(shape, batch, channels, scale):
     rng = np.random.default_rng(RNG_SEED)
