@@ -102,7 +102,8 @@ def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit, slow_first
     if slow_first is not None and first > slow_first:
         repeats, warmup = 1, 0
     seconds, _ = common.time_call(lambda: register(fixed, moving), repeats, warmup)
-    return model, seconds, first, common.peak_memory_text()
+    flops = common.graph_flops(register.get_concrete_function(fixed, moving))
+    return model, seconds, first, common.peak_memory_text(), flops
 
 
 def breakdown(tf, model, fixed, moving, repeats, warmup, xla=True):
@@ -157,6 +158,25 @@ def run_elastix(fixed_np, moving_np):
     return seconds, f"r(fixed, warped) = {correlation(fixed_np, itk.array_from_image(warped)):.3f}"
 
 
+def print_speed_limit(gflop, fastest, classical_seconds):
+    """How far the arithmetic alone lets each spec go: GFLOP ÷ the machine's sustained rate."""
+    matmul, conv = common.machine_gflops()
+    print("## The arithmetic floor\n")
+    print(f"- this machine sustains {matmul:.0f} GFLOP/s on a 2048² float32 matmul and {conv:.0f} GFLOP/s "
+          f"on a 3×3×3, 32 → 32 channel convolution at 64³ (TensorFlow, oneDNN)")
+    if classical_seconds:
+        print(f"- 100× faster than the fastest classical tool here means {classical_seconds / 100:.3f} s per pair")
+    print()
+    rows = []
+    for spec, g in gflop.items():
+        floor = g / conv
+        needed = g / (classical_seconds / 100) if classical_seconds else None
+        rows.append([spec, f"{g:.3g}", common.format_seconds(fastest.get(spec)), common.format_seconds(floor),
+                     f"{needed:.0f}" if needed else "—"])
+    common.print_table(["spec", "GFLOP per pair", "measured", "GFLOP ÷ conv rate (floor)",
+                        "GFLOP/s needed for 100×"], rows)
+
+
 # ---- settings sweep (fresh processes) -------------------------------------------------------
 SETTINGS = (
     ("TF defaults", {}, 0),
@@ -209,7 +229,7 @@ def main():
     moving = tf.constant(moving_np[None, ..., None])
 
     if args.child:
-        _, graph, _, memory = measure_vtn(tf, args.specs[0], fixed, moving, args.width, args.repeats,
+        _, graph, _, memory, _ = measure_vtn(tf, args.specs[0], fixed, moving, args.width, args.repeats,
                                           args.warmup, False)
         print("RESULT " + json.dumps({"graph": graph, "memory": memory}))
         return
@@ -217,7 +237,7 @@ def main():
     print(f"# Inference: one registration at {args.size}^3, batch 1\n")
     common.print_machine(args, [source, f"width {args.width:g} (1 = paper), untrained weights (timing only); "
                                 f"median of {args.repeats} after {args.warmup} warm-up"])
-    rows, largest, fastest, xla_skip = [], None, {}, None
+    rows, largest, fastest, xla_skip, gflop = [], None, {}, None, {}
     for spec in args.specs:
         times = {}
         for jit in (False, True):
@@ -226,7 +246,7 @@ def main():
                 times[jit] = (None, None, None)
                 continue
             try:
-                model, seconds, first, memory = measure_vtn(tf, spec, fixed, moving, args.width,
+                model, seconds, first, memory, flops = measure_vtn(tf, spec, fixed, moving, args.width,
                                                             args.repeats, args.warmup, jit,
                                                             args.xla_limit if jit else None)
                 if jit and first > args.xla_limit:
@@ -236,17 +256,19 @@ def main():
                 times[jit] = (None, None, None)
                 continue
             times[jit] = (seconds, first, memory)
+            gflop[spec] = flops / 1e9
             largest = model
         (graph, graph_first, graph_memory), (xla, xla_first, xla_memory) = times[False], times[True]
         fastest[spec] = min((t for t in (graph, xla) if t is not None), default=None)
+        rate = f"{gflop[spec] / fastest[spec]:.0f}" if fastest[spec] and spec in gflop else "—"
         rows.append([spec, common.format_seconds(graph), common.format_seconds(xla), common.ratio(graph, xla),
                      common.format_seconds(graph_first), common.format_seconds(xla_first),
-                     f"{graph_memory or '—'} / {xla_memory or '—'}"])
+                     f"{graph_memory or '—'} / {xla_memory or '—'}", f"{gflop.get(spec, 0):.3g}", rate])
         print(f"  … {spec} done", flush=True)
     print()
     common.print_table(["spec", "tf.function", "tf.function(jit_compile)", "graph / XLA",
                         "first call (trace) graph", "first call XLA",
-                        common.memory_label() + " graph / XLA"], rows)
+                        common.memory_label() + " graph / XLA", "GFLOP", "GFLOP/s (best)"], rows)
 
     if largest is not None:
         print("## What one forward is made of (same size, batch 1)\n")
@@ -254,11 +276,12 @@ def main():
         common.print_table(["piece", "mode", "seconds"],
                            [[p, m, common.format_seconds(s)] for p, m, s in pieces])
 
+    fastest_classical = None
     if not args.no_classical and not args.quick:
         print("## Classical tools on the same pair (one run each, wall clock)\n")
         reference_spec = args.specs[-1]
         vtn_seconds = fastest.get(reference_spec)
-        classical = []
+        classical, classical_seconds = [], []
         for name, run in (("ANTs SyN (antspyx, type_of_transform='SyN')", run_ants),
                           ("elastix affine + B-spline (itk-elastix default maps)", run_elastix)):
             try:
@@ -268,12 +291,16 @@ def main():
             if seconds is None:
                 print(f"- skipped {name}: {note}")
             classical.append([name, common.format_seconds(seconds), common.ratio(seconds, vtn_seconds), note])
+            classical_seconds.append([name, seconds])
             print(f"  … {name} done", flush=True)
         print()
         common.print_table(["method", "seconds", f"÷ VTN {reference_spec} (best of graph/XLA)", "note"],
                            classical)
+        fastest_classical = min((row[-1] for row in classical_seconds if row[-1]), default=None)
     elif args.quick:
         print("- classical tools skipped in --quick mode\n")
+
+    print_speed_limit(gflop, fastest, fastest_classical)
 
     if not args.no_settings and not args.quick:
         spec = args.specs[-1]

@@ -194,6 +194,46 @@ def is_out_of_memory(error):
         "out of memory" in str(error).lower() or "OOM" in str(error)
 
 
+def graph_flops(concrete_function):
+    """Floating-point operations of one call, counted from the traced graph's ops.
+
+    Counts the convolutions and matrix products (2 per multiply-add): ``Conv3D`` as
+    2 · |output| · kx·ky·kz·C_in, a transposed convolution (``Conv3DBackpropInputV2``) as
+    2 · |its input| · kx·ky·kz·C_out, ``MatMul`` as 2·m·k·n. Everything else (warps, activations,
+    adds) is left out; in VTN it is well under 1% of the arithmetic. Shapes must be static.
+    """
+    import numpy as np
+
+    total = 0
+    for op in concrete_function.graph.get_operations():
+        if op.type == "Conv3D":
+            kernel = op.inputs[1].shape.as_list()
+            total += 2 * np.prod(op.outputs[0].shape.as_list()) * np.prod(kernel[:4])
+        elif op.type == "Conv3DBackpropInputV2":
+            kernel = op.inputs[1].shape.as_list()  # [kx, ky, kz, C_out, C_in]
+            total += 2 * np.prod(op.inputs[2].shape.as_list()) * np.prod(kernel[:4])
+        elif op.type == "MatMul":
+            a, b = op.inputs[0].shape.as_list(), op.outputs[0].shape.as_list()
+            k = a[0] if op.get_attr("transpose_a") else a[1]
+            total += 2 * b[0] * b[1] * k
+    return float(total)
+
+
+def machine_gflops(repeats=5):
+    """What this machine sustains, GFLOP/s: a 2048^2 float32 matmul, and a 3x3x3 convolution
+    with 32 → 32 channels on a 64^3 volume (VTN's bread and butter), both through TensorFlow."""
+    import tensorflow as tf
+
+    a = tf.random.normal([2048, 2048])
+    x = tf.random.normal([1, 64, 64, 64, 32])
+    k = tf.random.normal([3, 3, 3, 32, 32])
+    matmul = tf.function(lambda: tf.linalg.matmul(a, a))
+    conv = tf.function(lambda: tf.nn.conv3d(x, k, [1, 1, 1, 1, 1], "SAME"))
+    matmul_s, _ = time_call(matmul, repeats, 2)
+    conv_s, _ = time_call(conv, repeats, 2)
+    return 2 * 2048 ** 3 / matmul_s / 1e9, 2 * 64 ** 3 * 27 * 32 * 32 / conv_s / 1e9
+
+
 def format_seconds(seconds):
     if seconds is None:
         return "—"
