@@ -14,7 +14,8 @@ skipped and listed as such.
 
 Diagnostics (``--diagnose``, on by default, for one small cell): traces of the train step
 and of the warp (retracing), the augmented ``pair_dataset`` against a pre-made tensor
-dataset (pipeline stalls) and the warp with XLA on and off.
+dataset (pipeline stalls), the warp with XLA on and off, and the warp with TensorFlow's
+autodiff gradients instead of its hand-written ones.
 
 GPU: ``--find-max-batch`` searches the largest ADDD batch at 128^3 that trains (doubling,
 then bisection, catching out-of-memory errors).
@@ -97,13 +98,13 @@ def build(tf, spec, size, batch, invertibility, width):
     return build_model(config, (size,) * 3)
 
 
-def measure_cell(args, spec, size, batch, invertibility, warmup, repeats, stream_kind="pairs", warp_xla=True):
+def measure_cell(args, spec, size, batch, invertibility, warmup, repeats, stream_kind="pairs", warp="xla"):
     """Run one cell in a fresh process (memory is returned, peaks are the cell's own).
 
     Returns (seconds per step, first-step seconds, peak memory text, train-step traces,
     warp traces); raises RuntimeError (with the child's message) when the cell fails."""
     cell = {"spec": spec, "size": size, "batch": batch, "invertibility": invertibility, "warmup": warmup,
-            "repeats": repeats, "stream_kind": stream_kind, "warp_xla": warp_xla}
+            "repeats": repeats, "stream_kind": stream_kind, "warp": warp}
     command = [sys.executable, __file__, "--cell", json.dumps(cell), "--width", str(args.width),
                "--threads", str(args.threads)] + (["--mixed-precision"] if args.mixed_precision else [])
     result = subprocess.run(command, capture_output=True, text=True)
@@ -119,10 +120,20 @@ def measure_cell(args, spec, size, batch, invertibility, warmup, repeats, stream
 
 def run_cell(tf, cell, width):
     """The child side of `measure_cell`."""
-    from vtn_tf import spatial
+    import contextlib
 
-    if not cell["warp_xla"]:  # the same maths in a plain tf.function
-        spatial._sample_linear = tf.function(spatial._sample_linear.python_function, reduce_retracing=True)
+    from vtn_tf import export, spatial
+
+    variant = contextlib.nullcontext()
+    if cell["warp"] == "no-xla":  # the same maths (forward and gradients) in plain tf.functions
+        variant = export.warp_without_xla()
+    elif cell["warp"] == "autodiff":  # the XLA forward with TensorFlow's own gradients (session 3)
+        spatial._sample_linear = spatial._sample_linear_forward
+    with variant:
+        _print_result(tf, cell, width)
+
+
+def _print_result(tf, cell, width):
     print("RESULT " + json.dumps(_measure_in_process(
         tf, cell["spec"], cell["size"], cell["batch"], cell["invertibility"], width, cell["warmup"],
         cell["repeats"], cell["stream_kind"])))
@@ -141,14 +152,14 @@ def _measure_in_process(tf, spec, size, batch, invertibility, width, warmup, rep
         return original(data)
 
     model.train_step = counted_train_step
-    warp_traces = spatial._sample_linear.experimental_get_tracing_count()
+    warp_traces = spatial._sample_linear_forward.experimental_get_tracing_count()
     timer = StepTimer()
     stream = make_stream(tf, size, batch, stream_kind)
     model.fit(stream, epochs=1, steps_per_epoch=warmup + repeats, callbacks=[timer], verbose=0)
     intervals = np.diff(timer.stamps)
     step = float(np.median(intervals[warmup:])) if len(intervals) > warmup else float(intervals[-1])
     memory = common.peak_memory_text()
-    warp_traces = spatial._sample_linear.experimental_get_tracing_count() - warp_traces
+    warp_traces = spatial._sample_linear_forward.experimental_get_tracing_count() - warp_traces
     return step, float(intervals[0]), memory, traces["train_step"], warp_traces
 
 
@@ -250,11 +261,13 @@ def diagnose(tf, args):
         results[kind] = step
         rows.append([name, common.format_seconds(step), common.ratio(step, results["pairs"]),
                      memory, f"{traces} / {warp_traces}"])
-    # The warp without XLA: the module's sampler swapped for the same maths in a plain tf.function.
-    step, _, memory, traces, _ = measure_cell(args, spec, size, batch, False, args.warmup, args.repeats,
-                                              "pairs", warp_xla=False)
-    rows.append(["warp without XLA (tf.function, same maths)", common.format_seconds(step),
-                 common.ratio(step, results["pairs"]), memory, f"{traces} / —"])
+    # The warp swapped for the same maths in plain tf.functions, or with autodiff gradients.
+    for name, warp in (("warp without XLA (tf.function, same maths)", "no-xla"),
+                       ("warp with TensorFlow's autodiff gradients (before session 4)", "autodiff")):
+        step, _, memory, traces, _ = measure_cell(args, spec, size, batch, False, args.warmup, args.repeats,
+                                                  "pairs", warp=warp)
+        rows.append([name, common.format_seconds(step), common.ratio(step, results["pairs"]), memory,
+                     f"{traces} / —"])
     augment_s = time_pipeline(tf, size, batch, "pairs", args.repeats + 2)
     plain_s = time_pipeline(tf, size, batch, "pairs-noaug", args.repeats + 2)
     common.print_table(["variant", "s/step", "÷ training path", common.memory_label(),

@@ -8,12 +8,15 @@ at most ``--displacement`` voxels). Columns compare, in one run:
 * ``scipy``: ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` (forward only;
   ``order=0`` for nearest), including the ``grid + flow`` addition;
 * ``gather``: the same trilinear maths as vtn in a plain ``tf.function`` without XLA;
-* candidate replacements for ``_sample_linear`` (the first, "8 gathers", is its maths before
-  session 3: 8 independently clamped corners) (``--candidate-sizes``, default 128^3 only), checked against scipy
-  (max |difference| must stay below 1e-5) and against vtn's gradients.
+* candidate replacements for ``_sample_linear`` (``--candidate-sizes``, default 128^3 only),
+  checked against scipy (max |difference| must stay below 1e-5) and against vtn's gradients.
+  The first, "autodiff gradients", is vtn's forward with TensorFlow's own gradients (before
+  session 4 wrote them by hand); "8 gathers" is the forward's maths before session 3 (8
+  independently clamped corners).
 
 Forward+backward: gradient of ``sum(out * r)`` (r fixed random) w.r.t. image and flow via
-``tf.GradientTape`` inside a ``tf.function``, as in training.
+``tf.GradientTape`` inside a ``tf.function``; "flow only" differentiates with respect to the
+flow alone, as training does when it warps the (constant) moving image.
 
 Usage: ``python benchmarks/bench_warp.py [--quick] [--sizes 64 128 160x192x160]``.
 """
@@ -126,8 +129,11 @@ def build_implementations(tf):
         v = v[..., 0, :] + (v[..., 1, :] - v[..., 0, :]) * fy           # [.., 2, C]
         return v[..., 0, :] + (v[..., 1, :] - v[..., 0, :]) * fx        # [.., C]
 
+    from vtn_tf import spatial
+
     return {
         "gather (no XLA)": (eight_gathers, False),
+        "vtn's forward, autodiff gradients (session 3)": (spatial._sample_linear_forward.python_function, True),
         "8 gathers, static shapes (XLA)": (eight_gathers, True),
         "1 gather, stacked indices (XLA)": (one_gather_stacked, True),
         "corner rows: 1 gather of 8-wide rows (XLA)": (corner_rows, True),
@@ -220,6 +226,12 @@ def main():
                 rows.append([label, interpolation, "forward+backward", common.format_seconds(vtn_b),
                              "—", common.format_seconds(gather_b), "—", common.ratio(gather_b, vtn_b),
                              "", vtn_b_mem])
+                flow_only = gradient_function(tf, lambda i, f: vtn_tf.warp(i, f), weights, flow_only=True)
+                naive_flow_only = gradient_function(tf, naive_linear, weights, flow_only=True)
+                vtn_f, _ = common.time_call(lambda: flow_only(image, flow), repeats, warmup)
+                gather_f, _ = common.time_call(lambda: naive_flow_only(image, flow), repeats, warmup)
+                rows.append([label, interpolation, "forward+backward, flow only", common.format_seconds(vtn_f),
+                             "—", common.format_seconds(gather_f), "—", common.ratio(gather_f, vtn_f), "", ""])
                 candidate_rows += measure_candidates(
                     tf, candidates, image, flow, weights, reference, backward(image, flow),
                     label, vtn_s, vtn_b, scipy_s, repeats, warmup)
@@ -240,13 +252,13 @@ def main():
     common.finish()
 
 
-def gradient_function(tf, sample, weights):
+def gradient_function(tf, sample, weights, flow_only=False):
     @tf.function
     def run(image, flow):
         with tf.GradientTape() as tape:
-            tape.watch([image, flow])
+            tape.watch(flow if flow_only else [image, flow])
             loss = tf.reduce_sum(sample(image, flow) * weights)
-        return tape.gradient(loss, [image, flow])
+        return tape.gradient(loss, flow if flow_only else [image, flow])
     return run
 
 

@@ -121,15 +121,18 @@ def _central_difference_jacobian(fn, x, delta=1e-4):
     return jac
 
 
-def test_warp_gradients_match_finite_differences():
-    """Away from voxel boundaries (fractions in [0.2, 0.8]) and inside the volume the map is
-    smooth, so the analytic gradient must match central differences."""
+@pytest.mark.parametrize("batch, shape", [(1, (4, 5, 3)), (2, (3, 4, 2)), (1, (1, 5, 4)), (1, (6, 2, 1))])
+def test_warp_gradients_match_finite_differences(batch, shape):
+    """The warp's hand-written gradients against central differences of its own output.
+
+    Positions are spread over [-2, size + 1) with fractional parts in [0.2, 0.8], so the
+    map is smooth at each one: some fall outside the volume (clamped: no flow gradient
+    along that axis, the edge voxel takes the image gradient), some inside. Grids with axes
+    of length 1 and 2 exercise the clamped lower corner."""
     rng = np.random.default_rng(7)
-    shape = (4, 5, 3)
-    image = rng.normal(size=(1, *shape, 2))
+    image = rng.normal(size=(batch, *shape, 2))
     grid = voxel_grid(shape)
-    # Target positions strictly inside, with fractional parts in [0.2, 0.8].
-    target = rng.integers(0, np.array(shape) - 1, size=(1, *shape, 3)) + rng.uniform(0.2, 0.8, (1, *shape, 3))
+    target = rng.integers(-2, np.array(shape) + 1, size=(batch, *shape, 3)) + rng.uniform(0.2, 0.8, (batch, *shape, 3))
     flow = target - grid
     weights = rng.normal(size=image.shape)  # a random linear functional of the output
 
@@ -147,6 +150,29 @@ def test_warp_gradients_match_finite_differences():
     np.testing.assert_allclose(grad_image.numpy(), fd_image, atol=1e-6)
     np.testing.assert_allclose(grad_flow.numpy(), fd_flow, atol=1e-6)
     assert np.abs(grad_flow.numpy()).max() > 0.1  # not trivially zero
+    outside = (target < 0) | (target > np.array(shape) - 1)
+    assert outside.any() and np.all(grad_flow.numpy()[outside] == 0)
+
+
+def test_warp_flow_gradient_alone_in_a_graph():
+    """Training differentiates the warp of a constant image with respect to the flow only (the
+    image gradient is then pruned); the result must equal the full tape's flow gradient."""
+    rng = np.random.default_rng(3)
+    image = tf.constant(rng.normal(size=(1, 6, 5, 4, 1)).astype(np.float32))
+    flow = tf.Variable(rng.normal(scale=1.5, size=(1, 6, 5, 4, 3)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(1, 6, 5, 4, 1)).astype(np.float32))
+
+    @tf.function
+    def flow_only():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(weights * spatial.warp(image, flow))
+        return tape.gradient(loss, flow)
+
+    with tf.GradientTape() as tape:
+        tape.watch(image)
+        loss = tf.reduce_sum(weights * spatial.warp(image, flow))
+    _, both = tape.gradient(loss, [image, flow])
+    np.testing.assert_allclose(flow_only().numpy(), both.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_warp_gradients_finite_far_outside_volume():

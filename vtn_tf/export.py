@@ -88,8 +88,9 @@ class ServingModule(tf.Module):
 
 @contextlib.contextmanager
 def warp_without_xla():
-    """While tracing, run `vtn_tf.spatial`'s samplers as plain (non-XLA) `tf.function`s."""
-    names = ("_sample_linear", "_sample_nearest")
+    """While tracing, run `vtn_tf.spatial`'s samplers, and the warp's hand-written gradients
+    (which a SavedModel keeps beside the forward), as plain (non-XLA) `tf.function`s."""
+    names = ("_sample_linear_forward", "_linear_flow_gradient", "_linear_image_gradient", "_sample_nearest")
     saved = {name: getattr(spatial, name) for name in names}
     try:
         for name, function in saved.items():
