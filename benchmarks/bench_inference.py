@@ -281,7 +281,7 @@ def main():
         print("## Classical tools on the same pair (one run each, wall clock)\n")
         reference_spec = args.specs[-1]
         vtn_seconds = fastest.get(reference_spec)
-        classical, classical_seconds = [], []
+        classical, classical_seconds = [], []  # table rows; seconds of the tools that ran
         for name, run in (("ANTs SyN (antspyx, type_of_transform='SyN')", run_ants),
                           ("elastix affine + B-spline (itk-elastix default maps)", run_elastix)):
             try:
@@ -291,12 +291,13 @@ def main():
             if seconds is None:
                 print(f"- skipped {name}: {note}")
             classical.append([name, common.format_seconds(seconds), common.ratio(seconds, vtn_seconds), note])
-            classical_seconds.append([name, seconds])
+            if seconds is not None:
+                classical_seconds.append(seconds)
             print(f"  … {name} done", flush=True)
         print()
         common.print_table(["method", "seconds", f"÷ VTN {reference_spec} (best of graph/XLA)", "note"],
                            classical)
-        fastest_classical = min((row[-1] for row in classical_seconds if row[-1]), default=None)
+        fastest_classical = min(classical_seconds, default=None)
     elif args.quick:
         print("- classical tools skipped in --quick mode\n")
 

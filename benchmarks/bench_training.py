@@ -130,13 +130,9 @@ def run_cell(tf, cell, width):
     elif cell["warp"] == "autodiff":  # the XLA forward with TensorFlow's own gradients (session 3)
         spatial._sample_linear = spatial._sample_linear_forward
     with variant:
-        _print_result(tf, cell, width)
-
-
-def _print_result(tf, cell, width):
-    print("RESULT " + json.dumps(_measure_in_process(
-        tf, cell["spec"], cell["size"], cell["batch"], cell["invertibility"], width, cell["warmup"],
-        cell["repeats"], cell["stream_kind"])))
+        print("RESULT " + json.dumps(_measure_in_process(
+            tf, cell["spec"], cell["size"], cell["batch"], cell["invertibility"], width, cell["warmup"],
+            cell["repeats"], cell["stream_kind"])))
 
 
 def _measure_in_process(tf, spec, size, batch, invertibility, width, warmup, repeats, stream_kind="pairs"):
