@@ -13,7 +13,7 @@ at 1 mm. ``--resize zoom`` (default) resamples each volume to 128^3 with
 data the script says so and uses two random smooth volumes instead (timings are the same).
 
 Also: a breakdown (one DenseSubnetwork / AffineSubnetwork forward alone, one warp, one
-compose), classical tools on the same pair when installed (ANTs SyN via antspyx,
+compose), the last spec with its network in bfloat16 (``--precision``), classical tools on the same pair when installed (ANTs SyN via antspyx,
 elastix affine + B-spline via itk-elastix; single run each, wall clock), and the ADDD time
 under other thread / oneDNN settings (fresh processes, since TF reads them at start-up).
 
@@ -80,14 +80,23 @@ def correlation(a, b):
 
 
 # ---- VTN -----------------------------------------------------------------------------------
-def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit, slow_first=None):
-    """Build ``spec``, time its forward; with ``slow_first`` seconds, a first call slower than
-    that is followed by one timed call only (XLA on CPU can take minutes per call)."""
+def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit, slow_first=None, precision="float32"):
+    """Build ``spec`` with its network computing in ``precision`` (as `restore_model` does),
+    time its forward; with ``slow_first`` seconds, a first call slower than that is followed
+    by one timed call only (XLA on CPU can take minutes per call)."""
+    import keras
+
     from vtn_tf.model import VTN
+    from vtn_tf.training import PRECISIONS
 
     shape = fixed.shape
-    model = VTN(spec=spec, width=width)
-    model.build((None, *shape[1:4], 1))
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
+    try:
+        model = VTN(spec=spec, width=width)
+        model.build((None, *shape[1:4], 1))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
     @tf.function(jit_compile=jit)
     def register(fixed, moving):
@@ -175,6 +184,27 @@ def print_speed_limit(gflop, fastest, classical_seconds):
                      f"{needed:.0f}" if needed else "—"])
     common.print_table(["spec", "GFLOP per pair", "measured", "GFLOP ÷ conv rate (floor)",
                         "GFLOP/s needed for 100×"], rows)
+
+
+def print_precisions(tf, args, fixed, moving):
+    """The last spec with its network in bfloat16 (and float16 on a GPU) beside float32."""
+    spec = args.specs[-1]
+    precisions = ["float32", "bfloat16"] + (["float16"] if tf.config.list_physical_devices("GPU") else [])
+    print(f"## {spec} with the network in reduced precision (`--precision`; weights, flows and "
+          "warps stay float32), tf.function without XLA\n")
+    rows, baseline = [], None
+    for precision in precisions:
+        try:
+            _, seconds, _, memory, _ = measure_vtn(tf, spec, fixed, moving, args.width, args.repeats,
+                                                   args.warmup, False, precision=precision)
+        except Exception as error:  # noqa: BLE001 - e.g. no bfloat16 kernels on this device
+            rows.append([precision, f"failed: {type(error).__name__}", "", ""])
+            continue
+        baseline = baseline or seconds
+        rows.append([precision, common.format_seconds(seconds), common.ratio(baseline, seconds), memory])
+        print(f"  … {precision} done", flush=True)
+    print()
+    common.print_table(["network precision", "seconds", "float32 ÷ this", common.memory_label()], rows)
 
 
 # ---- settings sweep (fresh processes) -------------------------------------------------------
@@ -302,6 +332,7 @@ def main():
         print("- classical tools skipped in --quick mode\n")
 
     print_speed_limit(gflop, fastest, fastest_classical)
+    print_precisions(tf, args, fixed, moving)
 
     if not args.no_settings and not args.quick:
         spec = args.specs[-1]

@@ -174,7 +174,7 @@ def test_vtn_method_warps_labels_with_its_own_flow(prepared, run_dir):
     assert warped.shape == GRID and warped.dtype == np.int32 and seconds > 0
 
 
-def test_test_time_passes_reach_the_method_and_the_summary(prepared, run_dir, tmp_path, cli):
+def test_test_time_passes_and_precision_reach_the_method_and_the_summary(prepared, run_dir, tmp_path, cli):
     model, _, _ = training.restore_model(run_dir)
     dataset = data.load_prepared(prepared, splits=("evaluation",))
     fixed, moving, labels = dataset.images["e1"], dataset.images["e2"], dataset.labels["e2"]
@@ -185,8 +185,8 @@ def test_test_time_passes_reach_the_method_and_the_summary(prepared, run_dir, tm
     reference = ndimage.map_coordinates(labels, coords, order=0, mode="nearest")
     assert np.mean(warped == reference) > 0.999  # nearest ties at exact .5 may round apart
     code, stdout, _ = cli("--model", run_dir, "--manifest", prepared, "--methods", "vtn",
-                          "--passes", "2", "--out", tmp_path / "passes.csv")
-    assert code == 0 and "with 2 test-time passes" in stdout
+                          "--passes", "2", "--precision", "bfloat16", "--out", tmp_path / "passes.csv")
+    assert code == 0 and "in bfloat16 with 2 test-time passes" in stdout
 
 
 def test_wilcoxon_comparison_matches_scipy(tmp_path, cli):

@@ -254,9 +254,10 @@ def _cli(*args):
 
 def test_cli_registers_and_reports_errors_on_one_line(identity_run, pair, tmp_path):
     done = _cli("--model", identity_run, pair["fixed"], pair["moving"], "--out", pair["out"],
-                "--moving_labels", pair["labels"])
+                "--moving_labels", pair["labels"], "--precision", "bfloat16")
     assert done.returncode == 0, done.stderr
     assert "40x36x32" in done.stdout and "wrote 6 files" in done.stdout
+    assert "network in bfloat16" in done.stdout
     failed = _cli("--model", identity_run, pair["fixed"], tmp_path / "absent.nii.gz", "--out", tmp_path / "o2")
     assert failed.returncode == 2
     lines = [line for line in failed.stderr.splitlines() if line.startswith("vtn-register")]

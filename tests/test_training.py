@@ -207,3 +207,36 @@ def test_mixed_precision_keeps_flows_warps_and_losses_in_float32(toy_manifest):
         assert all(value.dtype == tf.float32 and np.isfinite(float(value)) for value in terms.values())
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_restore_model_in_reduced_precision(tmp_path, precision):
+    """The network computes in the named type (its convolutions say so), the flow comes
+    back float32 and near the float32 model's, and the global Keras policy is untouched."""
+    model = VTN("AD", width=0.25)  # the paper's flow-head init: flows of a few voxels
+    model.build((None, 64, 64, 64, 1))
+    run_dir = training.save_model_dir(model, (64, 64, 64), tmp_path / "run")
+    coarse = np.random.default_rng(0).random((2, 8, 8, 8)).astype(np.float32)
+    fixed, moving = (np.kron(c, np.ones((8, 8, 8), np.float32))[None, ..., None] for c in coarse)
+    reference, _, _ = training.restore_model(run_dir)
+    expected = reference({"fixed": fixed, "moving": moving})["flow"].numpy()
+    reduced, _, _ = training.restore_model(run_dir, precision)
+    convolutions = [layer for layer in reduced._flatten_layers() if isinstance(layer, keras.layers.Conv3D)]
+    assert convolutions and all(layer.compute_dtype == precision for layer in convolutions)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    flow = reduced({"fixed": fixed, "moving": moving})["flow"]
+    assert flow.dtype == tf.float32
+    scale = np.abs(expected).max()
+    assert scale > 0.5  # the comparison below means something
+    assert np.abs(flow.numpy() - expected).max() < 0.05 * scale
+    with pytest.raises(ValueError, match="precision must be one of"):
+        training.restore_model(run_dir, "int8")
+
+
+def test_precision_flag_offers_the_restorable_precisions():
+    from absl import flags
+
+    from vtn_tf.apps.common import define_precision_flag
+
+    define_precision_flag()
+    assert set(flags.FLAGS["precision"].parser.enum_values) == set(training.PRECISIONS)

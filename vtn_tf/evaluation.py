@@ -136,7 +136,7 @@ def baseline_method(name):
 
 
 # ---- running a protocol -------------------------------------------------------------------
-def make_methods(names, model_dir=None, log=print, passes=1):
+def make_methods(names, model_dir=None, log=print, passes=1, precision="float32"):
     """Evaluation methods by name, in order; baselines whose package is missing are skipped.
 
     Args:
@@ -144,6 +144,7 @@ def make_methods(names, model_dir=None, log=print, passes=1):
       model_dir: run directory of a trained VTN (needed for ``"vtn"``).
       log: told, in one line, about every skipped method.
       passes: test-time recursion passes of the VTN (1 = the paper).
+      precision: the VTN network's compute type (`vtn_tf.training.restore_model`).
     Returns:
       ``({name: callable}, image_shape or None)``, the model's grid for ``"vtn"``.
     Raises:
@@ -159,7 +160,7 @@ def make_methods(names, model_dir=None, log=print, passes=1):
                                         "with model.json and checkpoints/ is required)")
             from vtn_tf import training
 
-            model, image_shape, _ = training.restore_model(model_dir)
+            model, image_shape, _ = training.restore_model(model_dir, precision)
             methods[name] = VTNMethod(model, passes)
         elif name == "identity":
             methods[name] = identity_method
@@ -270,7 +271,7 @@ def evaluate(dataset, pairs, methods, log=None):
 
 def run_protocol(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evaluation",
                  protocol="consecutive", atlas=None, max_pairs=None, overwrite=False, log=print,
-                 passes=1):
+                 passes=1, precision="float32"):
     """Everything ``vtn-evaluate`` does: check, load, register, score, write CSV + summary.
 
     Every check that can fail (output files, methods, model, manifest, pairs, grids) runs
@@ -284,7 +285,7 @@ def run_protocol(manifest, out, methods=("vtn", "identity"), model_dir=None, spl
         raise FileNotFoundError(f"model {model_dir} does not exist (a run directory with "
                                 "model.json and checkpoints/ is required)")
     dataset, pairs = load_pairs(manifest, split, protocol, atlas, max_pairs)
-    callables, image_shape = make_methods(names, model_dir, log, passes)
+    callables, image_shape = make_methods(names, model_dir, log, passes, precision)
     if image_shape is not None and tuple(image_shape) != tuple(dataset.grid):
         grid = "x".join(map(str, dataset.grid))
         raise ValueError(f"model {model_dir} was built for a {'x'.join(map(str, image_shape))} "
@@ -294,6 +295,7 @@ def run_protocol(manifest, out, methods=("vtn", "identity"), model_dir=None, spl
               f"Dice / IoU averaged over labels {scored_labels(dataset.label_values)[:8]}"
               f"{' ...' if len(scored_labels(dataset.label_values)) > 8 else ''}; mean ± std over "
               f"pairs. VTN runs on: {VTNMethod.device()}"
+              f"{f' in {precision}' if precision != 'float32' else ''}"
               f"{f' with {passes} test-time passes' if passes > 1 else ''}; ANTs / elastix on CPU "
               f"({baselines.THREADS} threads).")
     summary = write_results(rows, out, dataset.label_values, overwrite, header)

@@ -323,14 +323,15 @@ def _label_dtype(path, data):
     return stored if data.min() >= info.min and data.max() <= info.max else np.dtype(np.int32)
 
 
-def load_model(run_dir):
-    """``(model, network_shape)`` from a run directory; InputError when it is missing or corrupt."""
+def load_model(run_dir, precision="float32"):
+    """``(model, network_shape, checkpoint)`` from a run directory; InputError when it is
+    missing or corrupt. ``precision``: see `vtn_tf.training.restore_model`."""
     from vtn_tf import training  # TensorFlow only when a model is needed
 
     if not os.path.isdir(run_dir):
         raise io.InputError(f"model {run_dir} does not exist (a vtn-train run directory is required)")
     try:
-        model, shape, checkpoint = training.restore_model(run_dir)
+        model, shape, checkpoint = training.restore_model(run_dir, precision)
     except (OSError, ValueError, KeyError, TypeError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise io.InputError(f"model {run_dir} cannot be used: {message}") from None
@@ -381,24 +382,25 @@ def describe(role, volume):
 
 
 def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), intensity="mri",
-                   overwrite=False, log=print, passes=1):
+                   overwrite=False, log=print, passes=1, precision="float32"):
     """Register two files with a run directory's model and write the outputs into ``out``.
 
     See the module docstring for the grids and the exact meaning of every output. Returns
     the list of written paths. Raises :class:`vtn_tf.io.InputError` (before writing
     anything) for unreadable, non-3-D, NaN or constant images, labels off the moving grid,
     a missing or corrupt model, or existing outputs without ``overwrite``.
+    ``precision``: the network's compute type (`vtn_tf.training.restore_model`).
     """
     label_paths = [os.fspath(p) for p in moving_labels]
     if intensity not in INTENSITY_MODES:
         raise io.InputError(f"intensity must be one of {', '.join(INTENSITY_MODES)}; got {intensity!r}")
     check_outputs(out, label_paths, overwrite)
     fixed, moving, labels = read_inputs(fixed_path, moving_path, label_paths)
-    model, network_shape, checkpoint = load_model(os.fspath(run_dir))
+    model, network_shape, checkpoint = load_model(os.fspath(run_dir), precision)
     log(describe("fixed", fixed))
     log(describe("moving", moving))
     log(f"model {run_dir} ({checkpoint}), spec {getattr(model, 'spec', '?')}, grid {_shape(network_shape)}; "
-        f"intensities: {intensity}")
+        f"intensities: {intensity}{f'; network in {precision}' if precision != 'float32' else ''}")
     if passes > 1:
         log(f"test-time recursion: {passes} passes of the cascade")
     result = register_volumes(model, network_shape, fixed, moving, labels, intensity, log, passes)

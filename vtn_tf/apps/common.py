@@ -21,6 +21,17 @@ def define_passes_flag():
                          "previous pass's warped image, composing the flows (1 = the paper)", lower_bound=1)
 
 
+def define_precision_flag():
+    """``--precision``: the network's compute type at inference (`vtn_tf.training.PRECISIONS`)."""
+    from absl import flags
+
+    if "precision" in flags.FLAGS:
+        return
+    flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "float16"],
+                      "the network's compute type (weights, flows and warps stay float32): "
+                      "bfloat16 is faster on CPUs with AVX512_BF16 or AMX, float16 on GPUs")
+
+
 @contextlib.contextmanager
 def user_errors(tool, verbose=False):
     """Turn user errors into ``tool: error: message`` on stderr and exit status 2.

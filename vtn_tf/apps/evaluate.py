@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from vtn_tf.apps.common import define_passes_flag, user_errors
+from vtn_tf.apps.common import define_passes_flag, define_precision_flag, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "run directory of a trained VTN (for method vtn)")
@@ -33,6 +33,7 @@ flags.DEFINE_string("methods", None, "comma-separated: vtn, identity, ants, elas
 flags.DEFINE_string("out", None, "result CSV (a .md summary is written next to it)")
 flags.DEFINE_boolean("overwrite", False, "replace an existing result CSV and summary")
 define_passes_flag()
+define_precision_flag()
 flags.DEFINE_list("compare", None, "result CSV(s) to compare with a paired Wilcoxon test: "
                   "--compare a.csv b.csv, or --compare a.csv --methods m1,m2")
 flags.DEFINE_enum("metric", "dice", ["dice", "iou", "landmark_mm"],
@@ -77,7 +78,7 @@ def evaluate():
     _, summary = evaluation.run_protocol(
         FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
         split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
-        overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes)
+        overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes, precision=FLAGS.precision)
     print(summary, end="")
 
 

@@ -2,7 +2,8 @@
 
 Usage:
   vtn-register --model runs/X fixed.nii.gz moving.nii.gz --out outdir \\
-      [--moving_labels labels.nii.gz ...] [--intensity mri|ct|none] [--overwrite] [--verbose]
+      [--moving_labels labels.nii.gz ...] [--intensity mri|ct|none] [--passes N] \\
+      [--precision float32|bfloat16|float16] [--overwrite] [--verbose]
 
 (``python -m vtn_tf.apps.register`` is the same; ``--fixed`` / ``--moving`` may replace the
 two positional arguments.) Images of any size, spacing and orientation (.nii, .nii.gz, .mha,
@@ -18,7 +19,7 @@ Example (the ITK field with ANTs, the same resampling as warped.nii.gz):
 
 from absl import app, flags
 
-from vtn_tf.apps.common import define_passes_flag, user_errors
+from vtn_tf.apps.common import define_passes_flag, define_precision_flag, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -31,6 +32,7 @@ flags.DEFINE_enum("intensity", "mri", ["mri", "ct", "none"],
                   "ct = window 290 / level 120 HU, none = as is (already in [0, 1])")
 flags.DEFINE_boolean("overwrite", False, "replace existing outputs")
 define_passes_flag()
+define_precision_flag()
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 
@@ -50,7 +52,7 @@ def main(argv):
 
         registration.register_files(FLAGS.model, fixed, moving, FLAGS.out, moving_labels=FLAGS.moving_labels,
                                     intensity=FLAGS.intensity, overwrite=FLAGS.overwrite,
-                                    passes=FLAGS.passes)
+                                    passes=FLAGS.passes, precision=FLAGS.precision)
 
 
 def run():
