@@ -102,6 +102,17 @@ def test_export_serves_the_test_time_passes(run_dir, pair_and_flow, tmp_path):
     assert np.abs(served - model({"fixed": fixed, "moving": moving})["flow"].numpy()).max() > 0.1
 
 
+def test_export_in_bfloat16_keeps_float32_signature_and_flow(run_dir, pair_and_flow, tmp_path):
+    folder, flow = pair_and_flow
+    out = export.export_model(run_dir, tmp_path / "exported", precision="bfloat16", log=lambda *_: None)
+    assert json.loads((out / "vtn_export.json").read_text())["network_precision"] == "bfloat16"
+    result = tf.saved_model.load(str(out)).signatures["serving_default"](
+        fixed=tf.constant(np.load(folder / "fixed.npy")), moving=tf.constant(np.load(folder / "moving.npy")))
+    assert result["flow"].dtype == tf.float32 and result["warped"].dtype == tf.float32
+    difference = np.abs(result["flow"].numpy() - flow).max()
+    assert 0 < difference < 0.05 * np.abs(flow).max()  # bfloat16 rounding, no more
+
+
 def test_saved_model_cli_lists_the_signature(exported):
     out = exported
     done = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show",

@@ -150,25 +150,29 @@ def check_output(out, overwrite):
         raise io.InputError(f"output folder {parent} is not writable")
 
 
-def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1):
+def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, precision="float32"):
     """Export a run directory's model (latest checkpoint) as a SavedModel in ``out``.
+
+    ``precision``: the network's compute type (`vtn_tf.training.restore_model`); the
+    signature's inputs and outputs are float32 whatever it is.
 
     Raises `vtn_tf.io.InputError` (before writing) for an existing ``out`` without
     ``overwrite`` or a missing or corrupt run directory. Returns ``out``."""
     from vtn_tf.registration import load_model
 
     check_output(out, overwrite)
-    model, image_shape, checkpoint = load_model(os.fspath(run_dir))
+    model, image_shape, checkpoint = load_model(os.fspath(run_dir), precision)
     metadata = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(checkpoint),
                 "spec": model.spec, "image_shape": list(image_shape), "signature": SIGNATURE,
                 "inputs": {"fixed": [None, *image_shape, 1], "moving": [None, *image_shape, 1]},
                 "outputs": {"flow": [None, *image_shape, 3], "warped": [None, *image_shape, 1]},
                 "flow_convention": "voxels of the input grid, pulling: warped(x) = moving(x + flow(x))",
-                "xla_warp": bool(xla), "passes": int(passes)}
+                "xla_warp": bool(xla), "passes": int(passes), "network_precision": precision}
     out = save_serving(model, image_shape, out, metadata, overwrite, xla, passes)
     shape = ", ".join(map(str, image_shape))
     log(f"exported {run_dir} ({checkpoint}, spec {model.spec}) to {out}: signature {SIGNATURE!r}, "
         f"inputs fixed/moving float32 [None, {shape}, 1] -> flow [None, {shape}, 3], warped [None, {shape}, 1]; "
         f"warp {'XLA-compiled' if xla else 'without XLA'}"
-        f"{f'; {passes} test-time passes' if passes > 1 else ''}")
+        f"{f'; {passes} test-time passes' if passes > 1 else ''}"
+        f"{f'; network in {precision}' if precision != 'float32' else ''}")
     return out

@@ -14,7 +14,7 @@ see `vtn_tf.export` for TensorFlow Serving commands and the REST request format.
 
 from absl import app, flags, logging
 
-from vtn_tf.apps.common import define_passes_flag, user_errors
+from vtn_tf.apps.common import define_passes_flag, define_precision_flag, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -23,6 +23,7 @@ flags.DEFINE_boolean("xla", False, "keep the XLA-compiled warp in the SavedModel
                      "TensorFlow ops, which every TensorFlow Serving build runs)")
 flags.DEFINE_boolean("overwrite", False, "replace an existing --out")
 define_passes_flag()
+define_precision_flag()
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 
@@ -37,7 +38,7 @@ def main(argv):
         from vtn_tf import export
 
         export.export_model(FLAGS.model, FLAGS.out, overwrite=FLAGS.overwrite, xla=FLAGS.xla,
-                             passes=FLAGS.passes)
+                             passes=FLAGS.passes, precision=FLAGS.precision)
 
 
 def run():
