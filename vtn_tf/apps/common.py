@@ -32,6 +32,12 @@ def define_precision_flag():
                       "bfloat16 is faster on CPUs with AVX512_BF16 or AMX, float16 on GPUs")
 
 
+def define_inference_flags():
+    """The flags of every tool that runs a trained model: ``--passes`` and ``--precision``."""
+    define_passes_flag()
+    define_precision_flag()
+
+
 @contextlib.contextmanager
 def user_errors(tool, verbose=False):
     """Turn user errors into ``tool: error: message`` on stderr and exit status 2.

@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from vtn_tf.apps.common import define_passes_flag, define_precision_flag, user_errors
+from vtn_tf.apps.common import define_inference_flags, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "run directory of a trained VTN (for method vtn)")
@@ -32,8 +32,7 @@ flags.DEFINE_string("methods", None, "comma-separated: vtn, identity, ants, elas
                     "(default vtn,identity; with --compare: the method(s) to compare)")
 flags.DEFINE_string("out", None, "result CSV (a .md summary is written next to it)")
 flags.DEFINE_boolean("overwrite", False, "replace an existing result CSV and summary")
-define_passes_flag()
-define_precision_flag()
+define_inference_flags()
 flags.DEFINE_list("compare", None, "result CSV(s) to compare with a paired Wilcoxon test: "
                   "--compare a.csv b.csv, or --compare a.csv --methods m1,m2")
 flags.DEFINE_enum("metric", "dice", ["dice", "iou", "landmark_mm"],

@@ -14,7 +14,7 @@ see `vtn_tf.export` for TensorFlow Serving commands and the REST request format.
 
 from absl import app, flags, logging
 
-from vtn_tf.apps.common import define_passes_flag, define_precision_flag, user_errors
+from vtn_tf.apps.common import define_inference_flags, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -22,8 +22,7 @@ flags.DEFINE_string("out", None, "SavedModel folder to create (refused if it exi
 flags.DEFINE_boolean("xla", False, "keep the XLA-compiled warp in the SavedModel (default: plain "
                      "TensorFlow ops, which every TensorFlow Serving build runs)")
 flags.DEFINE_boolean("overwrite", False, "replace an existing --out")
-define_passes_flag()
-define_precision_flag()
+define_inference_flags()
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 

@@ -19,7 +19,7 @@ Example (the ITK field with ANTs, the same resampling as warped.nii.gz):
 
 from absl import app, flags
 
-from vtn_tf.apps.common import define_passes_flag, define_precision_flag, user_errors
+from vtn_tf.apps.common import define_inference_flags, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -31,8 +31,7 @@ flags.DEFINE_enum("intensity", "mri", ["mri", "ct", "none"],
                   "normalisation before the network: mri = 0.5/99.5 percentile clip + rescale, "
                   "ct = window 290 / level 120 HU, none = as is (already in [0, 1])")
 flags.DEFINE_boolean("overwrite", False, "replace existing outputs")
-define_passes_flag()
-define_precision_flag()
+define_inference_flags()
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 
