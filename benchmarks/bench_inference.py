@@ -13,8 +13,9 @@ at 1 mm. ``--resize zoom`` (default) resamples each volume to 128^3 with
 data the script says so and uses two random smooth volumes instead (timings are the same).
 
 Also: a breakdown (one DenseSubnetwork / AffineSubnetwork forward alone, one warp, one
-compose), the last spec with its network in bfloat16 (``--precision``), classical tools on the same pair when installed (ANTs SyN via antspyx,
-elastix affine + B-spline via itk-elastix; single run each, wall clock), and the ADDD time
+compose), the last spec with its network in bfloat16 (``--precision``), classical tools
+on the same pair when installed (ANTs SyN via antspyx, elastix affine + B-spline via
+itk-elastix; single run each, wall clock), and the ADDD time
 under other thread / oneDNN settings (fresh processes, since TF reads them at start-up).
 
 Usage: ``python benchmarks/bench_inference.py [--quick] [--specs D ADDD] [--no-classical]``.
@@ -84,19 +85,13 @@ def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit, slow_first
     """Build ``spec`` with its network computing in ``precision`` (as `restore_model` does),
     time its forward; with ``slow_first`` seconds, a first call slower than that is followed
     by one timed call only (XLA on CPU can take minutes per call)."""
-    import keras
-
     from vtn_tf.model import VTN
-    from vtn_tf.training import PRECISIONS
+    from vtn_tf.training import network_precision
 
     shape = fixed.shape
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
-    try:
+    with network_precision(precision):
         model = VTN(spec=spec, width=width)
         model.build((None, *shape[1:4], 1))
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
     @tf.function(jit_compile=jit)
     def register(fixed, moving):

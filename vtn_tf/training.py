@@ -16,6 +16,7 @@ rate only on the optimizer's step, so a restarted run continues from the last
 checkpoint with the same step count, data and schedule.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -355,6 +356,20 @@ def save_model_dir(model, image_shape, run_dir, label_values=()):
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
+@contextlib.contextmanager
+def network_precision(precision):
+    """Layers built inside compute in ``precision`` (a key of `PRECISIONS`); the global
+    Keras policy is put back on leaving. ValueError for an unknown name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def restore_model(run_dir, precision="float32"):
     """The trained model of a run directory, from its latest checkpoint.
 
@@ -364,14 +379,8 @@ def restore_model(run_dir, precision="float32"):
     speeds up inference on CPUs with AVX512_BF16 or AMX, ``float16`` on GPUs; the
     global Keras policy is left as it was. Returns ``(model, image_shape, checkpoint_path)``.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
-    try:
+    with network_precision(precision):
         return _restore_model(pathlib.Path(run_dir))
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def _restore_model(run_dir):
