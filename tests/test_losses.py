@@ -54,6 +54,71 @@ def test_correlation_coefficient_loss_finite_on_constant_images(constant):
         np.testing.assert_allclose(value, 1.0, atol=1e-3)
 
 
+# ----- local normalised cross-correlation (not in the paper) --------------------------------
+def numpy_local_ncc_loss(fixed, warped, window):
+    """1 - mean over voxels of the squared correlation in the window cube cut to the image."""
+    r, out = window // 2, []
+    for b in range(fixed.shape[0]):
+        values = []
+        for index in np.ndindex(*fixed.shape[1:4]):
+            box = tuple(slice(max(0, i - r), i + r + 1) for i in index)
+            f = np.asarray(fixed[b][box], np.float64).ravel()
+            w = np.asarray(warped[b][box], np.float64).ravel()
+            covariance = np.mean(f * w) - f.mean() * w.mean()
+            values.append(covariance ** 2 / (f.var() * w.var() + losses.NCC_EPSILON))
+        out.append(1.0 - np.mean(values))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_local_ncc_loss_matches_numpy_windows(window):
+    rng = np.random.default_rng(10)
+    fixed = rng.uniform(size=(2, 6, 7, 5, 1))
+    warped = 0.5 * fixed + rng.uniform(size=fixed.shape) * np.array([0.1, 1.0])[:, None, None, None, None]
+    value = losses.local_ncc_loss(fixed.astype(np.float32), warped.astype(np.float32), window).numpy()
+    assert value.shape == (2,)
+    np.testing.assert_allclose(value, numpy_local_ncc_loss(fixed, warped, window), atol=2e-5)
+    if window > 1:
+        assert value[0] < value[1]  # more noise, larger loss
+
+
+def test_local_ncc_loss_ignores_a_smooth_bias_field_that_global_correlation_sees():
+    """A multiplicative bias field (as in MRI) barely changes any 5³ window, but the global
+    correlation drops: the reason to offer the local loss."""
+    rng = np.random.default_rng(11)
+    fixed = rng.uniform(0.2, 1.0, size=(1, 24, 24, 24, 1))
+    x = np.linspace(0.0, 1.0, 24)[:, None, None, None]
+    bias = np.exp(1.5 * x)  # a factor of 4.5 across the image, 1.07 per voxel
+    warped = (fixed * bias).astype(np.float32)
+    local = float(losses.local_ncc_loss(fixed.astype(np.float32), warped, 5)[0])
+    global_ = float(losses.correlation_coefficient_loss(fixed.astype(np.float32), warped)[0])
+    assert local < 0.1 and global_ > 0.3 and global_ > 5 * local, (local, global_)
+
+
+def test_local_ncc_loss_zero_for_local_linear_maps_of_either_sign():
+    rng = np.random.default_rng(12)
+    image = rng.uniform(size=(2, 8, 8, 8, 1)).astype(np.float32)
+    for mapped in (3.5 * image - 7.0, -2.0 * image + 1.0):
+        np.testing.assert_allclose(losses.local_ncc_loss(image, mapped, 3).numpy(), 0.0, atol=2e-3)
+
+
+@pytest.mark.parametrize("constant", [0.0, 3.0])
+def test_local_ncc_loss_finite_on_constant_images(constant):
+    rng = np.random.default_rng(13)
+    flat = np.full((1, 6, 6, 6, 1), constant, np.float32)
+    other = rng.uniform(size=flat.shape).astype(np.float32)
+    for a, b in ((flat, flat), (flat, other), (other, flat)):
+        value, _ = finite_value_and_gradient(lambda f, w: losses.local_ncc_loss(f, w, 3), a, b)
+        np.testing.assert_allclose(value, 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [0, 2, -3, 4.0])
+def test_local_ncc_loss_rejects_bad_windows(window):
+    image = np.zeros((1, 4, 4, 4, 1), np.float32)
+    with pytest.raises(ValueError, match="odd"):
+        losses.local_ncc_loss(image, image, window)
+
+
 # ----- total variation (eq. 8) -------------------------------------------------------------
 def numpy_total_variation(flow):
     """Eq. 8 per batch element: (1/3) Σ_i mean_x ‖f(x + e_i) − f(x)‖² over valid x."""

@@ -186,6 +186,27 @@ def test_loss_terms_are_weighted_correctly(add_run):
     assert terms["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_local_ncc_similarity_replaces_the_correlation_coefficient(add_run):
+    model, fixed, moving, out = add_run
+    local = VTN.from_config({**model.get_config(), "similarity": "ncc", "ncc_window": 3})
+    local.build((None, SIZE, SIZE, SIZE, 1))
+    local.set_weights(model.get_weights())
+    terms = {k: float(v) for k, v in local.loss_terms(fixed, moving).items()}
+    for k, name in enumerate(model.stage_names):
+        expected = np.mean(losses.local_ncc_loss(fixed, out["stage_warped"][k], 3).numpy())
+        assert terms[f"{name}_similarity"] == pytest.approx(expected, rel=1e-4)
+        r = [np.corrcoef(fixed[b].ravel(), out["stage_warped"][k][b].ravel())[0, 1] for b in range(2)]
+        assert abs(terms[f"{name}_similarity"] - (1 - np.mean(r))) > 1e-3  # not the global loss
+
+
+@pytest.mark.parametrize("kwargs, match", [({"similarity": "mse"}, "similarity"),
+                                           ({"similarity": "ncc", "ncc_window": 4}, "odd"),
+                                           ({"ncc_window": True}, "odd")])
+def test_bad_similarity_settings_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VTN("D", width=WIDTH, **kwargs)
+
+
 # ----- training --------------------------------------------------------------------------------
 def test_gradients_finite_and_reach_every_stage(add_run):
     model, fixed, moving, _ = add_run
@@ -251,12 +272,14 @@ def test_invertibility_adds_its_metric():
 def test_config_round_trip():
     model = VTN("ADD", width=0.25, flow_scale=10.0, flow_head_initializer="small",
                 similarity_weights="last", smoothness_weights=[0, 2, 3], determinant_weight=0.2,
-                orthogonality_weight=0.3, invertibility_weight=1e-3, central_fraction=0.75)
+                orthogonality_weight=0.3, invertibility_weight=1e-3, central_fraction=0.75,
+                similarity="ncc", ncc_window=7)
     config = model.get_config()
     clone = VTN.from_config(config)
     assert clone.get_config() == config
     assert (clone.spec, clone.width, clone.flow_head_initializer) == ("ADD", 0.25, "small")
     assert clone.similarity_weights == [0.0, 0.0, 1.0] and clone.smoothness_weights == [0, 2, 3]
+    assert (clone.similarity, clone.ncc_window) == ("ncc", 7)
 
 
 def test_save_and_load_give_the_same_flow(add_run, tmp_path):

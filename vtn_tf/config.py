@@ -26,6 +26,8 @@ DEFAULTS = {
         "orthogonality_weight": 0.1,
         "invertibility_weight": 0.0,
         "central_fraction": 0.5,
+        "similarity": "cc",           # "cc": the paper's global correlation; "ncc": local (not in the paper)
+        "ncc_window": 9,              # voxels, for "ncc"
     },
     "data": {
         "manifest": None,             # prepared dataset (data_prep's manifest.json)

@@ -17,6 +17,7 @@ from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork, check_spatial_sha
 SPEC_PATTERN = re.compile(r"^A?D*$")
 # Paper Table I (ADDD): similarity on the dense stages, counted from the last one.
 PAPER_DENSE_SIMILARITY = (0.0, 0.05, 1.0)
+SIMILARITIES = ("cc", "ncc")
 
 
 def parse_spec(spec):
@@ -75,6 +76,10 @@ class VTN(keras.Model):
       width: channel multiplier of every subnetwork (1.0 = the paper).
       flow_scale: dense output multiplier (the authors' 20).
       flow_head_initializer: "lecun_uniform" (paper) or "small" (near-identity start).
+      similarity: "cc", the paper's global correlation coefficient (eq. 5-7), or
+        "ncc", the squared local correlation in ``ncc_window``³ cubes
+        (`vtn_tf.losses.local_ncc_loss`; not in the paper).
+      ncc_window: odd cube side in voxels, for "ncc".
       similarity_weights: one per stage, or "paper" (Table I, default) or "last".
       smoothness_weights: one per stage (ignored for the affine stage); default 1.
       determinant_weight, orthogonality_weight: affine-stage weights (Table I: 0.1).
@@ -97,8 +102,14 @@ class VTN(keras.Model):
 
     def __init__(self, spec="ADDD", width=1.0, flow_scale=20.0, flow_head_initializer="lecun_uniform",
                  similarity_weights="paper", smoothness_weights=None, determinant_weight=0.1,
-                 orthogonality_weight=0.1, invertibility_weight=0.0, central_fraction=0.5, **kwargs):
+                 orthogonality_weight=0.1, invertibility_weight=0.0, central_fraction=0.5,
+                 similarity="cc", ncc_window=9, **kwargs):
         super().__init__(**kwargs)
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {sorted(SIMILARITIES)}; got {similarity!r}.")
+        if not isinstance(ncc_window, int) or isinstance(ncc_window, bool) or ncc_window < 1 or ncc_window % 2 == 0:
+            raise ValueError(f"ncc_window must be a positive odd number of voxels; got {ncc_window!r}.")
+        self.similarity, self.ncc_window = similarity, ncc_window
         self.spec = parse_spec(spec)
         self.width, self.flow_scale = float(width), float(flow_scale)
         self.flow_head_initializer = flow_head_initializer
@@ -248,11 +259,17 @@ class VTN(keras.Model):
             names.append("invertibility")
         return names
 
+    def similarity_loss(self, fixed, warped):
+        """``[B]`` dissimilarity of ``warped`` to ``fixed`` (0 = alike), as chosen by ``similarity``."""
+        if self.similarity == "ncc":
+            return losses.local_ncc_loss(fixed, warped, self.ncc_window)
+        return losses.correlation_coefficient_loss(fixed, warped)
+
     def pass_loss_terms(self, fixed, outputs):
         """Unweighted batch-mean loss terms of one forward pass, and their weighted sum."""
         terms, total = {}, 0.0
         for k, (letter, stage) in enumerate(zip(self.spec, self.stage_names)):
-            weighted = {f"{stage}_similarity": (self.similarity_weights[k], losses.correlation_coefficient_loss(
+            weighted = {f"{stage}_similarity": (self.similarity_weights[k], self.similarity_loss(
                 fixed, outputs["stage_warped"][k]))}
             if letter == "A":
                 A = outputs["affine_matrix"]
@@ -342,4 +359,5 @@ class VTN(keras.Model):
                 "similarity_weights": self.similarity_weights, "smoothness_weights": self.smoothness_weights,
                 "determinant_weight": self.determinant_weight,
                 "orthogonality_weight": self.orthogonality_weight,
-                "invertibility_weight": self.invertibility_weight, "central_fraction": self.central_fraction}
+                "invertibility_weight": self.invertibility_weight, "central_fraction": self.central_fraction,
+                "similarity": self.similarity, "ncc_window": self.ncc_window}
