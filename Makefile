@@ -125,5 +125,5 @@ accuracy-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-accuracy.json --run_dir $(RUNS)/brain-accuracy $(SET)
 	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/brain-accuracy --manifest $(PREPARED)/lpba40-64/manifest.json \
-	  --protocol atlas --atlas S01 --passes 3 --methods vtn,identity,$(ACCURACY_BASELINES) \
+	  --protocol atlas --atlas S01 --passes 2 --methods vtn,identity,$(ACCURACY_BASELINES) \
 	  --out results/brain-accuracy.csv --overwrite
