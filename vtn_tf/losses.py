@@ -42,6 +42,12 @@ def correlation_coefficient_loss(fixed, warped):
     return 1.0 - covariance * tf.math.rsqrt(variance_fixed * variance_warped)
 
 
+def check_ncc_window(window):
+    """ValueError unless ``window`` is a positive odd int (a cube side in voxels)."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or window % 2 == 0:
+        raise ValueError(f"ncc_window must be a positive odd number of voxels; got {window!r}.")
+
+
 def _separable_box_mean(x, window):
     """Mean over the ``window``³ cube around each voxel, counting only voxels inside the image.
 
@@ -79,8 +85,7 @@ def local_ncc_loss(fixed, warped, window=9):
     fixed, warped = _float32(fixed), _float32(warped)
     if fixed.shape.rank != 5 or fixed.shape[1:] != warped.shape[1:]:
         raise ValueError(f"fixed {fixed.shape} and warped {warped.shape} must both be [B, X, Y, Z, C] alike.")
-    if not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be a positive odd number of voxels; got {window!r}.")
+    check_ncc_window(window)
     stacked = tf.concat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], axis=-1)
     means = tf.split(_separable_box_mean(stacked, window), 5, axis=-1)
     mean_f, mean_w, mean_ff, mean_ww, mean_fw = means  # each [B, X, Y, Z, C]

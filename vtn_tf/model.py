@@ -107,8 +107,7 @@ class VTN(keras.Model):
         super().__init__(**kwargs)
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {sorted(SIMILARITIES)}; got {similarity!r}.")
-        if not isinstance(ncc_window, int) or isinstance(ncc_window, bool) or ncc_window < 1 or ncc_window % 2 == 0:
-            raise ValueError(f"ncc_window must be a positive odd number of voxels; got {ncc_window!r}.")
+        losses.check_ncc_window(ncc_window)
         self.similarity, self.ncc_window = similarity, ncc_window
         self.spec = parse_spec(spec)
         self.width, self.flow_scale = float(width), float(flow_scale)
