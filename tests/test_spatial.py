@@ -352,3 +352,64 @@ def test_jacobian_determinant_matches_numpy_gradient():
     expected = np.linalg.det(np.eye(3) + grads)
     det = spatial.jacobian_determinant(flow[None].astype(np.float32)).numpy()[0]
     np.testing.assert_allclose(det, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- sample: resampling at absolute positions (another grid) ------------------------------
+def _positions(rng, shape, out_shape, margin=2.0):
+    high = np.asarray(shape, float) - 1.0 + margin
+    return rng.uniform(-margin, high, size=(1, *out_shape, 3)).astype(np.float32)
+
+
+def test_sample_linear_matches_scipy_with_clamping_and_zero_outside():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(1, 7, 9, 5, 2)).astype(np.float32)
+    positions = _positions(rng, (7, 9, 5), (4, 6, 3))
+    clipped = np.clip(positions[0], 0, np.array([6, 8, 4], float))
+    expected = np.stack([ndimage.map_coordinates(image[0, ..., c], np.moveaxis(clipped, -1, 0), order=1,
+                                                 mode="nearest") for c in range(2)], -1)
+    got = spatial.sample(image, positions, "linear", "clamp").numpy()[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    inside = np.all((positions[0] >= -0.5) & (positions[0] < np.array([7, 9, 5]) - 0.5), axis=-1)
+    got_zero = spatial.sample(image, positions, "linear", "zero").numpy()[0]
+    np.testing.assert_allclose(got_zero, np.where(inside[..., None], expected, 0.0), atol=1e-5)
+    assert (~inside).any() and inside.any()
+
+
+def test_sample_nearest_keeps_ids_and_rounds_half_up():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 300, size=(1, 6, 5, 4, 1)).astype(np.int32)
+    positions = _positions(rng, (6, 5, 4), (5, 5, 5))
+    positions[0, 0, 0, 0] = (1.5, 2.5, 0.5)  # exact halves go up
+    index = np.minimum(np.floor(np.clip(positions[0], 0, [5, 4, 3]) + 0.5).astype(int), [5, 4, 3])
+    expected = labels[0, index[..., 0], index[..., 1], index[..., 2]]
+    got = spatial.sample(labels, positions, "nearest").numpy()[0]
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == np.int32 and got[0, 0, 0, 0] == labels[0, 2, 3, 1, 0]
+
+
+def test_sample_position_gradient_matches_central_differences():
+    rng = np.random.default_rng(5)
+    image = tf.constant(rng.normal(size=(2, 6, 7, 5, 1)), tf.float32)
+    positions = rng.uniform(0.2, 3.8, size=(2, 3, 3, 2, 3))
+    positions = np.where(np.abs(positions - np.round(positions)) < 0.05, positions + 0.1, positions)
+    weights = tf.constant(rng.normal(size=(2, 3, 3, 2, 1)), tf.float32)
+    p = tf.Variable(positions.astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(spatial.sample(image, p, "linear", "zero") * weights)
+    grad = tape.gradient(loss, p).numpy()
+    eps = 1e-2
+    numeric = np.zeros_like(positions)
+    for index in np.ndindex(positions.shape):
+        for sign in (1, -1):
+            shifted = positions.copy()
+            shifted[index] += sign * eps
+            value = tf.reduce_sum(spatial.sample(image, shifted.astype(np.float32), "linear") * weights)
+            numeric[index] += sign * float(value) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, atol=2e-3)
+
+
+def test_sample_on_the_identity_positions_is_warp_with_a_zero_flow():
+    rng = np.random.default_rng(6)
+    image = rng.normal(size=(1, 5, 6, 4, 1)).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (5, 6, 4)], indexing="ij"), -1)[None]
+    np.testing.assert_array_equal(spatial.sample(image, grid.astype(np.float32)).numpy(), image)
