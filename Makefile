@@ -41,14 +41,14 @@ $(PREPARED)/lpba40-128/manifest.json:
 	$(PYTHON) -m data_prep --layout lpba40 --input $(VTN_DATA)/lpba40 --output $(PREPARED)/lpba40-128 --grid 128 128 128 --overwrite
 
 $(PREPARED)/liver-synthetic-64/manifest.json:
-	$(PYTHON) -m data_prep --layout abdomen-synthetic --input $(VTN_DATA)/abdomen_ct_labels --output $(PREPARED)/liver-synthetic-64 --crop-label 6 --grid 64 64 64 --overwrite
+	$(PYTHON) -m data_prep --layout abdomen-synthetic --input $(VTN_DATA)/abdomen_ct_labels --output $(PREPARED)/liver-synthetic-64 --grid 64 64 64 --overwrite
 
 $(PREPARED)/liver-synthetic-128/manifest.json:
-	$(PYTHON) -m data_prep --layout abdomen-synthetic --input $(VTN_DATA)/abdomen_ct_labels --output $(PREPARED)/liver-synthetic-128 --crop-label 6 --grid 128 128 128 --overwrite
+	$(PYTHON) -m data_prep --layout abdomen-synthetic --input $(VTN_DATA)/abdomen_ct_labels --output $(PREPARED)/liver-synthetic-128 --grid 128 128 128 --overwrite
 
 $(PREPARED)/liver/manifest.json:
 	@test -n "$(LIVER_DATA)" || (echo "set LIVER_DATA=/path/to/liver/scans (LIVER_LAYOUT=lits|sliver07)"; exit 2)
-	$(PYTHON) -m data_prep --layout $(LIVER_LAYOUT) --input $(LIVER_DATA) --output $(PREPARED)/liver --crop-label 1 --grid 128 128 128 --overwrite
+	$(PYTHON) -m data_prep --layout $(LIVER_LAYOUT) --input $(LIVER_DATA) --output $(PREPARED)/liver --grid 128 128 128 --overwrite
 
 # ---- training -----------------------------------------------------------------------
 ifeq ($(FULL),)

@@ -8,7 +8,7 @@ Examples::
   python -m data_prep --layout abdomen-synthetic --input ../shared/data/abdomen_ct_labels \\
       --output prepared/abdomen --limit 4
   python -m data_prep --layout folder --images scans/ --labels masks/ --modality CT \\
-      --crop-label 1 --input scans/ --output prepared/mine
+      --input scans/ --output prepared/mine
 """
 
 import argparse
@@ -27,8 +27,10 @@ def parser():
         prog="python -m data_prep",
         description="Crop, resample and normalise a 3-D dataset for VTN; write manifest.json.",
         epilog="Layout defaults: hippocampus 64^3, no crop; lpba40 128^3 around the brain "
-               "foreground, atlas S01; abdomen-synthetic 128^3 around the liver (label 6), "
-               "SYNTHETIC CT-like images; lits/sliver07 128^3 around the labels.")
+               "foreground, atlas S01; abdomen-synthetic 128^3 around the body foreground, "
+               "SYNTHETIC CT-like images; lits/sliver07 128^3 around the body foreground. "
+               "Crops never use labels unless asked (--crop labels), and a model trained on "
+               "label crops cannot register new scans, which have none.")
     p.add_argument("--layout", required=True, choices=sorted(layouts.LAYOUTS))
     p.add_argument("--input", required=True, help="dataset folder")
     p.add_argument("--output", required=True, help="folder for the prepared dataset")

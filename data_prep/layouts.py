@@ -145,12 +145,12 @@ def abdomen_splits(ids):
 
 LAYOUTS = {
     "folder": Layout("folder", modality=None),
-    "lits": Layout("lits", modality="CT", label_names={"1": "liver", "2": "tumour"}),
-    "sliver07": Layout("sliver07", modality="CT", label_names={"1": "liver"}),
+    "lits": Layout("lits", modality="CT", crop="foreground", label_names={"1": "liver", "2": "tumour"}),
+    "sliver07": Layout("sliver07", modality="CT", crop="foreground", label_names={"1": "liver"}),
     "lpba40": Layout("lpba40", modality="MRI", crop="foreground", atlas="S01"),
     "hippocampus": Layout("hippocampus", modality="MRI", grid=(64, 64, 64), crop="none",
                           label_names={"1": "anterior", "2": "posterior"}),
-    "abdomen-synthetic": Layout("abdomen-synthetic", modality="CT", crop_label=6,
+    "abdomen-synthetic": Layout("abdomen-synthetic", modality="CT", crop="foreground",
                                 synthetic=True,
                                 label_names={str(k): v[0] for k, v in ORGANS.items()}),
 }

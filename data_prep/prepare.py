@@ -18,8 +18,10 @@ import zlib
 
 import numpy as np
 
-from data_prep import geometry, intensity, layouts, synthetic
-from vtn_tf import io
+from data_prep import layouts, synthetic
+from scipy import ndimage
+
+from vtn_tf import io, preprocess
 from vtn_tf.io import InputError
 
 GRID_MULTIPLE = 64  # the VTN encoder halves every axis six times
@@ -153,11 +155,19 @@ def load_subject(subject, settings, fixes):
     return image, labels
 
 
+def contract_of(settings, reference=None):
+    """The settings as a `vtn_tf.preprocess.InputContract` (crop "labels" kept for data_prep:
+    a contract is only asked of it when a model is trained)."""
+    return preprocess.InputContract(
+        modality=settings.modality, grid=tuple(settings.grid),
+        crop="none" if settings.crop == "none" else "foreground", margin_mm=settings.margin_mm,
+        foreground_threshold=settings.foreground_threshold, percentiles=tuple(settings.percentiles),
+        window_width=settings.window_width, window_level=settings.window_level,
+        reference_quantiles=None if reference is None else tuple(reference))
+
+
 def crop_box(image, labels, settings, subject_id):
-    """The crop box (see :mod:`data_prep.geometry`) for this subject."""
-    shape = image.data.shape
-    if settings.crop == "none":
-        return geometry.full_box(shape)
+    """The crop box (see `vtn_tf.preprocess`) for this subject."""
     if settings.crop == "labels":
         if labels is None:
             raise InputError(f"subject {subject_id} has no labels to crop around; "
@@ -166,11 +176,10 @@ def crop_box(image, labels, settings, subject_id):
             mask, what = labels.data > 0, "any label"
         else:
             mask, what = labels.data == settings.crop_label, f"label {settings.crop_label}"
+        box = preprocess.bounding_box(mask, settings.margin_mm, image.spacing)
     else:
-        low, high = settings.percentiles
-        scaled = intensity.percentile_scale(image.data, low, high)
-        mask, what = scaled > settings.foreground_threshold, "foreground"
-    box = geometry.bounding_box(mask, settings.margin_mm, image.spacing)
+        what = "foreground"
+        box = preprocess.crop_box(image.data, image.spacing, contract_of(settings))
     if box is None:
         source = labels.path if settings.crop == "labels" else image.path
         raise InputError(f"{os.path.basename(source)} has no voxel of {what} to crop around "
@@ -178,13 +187,18 @@ def crop_box(image, labels, settings, subject_id):
     return box
 
 
-def normalise(data, settings):
-    """Intensities -> [0, 1] and the mask of voxels used for histogram matching."""
-    if settings.modality == "CT":
-        scaled = intensity.window_level(data, settings.window_width, settings.window_level)
-        return scaled, (scaled > 0) & (scaled < 1)
-    scaled = intensity.percentile_scale(data, *settings.percentiles)
-    return scaled, scaled > settings.foreground_threshold
+def resample(data, box, grid, order):
+    """Resample ``data[box]`` onto ``grid`` (`vtn_tf.preprocess.grid_map`; order 1 = trilinear,
+    0 = nearest; edges clamped). Nearest output only holds input values, in the input dtype."""
+    low, high = box
+    if tuple(high - low) == tuple(grid):
+        return np.array(data[low[0]:high[0], low[1]:high[1], low[2]:high[2]])
+    matrix = preprocess.grid_map(box, grid)
+    output = np.float32 if order else data.dtype
+    source = data.astype(np.float32) if order else data
+    return ndimage.affine_transform(source, matrix[:3, :3], offset=matrix[:3, 3],
+                                    output_shape=tuple(grid), output=output, order=order,
+                                    mode="nearest")
 
 
 def find_landmarks(settings, subject_id):
@@ -198,26 +212,25 @@ def find_landmarks(settings, subject_id):
 def landmarks_to_grid(points, settings, original_affine, new_affine):
     """Landmarks in the input's coordinates -> continuous voxel indices of the new grid."""
     if settings.landmark_coordinates == "voxel":
-        world = geometry.voxel_to_world(points, original_affine)
+        world = preprocess.voxel_to_world(points, original_affine)
     elif settings.landmark_coordinates == "lps":
         world = points * np.array([-1.0, -1.0, 1.0])
     else:
         world = points
-    return geometry.world_to_voxel(world, new_affine)
+    return preprocess.world_to_voxel(world, new_affine)
 
 
 def prepare_subject(subject, settings, fixes, reference=None):
     """Everything for one subject; ``reference``: quantiles to match (None: no matching)."""
     image, labels = load_subject(subject, settings, fixes)
     box = crop_box(image, labels, settings, subject.id)
-    data = geometry.resample(image.data, box, settings.grid, order=1)
-    data, mask = normalise(data, settings)
-    if reference is not None:
-        data = intensity.match_histogram(data, reference, mask)
+    data = resample(image.data, box, settings.grid, order=1)
+    intensity_map, mask = preprocess.fit_intensity(data, contract_of(settings), reference)
+    data = intensity_map(data)
     label_data = None
     if labels is not None:
-        label_data = geometry.resample(labels.data, box, settings.grid, order=0)
-    affine = geometry.resampled_affine(image.affine, box, settings.grid)
+        label_data = resample(labels.data, box, settings.grid, order=0)
+    affine = np.asarray(image.affine, float) @ preprocess.grid_map(box, settings.grid)
     points = None
     if settings.landmarks:
         path = find_landmarks(settings, subject.id)
@@ -303,7 +316,7 @@ def _prepare_subjects(settings, layout, subjects, splits, order, fixes, log):
         matching = reference if settings.histogram_matching else None
         prepared, mask = prepare_subject(subject, settings, fixes, reference=matching)
         if subject_id == reference_id:
-            reference = intensity.reference_quantiles(prepared.image, mask)
+            reference = preprocess.reference_quantiles(prepared.image, mask)
         entry = {"id": subject_id, **write_subject(subject_id, prepared, settings)}
         entry["source"] = {"image": subject.image and os.path.abspath(subject.image),
                            "labels": subject.labels and os.path.abspath(subject.labels)}
@@ -314,7 +327,7 @@ def _prepare_subjects(settings, layout, subjects, splits, order, fixes, log):
         log(f"{subject_id}: {time.perf_counter() - start:.2f} s")
 
     manifest = build_manifest(settings, layout, entries, splits, sorted(label_values), fixes,
-                              reference_id)
+                              reference_id, reference)
     io.atomic_write_text(os.path.join(settings.output, "manifest.json"),
                          json.dumps(manifest, indent=2) + "\n", overwrite=True)
     for fix in fixes:
@@ -322,7 +335,7 @@ def _prepare_subjects(settings, layout, subjects, splits, order, fixes, log):
     return manifest
 
 
-def build_manifest(settings, layout, entries, splits, label_values, fixes, reference_id):
+def build_manifest(settings, layout, entries, splits, label_values, fixes, reference_id, reference=None):
     manifest = {
         "format": io.MANIFEST_FORMAT,
         "name": layout.name,
@@ -347,6 +360,8 @@ def build_manifest(settings, layout, entries, splits, label_values, fixes, refer
                          for k, v in dataclasses.asdict(settings).items()},
             "fixes": fixes,
             "reference_subject": reference_id,
+            "reference_quantiles": None if reference is None or not settings.histogram_matching
+            else [round(float(q), 7) for q in reference],
         },
     })
     return manifest
