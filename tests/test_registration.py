@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO
-from vtn_tf import io, registration, spatial
+from vtn_tf import io, preprocess, registration, spatial
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -72,7 +72,7 @@ def pair(tmp_path):
 
 def test_identity_model_reproduces_fixed_in_world_space(identity_run, pair):
     written = registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
-                                          moving_labels=[pair["labels"]], log=lambda *_: None)
+                                          moving_labels=[pair["labels"]], log=lambda *_: None, init="none")
     names = sorted(os.path.basename(p) for p in written)
     assert names == sorted(["warped.nii.gz", "flow_voxels.nii.gz", "flow_itk.nii.gz",
                             "warped_labels_seg.nii.gz", "affine.json", "affine.txt"])
@@ -100,7 +100,9 @@ def test_network_grid_samples_the_same_anatomy_from_an_oblique_moving_header():
     moving_affine[:3, 3] = [40, 30, 5]
     shape = (90, 90, 60)
     moving = io.Volume(smooth(world_of(shape, moving_affine)), moving_affine, io.spacing_of(moving_affine))
-    fixed_net, moving_net, G = registration.to_network_grid(fixed, moving, NET, intensity="none")
+    contract = registration.default_contract(NET, "none")
+    fixed_net, moving_net, G, T, _, _ = registration._network_inputs(contract, fixed, moving, "none", print)
+    np.testing.assert_array_equal(T, np.eye(4))
     inside = (slice(8, -8),) * 3
     covered = moving_net[inside] != 0
     assert covered.mean() > 0.5
@@ -114,14 +116,14 @@ def test_network_grid_samples_the_same_anatomy_from_an_oblique_moving_header():
 
 def test_flow_to_fixed_grid_scales_and_interpolates():
     constant = np.broadcast_to(np.float32([2.0, -1.0, 0.5]), NET + (3,))
-    flow = registration.flow_to_fixed_grid(constant, (32, 128, 64))
+    G = preprocess.grid_map(preprocess.full_box((32, 128, 64)), NET)
+    flow = registration.network_flow_on_fixed(constant, G, (32, 128, 64)).numpy()
     assert flow.shape == (32, 128, 64, 3) and flow.dtype == np.float32
     np.testing.assert_allclose(flow[5, 7, 9], [1.0, -2.0, 0.5], rtol=1e-6)
     # A field linear in the network index stays linear (and consistent) on the fixed grid.
     grid = spatial.identity_grid(NET).numpy()
     linear = 0.1 * grid[..., [1, 2, 0]]
-    flow = registration.flow_to_fixed_grid(linear, (32, 128, 64))
-    G = registration.network_to_fixed((32, 128, 64), NET)
+    flow = registration.network_flow_on_fixed(linear, G, (32, 128, 64)).numpy()
     x = np.array([10.0, 50.0, 30.0])
     n = np.linalg.solve(G[:3, :3], x - G[:3, 3])
     np.testing.assert_allclose(flow[10, 50, 30], np.diag(G)[:3] * 0.1 * n[[1, 2, 0]], rtol=1e-5)
@@ -159,7 +161,7 @@ def _labels_pair(tmp_path):
 
 def test_itk_field_and_affine_match_simpleitk(tmp_path):
     paths, fixed, moving, labels = _labels_pair(tmp_path)
-    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None)
+    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
     out = tmp_path / "out"
     registration.write_result(result, fixed, [paths["labels"]], labels, out, log=lambda *_: None)
 
@@ -183,7 +185,7 @@ def test_itk_field_and_affine_match_simpleitk(tmp_path):
     # The world affine (affine.txt, LPS) equals the affine stage's field where no dense part.
     affine_only = StubModel()
     result = registration.register_volumes(lambda inputs: affine_only(inputs, dense=False), NET, fixed, moving,
-                                           log=lambda *_: None)
+                                           log=lambda *_: None, init="none")
     registration.write_result(result, fixed, [], [], tmp_path / "affine", log=lambda *_: None)
     itk_affine = sitk.ReadTransform(str(tmp_path / "affine" / "affine.txt"))
     field = nib.load(tmp_path / "affine" / "flow_itk.nii.gz").get_fdata()[:, :, :, 0]
@@ -254,7 +256,7 @@ def _cli(*args):
 
 def test_cli_registers_and_reports_errors_on_one_line(identity_run, pair, tmp_path):
     done = _cli("--model", identity_run, pair["fixed"], pair["moving"], "--out", pair["out"],
-                "--moving_labels", pair["labels"], "--precision", "bfloat16")
+                "--moving_labels", pair["labels"], "--precision", "bfloat16", "--init", "none")
     assert done.returncode == 0, done.stderr
     assert "40x36x32" in done.stdout and "wrote 6 files" in done.stdout
     assert "network in bfloat16" in done.stdout
@@ -286,7 +288,7 @@ def test_lpba40_outputs_land_in_the_fixed_world_space(identity_run, vtn_data, tm
 def test_itk_field_matches_ants_apply_transforms(tmp_path):
     ants = pytest.importorskip("ants", reason="antspyx not installed (pip install antspyx)")
     paths, fixed, moving, labels = _labels_pair(tmp_path)
-    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None)
+    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
     registration.write_result(result, fixed, [paths["labels"]], labels, tmp_path / "out", log=lambda *_: None)
     reference = ants.image_read(paths["fixed"])
     field = [str(tmp_path / "out" / "flow_itk.nii.gz")]

@@ -29,7 +29,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from vtn_tf import io
+from vtn_tf import io, preprocess
 from vtn_tf.augment import augment_moving
 
 PAIR_MODES = ("pairwise", "atlas")
@@ -311,3 +311,27 @@ def evaluation_batches(dataset, pairs, include_labels=True):
 
     return tf.data.Dataset.from_tensor_slices((fixed, moving)).map(make_batch).prefetch(
         tf.data.AUTOTUNE)
+
+
+def input_contract(manifest_path):
+    """The :class:`vtn_tf.preprocess.InputContract` of a prepared dataset: how its volumes
+    were cropped, resampled and normalised, so new scans can follow the same steps.
+
+    The histogram-matching reference comes from the manifest (``preparation.
+    reference_quantiles``) or, for manifests without it, from the reference subject's
+    prepared image (it is the unmatched reference, so its quantiles are reproducible).
+    Raises ValueError when the volumes were cropped around labels (no new scan has them).
+    """
+    manifest = io.load_manifest(manifest_path)
+    preparation = manifest.get("preparation") or {}
+    settings = dict(preparation.get("settings") or {})
+    settings.setdefault("modality", manifest.get("modality"))
+    reference = preparation.get("reference_quantiles")
+    if reference is None and settings.get("histogram_matching", True) and preparation.get("reference_subject"):
+        entry = next(s for s in manifest["subjects"] if s["id"] == preparation["reference_subject"])
+        image = io.read_volume(entry["image"], "reference image")
+        scaled = image.data.astype(np.float32)
+        mask = (scaled > 0) & (scaled < 1) if settings["modality"] == "CT" else \
+            scaled > float(settings.get("foreground_threshold", 0.1))
+        reference = preprocess.reference_quantiles(scaled, mask)
+    return preprocess.contract_from_settings(settings, manifest["grid"], reference)

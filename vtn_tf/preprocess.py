@@ -90,12 +90,14 @@ class IntensityMap:
     MRI: the volume's percentiles); ``curve``: histogram-matching knots or None.
     """
 
-    low: float
-    high: float
+    low: float | None
+    high: float | None
     curve: tuple | None = None
 
     def __call__(self, data):
-        """``data`` (any shape, raw units) -> float32 in [0, 1]."""
+        """``data`` (any shape, raw units) -> float32 in [0, 1] (``low`` None: unchanged)."""
+        if self.low is None:
+            return np.asarray(data, np.float32)
         scaled = np.clip((np.asarray(data, np.float32) - self.low) / (self.high - self.low), 0.0, 1.0)
         if self.curve is None:
             return scaled.astype(np.float32)
@@ -114,6 +116,8 @@ def fit_intensity(data, contract, reference=None):
       window; MRI: scaled intensity above the foreground threshold).
     """
     reference = contract.reference_quantiles if reference is None else reference
+    if contract.modality == "none":  # already in [0, 1]: kept as it is
+        return IntensityMap(None, None), np.ones(np.shape(data), bool)
     if contract.modality == "CT":
         low = contract.window_level - contract.window_width / 2.0
         bounds = (low, low + contract.window_width)
@@ -188,7 +192,7 @@ class InputContract:
     """How a model's training volumes were prepared (what new scans must go through).
 
     Attributes:
-      modality: ``"MRI"`` or ``"CT"``.
+      modality: ``"MRI"`` or ``"CT"`` (``"none"``: intensities already in [0, 1], kept).
       grid: the network grid ``(X, Y, Z)``.
       crop: ``"foreground"`` (intensity foreground box plus ``margin_mm``) or ``"none"``.
       margin_mm, foreground_threshold, percentiles, window_width, window_level: as in

@@ -50,177 +50,248 @@ first file is written; each file is written atomically (`vtn_tf.io`), and existi
 are refused unless ``overwrite``.
 """
 
+"""Register new image files in world space with a trained VTN run directory.
+
+`register_files(run_dir, fixed, moving, out)` (the library of ``vtn-register``) reads two
+3-D volumes of any size, spacing and orientation, prepares them as the model's training
+volumes were prepared (its :class:`vtn_tf.preprocess.InputContract`), aligns them in world
+space, runs the network on its grid and writes the result in the **fixed image's world
+space, on the fixed image's grid, with its affine**. Every resampling runs in TensorFlow
+with the project's compiled sampler (`vtn_tf.spatial.sample`), float32, in slabs of the
+fixed grid so memory stays bounded.
+
+Grids and maps (all affines map voxel indices to RAS mm, as in `vtn_tf.io`):
+
+* ``F``: the fixed image's grid, affine ``A_f``. ``M``: the moving image's grid, ``A_m``.
+* ``G``: network index -> fixed index, the contract's crop box of the fixed image resampled
+  onto the network grid ``N`` (`vtn_tf.preprocess.grid_map`; the whole image without a
+  crop). The fixed image is sampled at ``G n`` (trilinear, edge-clamped) and normalised
+  exactly as the training volumes were.
+* ``T``: the initial alignment (`vtn_tf.alignment`), world fixed point -> world moving
+  point. The moving image, normalised on its own crop box, is sampled at moving index
+  ``A_m^-1 T A_f G n`` (0 outside it).
+* The network's flow ``f_N`` (voxels of ``N``, pulling) is brought onto the fixed grid at
+  ``G^-1 x`` (trilinear, edge-clamped), scaled by ``G``'s voxel ratio, and composed with
+  ``T``: the fixed voxel ``x`` corresponds to the world point ``T A_f (x + S f_N(G^-1 x))``.
+* With ``refine`` the field is then optimised on the pair (`vtn_tf.refine`).
+
+Outputs (``out/``; ``.nii`` instead of ``.nii.gz`` with ``compression=0``):
+
+* ``flow_voxels.nii.gz``: float32 ``[X, Y, Z, 3]`` (Learn2Reg layout), displacement **in
+  voxels of the fixed grid**, pulling, channel c along array axis c, the initial alignment
+  included: fixed voxel ``x`` corresponds to the world point ``A_f (x + u(x))``, i.e. to
+  moving voxel ``A_m^-1 A_f (x + u(x))``. When both images share one grid this is the usual
+  Learn2Reg meaning ``moving_voxel = x + u(x)``.
+* ``flow_itk.nii.gz``: float32 ``[X, Y, Z, 1, 3]`` NIfTI, intent 1007 (vector), the fixed
+  affine; vectors in physical **LPS millimetres** ``d(p)`` so that a fixed point ``p`` maps
+  to the moving point ``p + d(p)`` (ITK/ANTs displacement field: ``antsApplyTransforms -t``,
+  ``sitk.DisplacementFieldTransform``). ``d = diag(-1, -1, 1) A_f[:3, :3] u``.
+* ``warped.nii.gz``: float32, the moving image in its original intensities resampled at
+  ``A_m^-1 A_f (x + u(x))`` (trilinear; 0 beyond half a voxel outside the moving volume).
+* ``warped_labels_<name>.nii.gz``: each moving label map, same positions, nearest neighbour
+  (half up, as ITK), ids unchanged, integer dtype of the input file (int32 if it stored floats).
+* ``affine.json`` / ``affine.txt``: the affine part: the initial alignment composed with the
+  network's affine stage (models without one: the initial alignment alone). JSON: ``A``
+  (3x3) and ``b`` (voxels) of the affine stage on centred network coordinates
+  ``c = n - (N_size - 1) / 2`` (sampled position ``A c + b``), the network grid and its
+  affine, ``initial_alignment_ras`` (``T``) and ``world_ras`` / ``world_lps``, the 4x4 maps
+  taking a fixed-image point (mm) to the corresponding moving-image point (pull direction,
+  like the fields). The text file is the same LPS map as an ITK transform file
+  (``AffineTransform_double_3_3``), readable by ``sitk.ReadTransform`` and
+  ``antsApplyTransforms``.
+
+Every input is read and checked, the model restored and all results computed before the
+first file is written; the files are written into a temporary folder beside ``out`` and
+moved there together, so an error leaves nothing behind, and existing outputs are refused
+unless ``overwrite``.
+"""
+
 import dataclasses
-import gzip
 import json
 import os
 import pathlib
+import shutil
+import tempfile
+import time
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
-from vtn_tf import io
+from vtn_tf import alignment, io, preprocess
 
-INTENSITY_MODES = ("mri", "ct", "none")
-MRI_PERCENTILES = (0.5, 99.5)  # data_prep's defaults
-CT_WINDOW = (290.0, 120.0)  # width, level (HU): the authors' liver demo
 _LPS = np.diag([-1.0, -1.0, 1.0])
 _LPS4 = np.diag([-1.0, -1.0, 1.0, 1.0])
-_SLAB = 16  # fixed-grid slices resampled at a time (bounds the coordinate arrays' memory)
+SLAB_VOXELS = 1 << 23  # fixed-grid voxels resampled at a time (bounds memory on large grids)
+COMPRESSION_LEVELS = tuple(range(10))  # gzip level; 0 writes uncompressed .nii
 
 
-# ----- grids -------------------------------------------------------------------------------
-def network_to_fixed(fixed_shape, network_shape):
-    """4x4 map ``G`` from network voxel indices to fixed voxel indices (cells aligned).
+# ----- TensorFlow resampling -----------------------------------------------------------------
+def _tf():
+    import tensorflow as tf  # only when registering: io-only users do not pay the start-up
 
-    ``x = s * n + (s - 1) / 2`` per axis, ``s = fixed_size / network_size``: the network
-    grid's first and last cells share their outer edges with the fixed grid's.
-    """
-    scale = np.asarray(fixed_shape, float) / np.asarray(network_shape, float)
-    matrix = np.eye(4)
-    matrix[:3, :3] = np.diag(scale)
-    matrix[:3, 3] = (scale - 1.0) / 2.0
-    return matrix
+    return tf
 
 
-def _apply(matrix, points):
-    """``matrix`` (4x4) applied to points ``[..., 3]``."""
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
+def _slabs(shape):
+    """Row ranges along axis 0 of a grid of ``shape`` holding at most ``SLAB_VOXELS`` voxels."""
+    rows = max(1, SLAB_VOXELS // max(1, int(shape[1]) * int(shape[2])))
+    return [range(start, min(start + rows, int(shape[0]))) for start in range(0, int(shape[0]), rows)]
 
 
-def _grid_points(shape, axis0):
-    """Voxel indices ``[len(axis0), Y, Z, 3]`` for slices ``axis0`` of a grid of ``shape``."""
-    return np.stack(np.meshgrid(np.asarray(axis0, float), np.arange(shape[1], dtype=float),
-                                np.arange(shape[2], dtype=float), indexing="ij"), axis=-1)
+def _grid_rows(shape, rows):
+    """Voxel indices ``[len(rows), Y, Z, 3]`` float32 (tf) of slices ``rows`` of a grid."""
+    tf = _tf()
+    axes = [tf.range(rows.start, rows.stop, dtype=tf.float32),
+            tf.range(int(shape[1]), dtype=tf.float32), tf.range(int(shape[2]), dtype=tf.float32)]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def sample(data, positions, order, outside="zero"):
-    """Values of ``data`` at continuous voxel ``positions`` ``[..., 3]``.
-
-    ``order`` 1 is trilinear (float32 out), 0 nearest (``data``'s dtype). Positions are clamped
-    to the volume; with ``outside="zero"``, those more than half a voxel outside it (beyond the
-    voxel cells, as ITK decides) give 0 instead, with ``"clamp"`` the nearest edge value.
-    """
-    shape = np.asarray(data.shape, float)
-    clamped = np.clip(positions, 0.0, shape - 1.0)
-    if order == 0:
-        index = np.floor(clamped + 0.5).astype(np.intp)  # round half up, as ITK
-        index = np.minimum(index, np.asarray(data.shape) - 1)
-        values = data[index[..., 0], index[..., 1], index[..., 2]]
-    else:
-        values = ndimage.map_coordinates(
-            data.astype(np.float32, copy=False), np.moveaxis(clamped, -1, 0), order=1,
-            mode="nearest", output=np.float32)
-    if outside == "zero":
-        inside = np.all((positions >= -0.5) & (positions < shape - 0.5), axis=-1)
-        values = np.where(inside, values, np.zeros((), values.dtype))
-    return values
+def _affine_points(matrix, points):
+    """``matrix`` (4x4 numpy) applied to points ``[..., 3]`` (tf float32)."""
+    tf = _tf()
+    linear = tf.constant(np.asarray(matrix, np.float64)[:3, :3].T, tf.float32)
+    offset = tf.constant(np.asarray(matrix, np.float64)[:3, 3], tf.float32)
+    return tf.tensordot(points, linear, 1) + offset
 
 
-def normalise(data, mode):
-    """Intensities -> float32 for the network: ``mri``, ``ct`` or ``none`` (see module doc)."""
-    data = np.asarray(data, np.float32)
-    if mode == "mri":
-        low, high = np.percentile(data, MRI_PERCENTILES)
-        if high <= low:
-            high = low + 1.0
-        return np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    if mode == "ct":
-        width, level = CT_WINDOW
-        return np.clip((data - (level - width / 2.0)) / width, 0.0, 1.0).astype(np.float32)
-    if mode == "none":
-        return data
-    raise io.InputError(f"intensity must be one of {', '.join(INTENSITY_MODES)}; got {mode!r}")
+def _as_image(data):
+    """numpy ``[X, Y, Z]`` -> tf ``[1, X, Y, Z, 1]`` (labels keep their integer dtype)."""
+    tf = _tf()
+    data = np.asarray(data)
+    if data.dtype.kind == "f":
+        data = data.astype(np.float32, copy=False)
+    elif data.dtype.kind in "iub" and data.dtype != np.int32:
+        data = data.astype(np.int64 if data.dtype.itemsize > 4 or data.dtype == np.uint32 else np.int32)
+    return tf.convert_to_tensor(data[None, ..., None])
 
 
-def to_network_grid(fixed, moving, network_shape, intensity="mri"):
-    """Fixed and moving images on the network grid, ``[X, Y, Z]`` float32 each.
+def resample_through(data, matrix, shape, interpolation="linear", outside="zero", field=None):
+    """``data`` sampled onto a grid of ``shape`` at its voxel index ``matrix (x + field(x))``.
 
     Args:
-      fixed, moving: :class:`vtn_tf.io.Volume` (any grids, RAS affines).
-      network_shape: ``(X, Y, Z)`` of the network.
-      intensity: normalisation mode, applied to each volume on its own voxels.
+      data: ``[X', Y', Z']`` numpy array (the source grid); integer for ``"nearest"``.
+      matrix: 4x4 map from target voxel positions to source voxel indices.
+      shape: ``(X, Y, Z)`` of the target grid.
+      interpolation, outside: as `vtn_tf.spatial.sample`.
+      field: optional ``[X, Y, Z, 3]`` float32 (tf or numpy) displacement in target voxels
+        (pulling) added to the target voxel positions before ``matrix``.
     Returns:
-      ``(fixed_net, moving_net, G)``; ``G`` maps network to fixed voxel indices.
+      ``[X, Y, Z]`` numpy array (float32 for linear, ``data``'s dtype for nearest).
     """
-    G = network_to_fixed(fixed.data.shape, network_shape)
-    net_to_moving = np.linalg.inv(moving.affine) @ fixed.affine @ G
-    points = _grid_points(network_shape, range(network_shape[0]))
-    fixed_net = sample(normalise(fixed.data, intensity), _apply(G, points), 1, outside="clamp")
-    moving_net = sample(normalise(moving.data, intensity), _apply(net_to_moving, points), 1)
-    return fixed_net, moving_net, G
+    from vtn_tf import spatial
+
+    tf = _tf()
+    image = _as_image(data)
+    parts = []
+    for rows in _slabs(shape):
+        points = _grid_rows(shape, rows)
+        if field is not None:
+            points = points + tf.convert_to_tensor(field[rows.start:rows.stop], tf.float32)
+        positions = _affine_points(matrix, points)[None]
+        parts.append(spatial.sample(image, positions, interpolation, outside)[0, ..., 0])
+    out = tf.concat(parts, axis=0).numpy()
+    return out.astype(np.asarray(data).dtype, copy=False) if interpolation == "nearest" else out
 
 
-# ----- fields ------------------------------------------------------------------------------
-def flow_to_fixed_grid(network_flow, fixed_shape):
-    """The network's flow as a displacement on the fixed grid (``flow_voxels``).
+def network_flow_on_fixed(network_flow, G, fixed_shape, K=None):
+    """The network's flow as the displacement ``flow_voxels`` on the fixed grid (tf).
 
     Args:
-      network_flow: ``[Xn, Yn, Zn, 3]`` float, voxels of the network grid, pulling.
+      network_flow: ``[Xn, Yn, Zn, 3]`` voxels of the network grid, pulling.
+      G: 4x4 network index -> fixed index (a scaling and a shift).
       fixed_shape: ``(X, Y, Z)`` of the fixed grid.
+      K: optional 4x4 fixed voxel position -> fixed voxel position applied after the flow
+        (the initial alignment ``A_f^-1 T A_f``); None: the identity.
     Returns:
-      ``[X, Y, Z, 3]`` float32 in voxels of the fixed grid, pulling: fixed voxel ``x`` goes
-      to the fixed-grid position ``x + u(x)``. Trilinear in between network voxels,
-      edge-clamped beyond them.
+      ``[X, Y, Z, 3]`` float32 tf tensor, voxels of the fixed grid, pulling: fixed voxel ``x``
+      goes to the fixed-grid position ``K (x + S f_N(G^-1 x))``, trilinear in between network
+      voxels and edge-clamped beyond them.
     """
-    network_flow = np.asarray(network_flow, np.float32)
-    G = network_to_fixed(fixed_shape, network_flow.shape[:3])
+    from vtn_tf import spatial
+
+    tf = _tf()
+    flow = tf.convert_to_tensor(np.asarray(network_flow, np.float32)[None])
+    scale = tf.constant(np.diag(G)[:3], tf.float32)
     to_network = np.linalg.inv(G)
-    out = np.empty(tuple(fixed_shape) + (3,), np.float32)
-    for start in range(0, fixed_shape[0], _SLAB):
-        rows = range(start, min(start + _SLAB, fixed_shape[0]))
-        positions = _apply(to_network, _grid_points(fixed_shape, rows))
-        for c in range(3):
-            out[rows.start:rows.stop, ..., c] = sample(network_flow[..., c], positions, 1, "clamp") * G[c, c]
-    return out
+    parts = []
+    for rows in _slabs(fixed_shape):
+        x = _grid_rows(fixed_shape, rows)
+        target = x + spatial.sample(flow, _affine_points(to_network, x)[None], "linear", "clamp")[0] * scale
+        if K is not None:
+            target = _affine_points(K, target)
+        parts.append(target - x)
+    return tf.concat(parts, axis=0)
 
 
 def itk_displacement(flow_voxels, fixed_affine):
     """ITK/ANTs displacement ``[X, Y, Z, 1, 3]`` float32, LPS mm, fixed point -> moving point."""
-    ras = np.asarray(flow_voxels, np.float64) @ np.asarray(fixed_affine, float)[:3, :3].T
-    return (ras @ _LPS.T).astype(np.float32)[:, :, :, None, :]
+    tf = _tf()
+    matrix = (_LPS @ np.asarray(fixed_affine, float)[:3, :3]).T
+    vectors = tf.tensordot(tf.convert_to_tensor(flow_voxels, tf.float32), tf.constant(matrix, tf.float32), 1)
+    return vectors.numpy()[:, :, :, None, :]
 
 
-def itk_field_nifti_bytes(flow_voxels, fixed_affine, compress=True):
-    """The bytes of ``flow_itk.nii.gz``: 5-D NIfTI, intent vector (1007), fixed affine."""
+def itk_field_image(flow_voxels, fixed_affine):
+    """``flow_itk`` as a nibabel image: 5-D NIfTI, intent vector (1007), fixed affine."""
     image = nib.Nifti1Image(itk_displacement(flow_voxels, fixed_affine), fixed_affine)
     image.set_qform(fixed_affine, code=1)
     image.set_sform(fixed_affine, code=1)
     image.header.set_intent("vector")
     image.header.set_xyzt_units("mm")
-    payload = image.to_bytes()
-    return gzip.compress(payload, compresslevel=6) if compress else payload
+    return image
 
 
-def moving_positions(flow_voxels, fixed_affine, moving_affine, rows):
-    """Moving voxel positions ``A_m^-1 A_f (x + u(x))`` for fixed slices ``rows``."""
-    fixed_to_moving = np.linalg.inv(moving_affine) @ fixed_affine
-    points = _grid_points(flow_voxels.shape[:3], rows) + flow_voxels[rows.start:rows.stop]
-    return _apply(fixed_to_moving, points)
+# ----- the input contract ---------------------------------------------------------------------
+def load_contract(run_dir, manifest_override=None):
+    """The run's :class:`vtn_tf.preprocess.InputContract`.
+
+    From ``run_dir/preprocessing.json`` (written by training), else from the manifest its
+    ``config.json`` names. InputError when neither gives one (e.g. label-cropped training data).
+    """
+    run_dir = pathlib.Path(run_dir)
+    stored = run_dir / "preprocessing.json"
+    try:
+        if stored.is_file():
+            return preprocess.InputContract.from_json(json.loads(stored.read_text()), str(stored))
+        from vtn_tf import data
+
+        manifest = manifest_override or json.loads((run_dir / "config.json").read_text())["data"]["manifest"]
+        return data.input_contract(manifest)
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise io.InputError(f"model {run_dir} has no usable input contract (preprocessing.json): "
+                            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
 
-def resample_moving(data, flow_voxels, fixed_affine, moving_affine, order):
-    """``data`` (on the moving grid) resampled onto the fixed grid through the field."""
-    shape = flow_voxels.shape[:3]
-    data = data.astype(np.float32, copy=False) if order else data  # convert once, not per slab
-    out = np.empty(shape, np.float32 if order else data.dtype)
-    for start in range(0, shape[0], _SLAB):
-        rows = range(start, min(start + _SLAB, shape[0]))
-        out[rows.start:rows.stop] = sample(
-            data, moving_positions(flow_voxels, fixed_affine, moving_affine, rows), order)
-    return out
+def prepare_image(volume, contract, role):
+    """A volume on the network grid of its own crop box, normalised as the training volumes.
+
+    Returns ``(on_grid, G, intensity_map)``: ``[X, Y, Z]`` float32 in [0, 1], the 4x4 map
+    network index -> the volume's voxel index, and the fitted :class:`~vtn_tf.preprocess.IntensityMap`.
+    """
+    box = preprocess.crop_box(volume.data, volume.spacing, contract)
+    if box is None:
+        raise io.InputError(f"{role} {os.path.basename(volume.path)} has no foreground to crop "
+                            f"around (no voxel above the threshold {contract.foreground_threshold})")
+    G = preprocess.grid_map(box, contract.grid)
+    raw = resample_through(volume.data, G, contract.grid, "linear", "clamp")
+    intensity_map, _ = preprocess.fit_intensity(raw, contract)
+    return intensity_map(raw), G, intensity_map
 
 
-def affine_description(A, b, network_shape, G, fixed_affine):
-    """The affine stage as JSON-ready numbers, with its world-space (RAS and LPS) 4x4 maps."""
+def affine_description(A, b, network_shape, G, fixed_affine, initial=None):
+    """The affine part as JSON-ready numbers, with its world-space (RAS and LPS) 4x4 maps.
+
+    ``A``, ``b``: the network's affine stage (identity and 0 for models without one);
+    ``initial``: the initial alignment ``T`` (4x4 RAS, fixed -> moving point) or None.
+    """
     A, b = np.asarray(A, float), np.asarray(b, float)
+    initial = np.eye(4) if initial is None else np.asarray(initial, float)
     centre = (np.asarray(network_shape, float) - 1.0) / 2.0
     network = np.eye(4)  # network index n -> sampled network index A (n - c) + b + c
     network[:3, :3] = A
     network[:3, 3] = b + centre - A @ centre
     to_world = fixed_affine @ G
-    world_ras = to_world @ network @ np.linalg.inv(to_world)
+    world_ras = initial @ to_world @ network @ np.linalg.inv(to_world)
     world_lps = _LPS4 @ world_ras @ _LPS4
 
     def rows(matrix):
@@ -230,10 +301,13 @@ def affine_description(A, b, network_shape, G, fixed_affine):
         "convention": "pull: maps a point of the fixed image to the corresponding point of the "
                       "moving image. A, b act on centred network voxel coordinates "
                       "c = n - (network_size - 1) / 2 (sampled position A c + b, b in network "
-                      "voxels); world_ras / world_lps are 4x4 maps of physical points in mm.",
+                      "voxels); initial_alignment_ras is the world-space alignment applied "
+                      "before the network; world_ras / world_lps are the whole affine part as "
+                      "4x4 maps of physical points in mm.",
         "A": rows(A), "b": [float(v) for v in b],
         "network_shape": [int(n) for n in network_shape], "network_centre": [float(v) for v in centre],
         "network_affine_ras": rows(to_world), "network_to_fixed_voxels": rows(G),
+        "initial_alignment_ras": rows(initial),
         "world_ras": rows(world_ras), "world_lps": rows(world_lps),
     }
 
@@ -250,17 +324,46 @@ def itk_affine_text(world_lps):
 # ----- the whole registration ------------------------------------------------------------
 @dataclasses.dataclass
 class Result:
-    """Everything `register_volumes` computed, on the fixed grid (see the module doc)."""
+    """Everything `register_volumes` computed, on the fixed grid (see the module doc).
+
+    ``flow_voxels``: ``[X, Y, Z, 3]`` float32 numpy; ``warped``: ``[X, Y, Z]`` float32;
+    ``warped_labels``: list of ``[X, Y, Z]`` integer arrays; ``affine``: dict
+    (:func:`affine_description`); ``network_flow``: ``[Xn, Yn, Zn, 3]`` network voxels;
+    ``seconds``: wall clock per part (``preprocess``, ``network``, ``field``, ``refine``,
+    ``resample``).
+    """
 
     flow_voxels: np.ndarray
     warped: np.ndarray
     warped_labels: list
     affine: dict | None
     network_flow: np.ndarray
+    seconds: dict = dataclasses.field(default_factory=dict)
+    refine_log: list = dataclasses.field(default_factory=list)
 
 
-def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="mri", log=print,
-                     passes=1):
+def default_contract(network_shape, intensity="mri"):
+    """For models without a recorded contract: the whole field of view, each volume scaled on
+    its own (``mri``: 0.5/99.5 percentiles; ``ct``: window 290 / level 120 HU; ``none``: as is)."""
+    modality = {"mri": "MRI", "ct": "CT", "none": "none"}[intensity]
+    return preprocess.InputContract(modality=modality, grid=tuple(int(n) for n in network_shape), crop="none")
+
+
+def _network_inputs(contract, fixed, moving, init, log):
+    """Both images on the network grid (tf ``[1, X, Y, Z, 1]``), ``G``, ``T`` and the
+    normalised full-resolution images (for the initial alignment and refinement)."""
+    fixed_net, G, fixed_map = prepare_image(fixed, contract, "fixed image")
+    _, _, moving_map = prepare_image(moving, contract, "moving image")
+    fixed_norm, moving_norm = fixed_map(fixed.data), moving_map(moving.data)
+    T, note = alignment.initial_alignment(fixed_norm, fixed.affine, moving_norm, moving.affine, init)
+    log(note)
+    net_to_moving = np.linalg.inv(moving.affine) @ T @ fixed.affine @ G
+    moving_net = resample_through(moving_norm, net_to_moving, contract.grid, "linear", "zero")
+    return fixed_net, moving_net, G, T, fixed_norm, moving_norm
+
+
+def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="auto", log=print,
+                     passes=1, contract=None, init="moments", refine=None):
     """Register ``moving`` to ``fixed`` (both :class:`vtn_tf.io.Volume`) with ``model``.
 
     Args:
@@ -269,30 +372,68 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
         pulling) and, for an affine stage, ``affine_matrix`` / ``affine_translation``.
       network_shape: ``(X, Y, Z)`` of the network grid.
       moving_labels: :class:`vtn_tf.io.Volume` label maps on the moving grid.
+      intensity: ``"auto"`` (the contract's), or ``"mri"`` / ``"ct"`` / ``"none"`` to override
+        its normalisation.
       passes: test-time recursion passes (:meth:`vtn_tf.model.VTN.register`); needs a VTN when > 1.
+      contract: the model's :class:`vtn_tf.preprocess.InputContract`; None: :func:`default_contract`.
+      init: initial alignment mode (`vtn_tf.alignment.MODES`).
+      refine: None, or a :class:`vtn_tf.refine.RefineSettings` (instance optimisation).
     Returns:
       :class:`Result`.
     """
-    fixed_net, moving_net, G = to_network_grid(fixed, moving, network_shape, intensity)
-    net_spacing = np.asarray(fixed.spacing) * np.diag(G)[:3]
-    log(f"network grid {_shape(network_shape)} over the fixed field of view "
-        f"({_mm(net_spacing)} mm voxels); moving sampled there through world coordinates")
+    tf = _tf()
+    seconds = {}
+    begin = time.perf_counter()
+    contract = contract or default_contract(network_shape, "mri" if intensity == "auto" else intensity)
+    if intensity != "auto":
+        contract = dataclasses.replace(contract, modality=default_contract(network_shape, intensity).modality)
+    if tuple(contract.grid) != tuple(network_shape):
+        raise io.InputError(f"the input contract's grid {_shape(contract.grid)} is not the model's "
+                            f"{_shape(network_shape)}")
+    fixed_net, moving_net, G, T, fixed_norm, moving_norm = _network_inputs(contract, fixed, moving, init, log)
+    log(f"network grid {_shape(network_shape)} over a {_mm(np.asarray(fixed.spacing) * np.diag(G)[:3] * network_shape)} mm "
+        f"box of the fixed image ({contract.crop} crop, {contract.modality} intensities"
+        f"{', histogram matched' if contract.reference_quantiles is not None else ''})")
+    seconds["preprocess"] = time.perf_counter() - begin
+
+    begin = time.perf_counter()
     inputs = (fixed_net[None, ..., None], moving_net[None, ..., None])
     if passes > 1:
         out = model.register(*inputs, passes=passes)
     else:
         out = model({"fixed": inputs[0], "moving": inputs[1]})
     network_flow = np.asarray(out["flow"])[0]
-    flow_voxels = flow_to_fixed_grid(network_flow, fixed.data.shape)
-    warped = resample_moving(moving.data, flow_voxels, fixed.affine, moving.affine, order=1)
-    labels = [resample_moving(v.data, flow_voxels, fixed.affine, moving.affine, order=0) for v in moving_labels]
-    affine = None
-    if out.get("affine_matrix") is not None:
-        affine = affine_description(np.asarray(out["affine_matrix"])[0], np.asarray(out["affine_translation"])[0],
-                                    network_shape, G, fixed.affine)
-    magnitude = np.linalg.norm(flow_voxels * np.asarray(fixed.spacing, np.float32), axis=-1)
-    log(f"displacement on the fixed grid: mean {magnitude.mean():.2f} mm, max {magnitude.max():.2f} mm")
-    return Result(flow_voxels, warped, labels, affine, network_flow)
+    seconds["network"] = time.perf_counter() - begin
+
+    begin = time.perf_counter()
+    K = np.linalg.inv(fixed.affine) @ T @ fixed.affine
+    flow = network_flow_on_fixed(network_flow, G, fixed.data.shape, K)
+    seconds["field"] = time.perf_counter() - begin
+    refine_log = []
+    if refine is not None and refine.steps != 0:
+        from vtn_tf import refine as refine_lib
+
+        begin = time.perf_counter()
+        flow, refine_log = refine_lib.refine_field(fixed_norm, fixed.affine, moving_norm, moving.affine, flow,
+                                                   refine, log)
+        seconds["refine"] = time.perf_counter() - begin
+
+    begin = time.perf_counter()
+    fixed_to_moving = np.linalg.inv(moving.affine) @ fixed.affine
+    shape = fixed.data.shape
+    warped = resample_through(moving.data, fixed_to_moving, shape, "linear", "zero", flow)
+    labels = [resample_through(v.data, fixed_to_moving, shape, "nearest", "zero", flow) for v in moving_labels]
+    millimetres = tf.norm(flow * tf.constant(np.asarray(fixed.spacing, np.float32)), axis=-1)
+    log(f"displacement on the fixed grid: mean {float(tf.reduce_mean(millimetres)):.2f} mm, "
+        f"max {float(tf.reduce_max(millimetres)):.2f} mm")
+    flow = flow.numpy() if hasattr(flow, "numpy") else np.asarray(flow, np.float32)
+    seconds["resample"] = time.perf_counter() - begin
+
+    matrix = out.get("affine_matrix")
+    A = np.asarray(matrix)[0] if matrix is not None else np.eye(3)
+    b = np.asarray(out["affine_translation"])[0] if matrix is not None else np.zeros(3)
+    affine = affine_description(A, b, network_shape, G, fixed.affine, T)
+    return Result(flow, warped, labels, affine, network_flow, seconds, refine_log)
 
 
 def _shape(shape):
@@ -338,20 +479,25 @@ def load_model(run_dir, precision="float32"):
     return model, tuple(int(n) for n in shape), checkpoint
 
 
-def output_names(label_paths, with_affine=True):
-    names = ["warped.nii.gz", "flow_voxels.nii.gz", "flow_itk.nii.gz"]
-    names += [f"warped_labels_{_stem(p)}.nii.gz" for p in label_paths]
-    if with_affine:
-        names += ["affine.json", "affine.txt"]
-    return names
+def _extension(compression):
+    return ".nii" if int(compression) == 0 else ".nii.gz"
 
 
-def check_outputs(out, label_paths, overwrite):
+def output_names(label_paths, compression=1):
+    ext = _extension(compression)
+    names = [f"warped{ext}", f"flow_voxels{ext}", f"flow_itk{ext}"]
+    names += [f"warped_labels_{_stem(p)}{ext}" for p in label_paths]
+    return names + ["affine.json", "affine.txt"]
+
+
+def check_outputs(out, label_paths, overwrite, compression=1):
     """Refuse before any work: ``out`` a file, clashing label names, or existing outputs."""
     out = pathlib.Path(out)
+    if int(compression) not in COMPRESSION_LEVELS:
+        raise io.InputError(f"compression must be a gzip level 0-9 (0: uncompressed .nii); got {compression}")
     if out.exists() and not out.is_dir():
         raise io.InputError(f"output {out} is a file; an output folder is required")
-    names = output_names(label_paths)
+    names = output_names(label_paths, compression)
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise io.InputError(f"two label files would both be written as {clashes[0]}; rename one")
@@ -381,52 +527,131 @@ def describe(role, volume):
             f"{_mm(volume.spacing)} mm, {orientation} orientation, {volume.data.dtype}")
 
 
-def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), intensity="mri",
-                   overwrite=False, log=print, passes=1, precision="float32"):
+@dataclasses.dataclass
+class Registrar:
+    """A model loaded once, registering any number of pairs (``vtn-register``, batch mode).
+
+    Args:
+      run_dir: a vtn-train run directory. precision: the network's compute type.
+      passes, init, refine, intensity: as :func:`register_volumes`.
+    """
+
+    run_dir: str
+    precision: str = "float32"
+    passes: int = 1
+    init: str = "moments"
+    refine: object = None
+    intensity: str = "auto"
+    log: object = print
+
+    def __post_init__(self):
+        if self.init not in alignment.MODES:
+            raise io.InputError(f"--init must be one of {', '.join(alignment.MODES)}; got {self.init!r}")
+        self.model, self.network_shape, self.checkpoint = load_model(os.fspath(self.run_dir), self.precision)
+        has_record = any((pathlib.Path(self.run_dir) / name).is_file()
+                         for name in ("preprocessing.json", "config.json"))
+        if has_record:
+            self.contract = load_contract(self.run_dir)
+        else:
+            self.contract = None
+            self.log(f"model {self.run_dir} records no input contract: each image is scaled on its own "
+                     "over its whole field of view")
+        self.log(f"model {self.run_dir} ({self.checkpoint}), spec {getattr(self.model, 'spec', '?')}, grid "
+                 f"{_shape(self.network_shape)}"
+                 f"{f'; network in {self.precision}' if self.precision != 'float32' else ''}"
+                 f"{f'; {self.passes} test-time passes' if self.passes > 1 else ''}")
+
+    def register(self, fixed, moving, labels=()):
+        return register_volumes(self.model, self.network_shape, fixed, moving, labels, self.intensity,
+                                self.log, self.passes, self.contract, self.init, self.refine)
+
+    def register_files(self, fixed_path, moving_path, out, moving_labels=(), overwrite=False, compression=1):
+        """Read, register and write one pair; returns ``(written paths, Result, seconds per part)``."""
+        label_paths = [os.fspath(p) for p in moving_labels]
+        check_outputs(out, label_paths, overwrite, compression)
+        begin = time.perf_counter()
+        fixed, moving, labels = read_inputs(fixed_path, moving_path, label_paths)
+        read_seconds = time.perf_counter() - begin
+        self.log(describe("fixed", fixed))
+        self.log(describe("moving", moving))
+        result = self.register(fixed, moving, labels)
+        begin = time.perf_counter()
+        written = write_result(result, fixed, label_paths, labels, out, overwrite, self.log, compression)
+        parts = {"read": read_seconds, **result.seconds, "write": time.perf_counter() - begin}
+        return written, result, parts
+
+
+def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), intensity="auto",
+                   overwrite=False, log=print, passes=1, precision="float32", init="moments", refine=None,
+                   compression=1):
     """Register two files with a run directory's model and write the outputs into ``out``.
 
     See the module docstring for the grids and the exact meaning of every output. Returns
     the list of written paths. Raises :class:`vtn_tf.io.InputError` (before writing
     anything) for unreadable, non-3-D, NaN or constant images, labels off the moving grid,
     a missing or corrupt model, or existing outputs without ``overwrite``.
-    ``precision``: the network's compute type (`vtn_tf.training.restore_model`).
     """
+    if intensity not in ("auto", "mri", "ct", "none"):
+        raise io.InputError(f"intensity must be auto, mri, ct or none; got {intensity!r}")
     label_paths = [os.fspath(p) for p in moving_labels]
-    if intensity not in INTENSITY_MODES:
-        raise io.InputError(f"intensity must be one of {', '.join(INTENSITY_MODES)}; got {intensity!r}")
-    check_outputs(out, label_paths, overwrite)
-    fixed, moving, labels = read_inputs(fixed_path, moving_path, label_paths)
-    model, network_shape, checkpoint = load_model(os.fspath(run_dir), precision)
-    log(describe("fixed", fixed))
-    log(describe("moving", moving))
-    log(f"model {run_dir} ({checkpoint}), spec {getattr(model, 'spec', '?')}, grid {_shape(network_shape)}; "
-        f"intensities: {intensity}{f'; network in {precision}' if precision != 'float32' else ''}")
-    if passes > 1:
-        log(f"test-time recursion: {passes} passes of the cascade")
-    result = register_volumes(model, network_shape, fixed, moving, labels, intensity, log, passes)
-    return write_result(result, fixed, label_paths, labels, out, overwrite, log)
+    check_outputs(out, label_paths, overwrite, compression)
+    read_inputs(fixed_path, moving_path, label_paths)  # refuse bad files before loading a model
+    registrar = Registrar(os.fspath(run_dir), precision, passes, init, refine, intensity, log)
+    return registrar.register_files(fixed_path, moving_path, out, label_paths, overwrite, compression)[0]
 
 
-def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=print):
-    """Write a :class:`Result` into ``out`` (created if missing); see the module doc."""
+def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=print, compression=1):
+    """Write a :class:`Result` into ``out`` (created if missing); see the module doc.
+
+    Every file is written into a temporary folder beside ``out`` first; only when all of
+    them are complete are they moved into ``out`` (one rename when ``out`` is new).
+    """
     out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    affine = fixed.affine
-    written = [io.write_volume(out / "warped.nii.gz", result.warped.astype(np.float32), affine, overwrite),
-               io.write_volume(out / "flow_voxels.nii.gz", result.flow_voxels, affine, overwrite),
-               io.atomic_write_bytes(out / "flow_itk.nii.gz", itk_field_nifti_bytes(result.flow_voxels, affine),
-                                     overwrite)]
-    for path, volume, warped in zip(label_paths, labels, result.warped_labels):
-        dtype = _label_dtype(path, volume.data)
-        written.append(io.write_volume(out / f"warped_labels_{_stem(path)}.nii.gz", warped.astype(dtype),
-                                       affine, overwrite))
-    if result.affine is not None:
-        written.append(io.atomic_write_text(out / "affine.json", json.dumps(result.affine, indent=2) + "\n",
-                                            overwrite))
-        written.append(io.atomic_write_text(out / "affine.txt", itk_affine_text(result.affine["world_lps"]),
-                                            overwrite))
-    else:
-        log("the model has no affine stage: no affine.json / affine.txt")
-    log(f"wrote {len(written)} files to {out} (fixed image's grid and affine): "
-        + ", ".join(os.path.basename(p) for p in written))
+    check_outputs(out, label_paths, overwrite, compression)
+    ext, affine = _extension(compression), fixed.affine
+    parent = out.parent if not out.exists() else out
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=parent))
+    try:
+        names = []
+
+        def nifti(name, image):
+            image.set_qform(affine, code=1)
+            image.set_sform(affine, code=1)
+            image.header.set_xyzt_units("mm")
+            _save(image, staging / name, compression)
+            names.append(name)
+
+        nifti(f"warped{ext}", nib.Nifti1Image(result.warped.astype(np.float32), affine))
+        nifti(f"flow_voxels{ext}", nib.Nifti1Image(np.asarray(result.flow_voxels, np.float32), affine))
+        nifti(f"flow_itk{ext}", itk_field_image(result.flow_voxels, affine))
+        for path, volume, warped in zip(label_paths, labels, result.warped_labels):
+            dtype = _label_dtype(path, volume.data)
+            nifti(f"warped_labels_{_stem(path)}{ext}", nib.Nifti1Image(warped.astype(dtype), affine))
+        (staging / "affine.json").write_text(json.dumps(result.affine, indent=2) + "\n")
+        (staging / "affine.txt").write_text(itk_affine_text(result.affine["world_lps"]))
+        names += ["affine.json", "affine.txt"]
+        for name in names:
+            os.chmod(staging / name, 0o644)
+        if not out.exists():
+            os.rename(staging, out)
+        else:
+            for name in names:
+                os.replace(staging / name, out / name)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    written = [str(out / name) for name in names]
+    log(f"wrote {len(written)} files to {out} (fixed image's grid and affine): " + ", ".join(names))
     return written
+
+
+def _save(image, path, compression):
+    """nibabel save with a chosen gzip level (0: uncompressed .nii)."""
+    if int(compression) == 0:
+        nib.save(image, str(path))
+        return
+    import gzip
+
+    with gzip.open(path, "wb", compresslevel=int(compression)) as stream:
+        stream.write(image.to_bytes())

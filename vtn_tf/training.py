@@ -278,6 +278,7 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
     checkpoint_dir = run_dir / "checkpoints" if chief else pathlib.Path(tempfile.mkdtemp())
     if chief:
         write_model_description(run_dir, config["model"], image_shape, dataset.label_values)
+        write_input_contract(run_dir, data_cfg["manifest"], log)
 
     with strategy.scope():
         model = build_model(config, image_shape)
@@ -338,6 +339,17 @@ def write_model_description(run_dir, model_config, image_shape, label_values=())
     _atomic_write(pathlib.Path(run_dir) / "model.json", json.dumps(
         {"model": model_config, "image_shape": [int(n) for n in image_shape],
          "label_values": [int(v) for v in label_values]}, indent=2) + "\n")
+
+
+def write_input_contract(run_dir, manifest, log=print):
+    """``run_dir/preprocessing.json``: how the training volumes were prepared
+    (`vtn_tf.preprocess.InputContract`), which registration applies to new scans."""
+    try:
+        contract = data_lib.input_contract(manifest)
+    except ValueError as error:
+        log(f"no input contract ({error}); this model can score prepared volumes only")
+        return
+    _atomic_write(pathlib.Path(run_dir) / "preprocessing.json", json.dumps(contract.to_json(), indent=2) + "\n")
 
 
 def save_model_dir(model, image_shape, run_dir, label_values=()):

@@ -38,6 +38,40 @@ def define_inference_flags():
     define_precision_flag()
 
 
+def define_refine_flags():
+    """``--init`` and the ``--refine*`` flags (`vtn_tf.alignment`, `vtn_tf.refine`)."""
+    from absl import flags
+
+    if "refine" in flags.FLAGS:
+        return
+    flags.DEFINE_enum("init", "moments", ["moments", "com", "none"],
+                      "initial world-space alignment before the network: moments = centres of mass and "
+                      "principal axes, com = centres of mass only, none = trust the headers")
+    flags.DEFINE_integer("refine", 0, "instance optimisation: Adam steps on the pair after the network "
+                         "(0 = off)", lower_bound=0)
+    flags.DEFINE_float("refine_seconds", None, "time budget for --refine in seconds (stops at whichever "
+                       "of steps and seconds comes first)")
+    flags.DEFINE_float("refine_resolution", 0.5, "refinement grid as a fraction of the fixed grid per axis")
+    flags.DEFINE_float("refine_rate", 0.1, "Adam learning rate, voxels of the fixed grid per step")
+    flags.DEFINE_float("refine_smoothness", 1.0, "weight of the smoothness term during refinement")
+    flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (5^3 windows) "
+                      "or global correlation")
+
+
+def refine_settings():
+    """The :class:`vtn_tf.refine.RefineSettings` of the flags, or None without ``--refine``."""
+    from absl import flags
+
+    values = flags.FLAGS
+    if not values.refine:
+        return None
+    from vtn_tf.refine import RefineSettings
+
+    return RefineSettings(steps=values.refine, seconds=values.refine_seconds, learning_rate=values.refine_rate,
+                          similarity=values.refine_similarity, smoothness=values.refine_smoothness,
+                          resolution=values.refine_resolution)
+
+
 @contextlib.contextmanager
 def user_errors(tool, verbose=False):
     """Turn user errors into ``tool: error: message`` on stderr and exit status 2.

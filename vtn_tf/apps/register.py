@@ -2,41 +2,84 @@
 
 Usage:
   vtn-register --model runs/X fixed.nii.gz moving.nii.gz --out outdir \\
-      [--moving_labels labels.nii.gz ...] [--intensity mri|ct|none] [--passes N] \\
-      [--precision float32|bfloat16|float16] [--overwrite] [--verbose]
+      [--moving_labels labels.nii.gz ...] [--init moments|com|none] [--refine N] \\
+      [--passes N] [--precision float32|bfloat16|float16] [--compression 0-9] [--overwrite]
+  vtn-register --model runs/X --pairs pairs.csv [options]      # many pairs, one model load
 
 (``python -m vtn_tf.apps.register`` is the same; ``--fixed`` / ``--moving`` may replace the
 two positional arguments.) Images of any size, spacing and orientation (.nii, .nii.gz, .mha,
-.mhd, .nrrd). Outputs in ``outdir``, all on the fixed image's grid with its affine:
-``warped.nii.gz``, ``flow_voxels.nii.gz`` (Learn2Reg layout, fixed-grid voxels, pulling),
-``flow_itk.nii.gz`` (ITK/ANTs displacement field, LPS mm), ``warped_labels_<name>.nii.gz``
-and, with an affine stage, ``affine.json`` / ``affine.txt`` (ITK transform file). See
-`vtn_tf.registration` for the exact conventions.
+.mhd, .nrrd), prepared as the model's training volumes were (its ``preprocessing.json``).
+Outputs in ``outdir``, all on the fixed image's grid with its affine: ``warped.nii.gz``,
+``flow_voxels.nii.gz`` (Learn2Reg layout, fixed-grid voxels, pulling), ``flow_itk.nii.gz``
+(ITK/ANTs displacement field, LPS mm), ``warped_labels_<name>.nii.gz`` and ``affine.json`` /
+``affine.txt`` (ITK transform file). See `vtn_tf.registration` for the exact conventions.
+
+Batch mode: ``--pairs`` names a CSV with the header ``fixed,moving,out`` and an optional
+``moving_labels`` column (one or more label files separated by ``;``); paths are relative
+to the CSV's folder or absolute. The model is loaded once; each pair prints one summary
+line; a failed row is reported and skipped; the exit status is 1 if any row failed.
 
 Example (the ITK field with ANTs, the same resampling as warped.nii.gz):
   antsApplyTransforms -d 3 -i moving.nii.gz -r fixed.nii.gz -t outdir/flow_itk.nii.gz -o w.nii.gz
 """
 
+import sys
+
 from absl import app, flags
 
-from vtn_tf.apps.common import define_inference_flags, user_errors
+from vtn_tf.apps.common import define_inference_flags, define_refine_flags, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
 flags.DEFINE_string("fixed", None, "fixed image (or the first positional argument)")
 flags.DEFINE_string("moving", None, "moving image (or the second positional argument)")
 flags.DEFINE_string("out", None, "output folder (created if missing)")
+flags.DEFINE_string("pairs", None, "batch mode: CSV with columns fixed,moving,out[,moving_labels]")
 flags.DEFINE_multi_string("moving_labels", [], "label map on the moving image's grid (repeatable)")
-flags.DEFINE_enum("intensity", "mri", ["mri", "ct", "none"],
-                  "normalisation before the network: mri = 0.5/99.5 percentile clip + rescale, "
-                  "ct = window 290 / level 120 HU, none = as is (already in [0, 1])")
+flags.DEFINE_enum("intensity", "auto", ["auto", "mri", "ct", "none"],
+                  "normalisation before the network: auto = the model's (preprocessing.json); "
+                  "mri = percentile clip + rescale, ct = window 290 / level 120 HU, none = as is")
+flags.DEFINE_integer("compression", 1, "gzip level of the NIfTI outputs, 0-9 (0 writes uncompressed .nii)",
+                     lower_bound=0, upper_bound=9)
 flags.DEFINE_boolean("overwrite", False, "replace existing outputs")
 define_inference_flags()
+define_refine_flags()
 flags.DEFINE_boolean("verbose", False, "show tracebacks")
+
+
+def _registrar(log):
+    from vtn_tf import registration
+    from vtn_tf.apps.common import refine_settings
+
+    return registration.Registrar(FLAGS.model, FLAGS.precision, FLAGS.passes, FLAGS.init,
+                                  refine_settings(), FLAGS.intensity, log)
+
+
+def register_one(fixed, moving):
+    registrar = _registrar(print)
+    registrar.register_files(fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression)
+
+
+def register_batch():
+    from vtn_tf import batch
+
+    rows = batch.read_pairs(FLAGS.pairs)
+    quiet = (lambda *_: None) if not FLAGS.verbose else print
+    registrar = _registrar(lambda line: print(line, file=sys.stderr) if FLAGS.verbose else None)
+    failures = batch.run(registrar, rows, overwrite=FLAGS.overwrite, compression=FLAGS.compression, log=quiet)
+    sys.exit(1 if failures else 0)
 
 
 def main(argv):
     positional = list(argv[1:])
+    if FLAGS.pairs:
+        if positional or FLAGS.fixed or FLAGS.moving or FLAGS.out or FLAGS.moving_labels:
+            raise app.UsageError("--pairs takes the pairs from the CSV: no images, --out or --moving_labels")
+        if not FLAGS.model:
+            raise app.UsageError("missing --model; usage: vtn-register --model RUN_DIR --pairs pairs.csv")
+        with user_errors("vtn-register", FLAGS.verbose):
+            register_batch()
+        return
     fixed = FLAGS.fixed or (positional.pop(0) if positional else None)
     moving = FLAGS.moving or (positional.pop(0) if positional else None)
     if positional:
@@ -49,9 +92,9 @@ def main(argv):
     with user_errors("vtn-register", FLAGS.verbose):
         from vtn_tf import registration
 
-        registration.register_files(FLAGS.model, fixed, moving, FLAGS.out, moving_labels=FLAGS.moving_labels,
-                                    intensity=FLAGS.intensity, overwrite=FLAGS.overwrite,
-                                    passes=FLAGS.passes, precision=FLAGS.precision)
+        registration.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression)
+        registration.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
+        register_one(fixed, moving)
 
 
 def run():

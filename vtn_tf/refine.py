@@ -1,0 +1,180 @@
+"""Instance optimisation: refine the network's field on one pair, at (a fraction of) native resolution.
+
+The cascade predicts its field on a coarse network grid (64^3 for the CPU-scale models, so
+2.5-3 mm voxels on a brain). Starting from that field on the fixed image's grid, a
+displacement is optimised on the pair itself with Adam, on the model's own similarity
+(local or global correlation) plus the smoothness term (eq. 8), as the Learn2Reg leaders
+and uniGradICON do after their networks.
+
+Grids and units:
+
+* ``F``: the fixed grid ``[X, Y, Z]``, affine ``A_f``. The field being refined is
+  ``flow_voxels`` (`vtn_tf.registration`): ``[X, Y, Z, 3]``, voxels of ``F``, pulling; fixed
+  voxel ``x`` corresponds to moving voxel ``A_m^-1 A_f (x + u(x))``.
+* ``L``: the refinement grid, ``F`` coarsened by ``factor = round(1 / resolution)`` per axis
+  with voxel cells aligned (index ``l`` sits at fixed index ``factor * l + (factor - 1) / 2``).
+  Both images are box-averaged onto ``L`` (the moving one on its own grid, coarsened the
+  same way), and the displacement is optimised there, in voxels of ``F``.
+* The change the optimisation made is brought back to ``F`` by trilinear interpolation and
+  added to the network's field, which keeps the network field's own fine detail.
+
+Loss per step: ``similarity(fixed_L, moving_L(positions)) + smoothness * TV(u / factor)``
+(TV in voxels of ``L``, the training loss's units). Deterministic on the CPU (no scatter ops).
+"""
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from vtn_tf import losses, spatial
+
+SIMILARITIES = ("ncc", "cc")
+
+
+@dataclasses.dataclass
+class RefineSettings:
+    """Options of :func:`refine_field` (the ``--refine*`` flags).
+
+    Attributes:
+      steps: Adam steps (0: no refinement).
+      seconds: optional time budget; the optimisation stops at whichever of ``steps`` and
+        ``seconds`` comes first (the budget excludes the one-off set-up and tracing).
+      learning_rate: Adam's rate, in voxels of the fixed grid per step.
+      similarity: ``"ncc"`` (squared local correlation in ``ncc_window``^3 cubes of ``L``)
+        or ``"cc"`` (the paper's global correlation coefficient).
+      ncc_window: cube side in voxels of ``L`` (odd).
+      smoothness: weight of the TV term (voxels of ``L``, squared).
+      resolution: ``L``'s voxel count per axis as a fraction of ``F``'s (0.5: half).
+    """
+
+    steps: int = 50
+    seconds: float | None = None
+    learning_rate: float = 0.1
+    similarity: str = "ncc"
+    ncc_window: int = 5
+    smoothness: float = 1.0
+    resolution: float = 0.5
+
+    def __post_init__(self):
+        if int(self.steps) < 0:
+            raise ValueError(f"refine steps must be >= 0; got {self.steps}")
+        if self.seconds is not None and float(self.seconds) <= 0:
+            raise ValueError(f"refine seconds must be positive; got {self.seconds}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"refine similarity must be one of {SIMILARITIES}; got {self.similarity!r}")
+        if not 0.0 < float(self.resolution) <= 1.0:
+            raise ValueError(f"refine resolution must be in (0, 1]; got {self.resolution}")
+        if float(self.learning_rate) <= 0 or float(self.smoothness) < 0:
+            raise ValueError("refine learning rate must be positive and smoothness non-negative")
+        losses.check_ncc_window(self.ncc_window)
+
+    @property
+    def factor(self):
+        return max(1, int(round(1.0 / float(self.resolution))))
+
+
+def coarsen(data, factor):
+    """Box average of ``[X, Y, Z]`` over ``factor``^3 cells (edge cells averaged over what
+    exists). Returns ``[ceil(X/f), ceil(Y/f), ceil(Z/f)]`` float32 (tf)."""
+    volume = tf.convert_to_tensor(np.asarray(data, np.float32))[None, ..., None]
+    if factor == 1:
+        return volume[0, ..., 0]
+    pad = [[0, 0]] + [[0, (-n) % factor] for n in data.shape] + [[0, 0]]
+    total = tf.nn.avg_pool3d(tf.pad(volume, pad), factor, factor, "VALID")
+    count = tf.nn.avg_pool3d(tf.pad(tf.ones_like(volume), pad), factor, factor, "VALID")
+    return (total / count)[0, ..., 0]
+
+
+def coarse_to_fine(factor):
+    """4x4 map from ``L`` indices to ``F`` indices (cells aligned)."""
+    matrix = np.eye(4) * factor
+    matrix[3, 3] = 1.0
+    matrix[:3, 3] = (factor - 1) / 2.0
+    return matrix
+
+
+def _grid(shape):
+    axes = [tf.range(n, dtype=tf.float32) for n in shape]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def _points(matrix, points):
+    return tf.tensordot(points, tf.constant(matrix[:3, :3].T, tf.float32), 1) + tf.constant(matrix[:3, 3], tf.float32)
+
+
+def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print):
+    """Optimise ``flow_voxels`` on the pair; returns ``(refined [X, Y, Z, 3] tf float32, history)``.
+
+    Args:
+      fixed: ``[X, Y, Z]`` normalised fixed image (the network's intensities), grid ``F``.
+      fixed_affine, moving_affine: 4x4 voxel -> RAS mm.
+      moving: ``[X', Y', Z']`` normalised moving image on its own grid.
+      flow_voxels: ``[X, Y, Z, 3]`` (tf or numpy) float32, voxels of ``F``, pulling (the start).
+      settings: :class:`RefineSettings`.
+      log: receives a progress bar line and a summary line.
+    Returns:
+      the refined field (same shape, units and direction) and a list of
+      ``(step, loss, seconds)`` checkpoints (every 10 steps and the last).
+    """
+    factor = settings.factor
+    to_fine = coarse_to_fine(factor)
+    fixed_low = coarsen(fixed, factor)
+    moving_low = coarsen(moving, factor)
+    shape = tuple(int(n) for n in fixed_low.shape)
+    # L index -> moving_low index: L -> F -> world -> M -> moving_low
+    moving_low_from_moving = np.linalg.inv(coarse_to_fine(factor))
+    fixed_to_moving_low = moving_low_from_moving @ np.linalg.inv(moving_affine) @ fixed_affine
+    flow = tf.convert_to_tensor(flow_voxels, tf.float32)
+    fine_grid_of_low = _points(to_fine, _grid(shape))  # [L..., 3] fixed indices of L's voxels
+    start = spatial.sample(flow[None], fine_grid_of_low[None], "linear", "clamp")[0]
+    field = tf.Variable(start)
+    optimizer = tf.keras.optimizers.Adam(learning_rate=float(settings.learning_rate))
+    fixed_image = fixed_low[None, ..., None]
+    moving_image = moving_low[None, ..., None]
+
+    def loss_of(u):
+        positions = _points(fixed_to_moving_low, fine_grid_of_low + u)
+        warped = spatial.sample(moving_image, positions[None], "linear", "zero")
+        if settings.similarity == "ncc":
+            similarity = losses.local_ncc_loss(fixed_image, warped, settings.ncc_window)[0]
+        else:
+            similarity = losses.correlation_coefficient_loss(fixed_image, warped)[0]
+        smooth = losses.total_variation_loss(u[None] / float(factor))[0]
+        return similarity + float(settings.smoothness) * smooth
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_of(field)
+        optimizer.apply_gradients([(tape.gradient(loss, field), field)])
+        return loss
+
+    first = float(loss_of(field))
+    step()  # trace (not counted against the time budget)
+    history, began, done = [(0, first, 0.0)], time.perf_counter(), 1
+    total = int(settings.steps)
+    while done < total:
+        if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
+            break
+        loss = step()
+        done += 1
+        if done % 10 == 0 or done == total:
+            history.append((done, float(loss), time.perf_counter() - began))
+            _progress(log, done, total, float(loss))
+    last = float(loss_of(field))
+    history.append((done, last, time.perf_counter() - began))
+    change = field - start
+    upsampled = spatial.sample(change[None], _points(np.linalg.inv(to_fine), _grid(flow.shape[:3]))[None],
+                               "linear", "clamp")[0]
+    log(f"refined {done} steps at 1/{factor} resolution ({'x'.join(map(str, shape))}): loss {first:.4f} -> "
+        f"{last:.4f}, largest change {float(tf.reduce_max(tf.norm(change, axis=-1))):.2f} voxels")
+    return flow + upsampled, history
+
+
+def _progress(log, done, total, loss):
+    width = 20
+    filled = int(math.floor(width * done / max(total, 1)))
+    log(f"refine [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.4f}")
