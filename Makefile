@@ -85,7 +85,7 @@ demo:
 
 include benchmarks/Makefile.inc
 
-# ---- evaluation and ablations (paper Tables V/IX; issue: accuracy) -----------------
+# ---- evaluation and ablations (paper Tables V/IX) ----------------------------------
 # One row each:  make row-hippocampus-ADD   make row-hippocampus-DD-inv   make row-brain-ADD
 # A row trains the CPU config with the spec in its name (and the invertibility loss for
 # "-inv"), then evaluates it on the evaluation split beside the unregistered pairs.

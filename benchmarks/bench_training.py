@@ -127,7 +127,7 @@ def run_cell(tf, cell, width):
     variant = contextlib.nullcontext()
     if cell["warp"] == "no-xla":  # the same maths (forward and gradients) in plain tf.functions
         variant = export.warp_without_xla()
-    elif cell["warp"] == "autodiff":  # the XLA forward with TensorFlow's own gradients (session 3)
+    elif cell["warp"] == "autodiff":  # the XLA forward with TensorFlow's own gradients
         spatial._sample_linear = spatial._sample_linear_forward
     with variant:
         print("RESULT " + json.dumps(_measure_in_process(
@@ -259,7 +259,7 @@ def diagnose(tf, args):
                      memory, f"{traces} / {warp_traces}"])
     # The warp swapped for the same maths in plain tf.functions, or with autodiff gradients.
     for name, warp in (("warp without XLA (tf.function, same maths)", "no-xla"),
-                       ("warp with TensorFlow's autodiff gradients (before session 4)", "autodiff")):
+                       ("warp with TensorFlow's autodiff gradients", "autodiff")):
         step, _, memory, traces, _ = measure_cell(args, spec, size, batch, False, args.warmup, args.repeats,
                                                   "pairs", warp=warp)
         rows.append([name, common.format_seconds(step), common.ratio(step, results["pairs"]), memory,

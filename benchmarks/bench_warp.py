@@ -10,9 +10,9 @@ at most ``--displacement`` voxels). Columns compare, in one run:
 * ``gather``: the same trilinear maths as vtn in a plain ``tf.function`` without XLA;
 * candidate replacements for ``_sample_linear`` (``--candidate-sizes``, default 128^3 only),
   checked against scipy (max |difference| must stay below 1e-5) and against vtn's gradients.
-  The first, "autodiff gradients", is vtn's forward with TensorFlow's own gradients (before
-  session 4 wrote them by hand); "8 gathers" is the forward's maths before session 3 (8
-  independently clamped corners).
+  The first, "autodiff gradients", is vtn's forward with TensorFlow's own gradients instead of
+  its hand-written ones; "8 gathers" computes the 8 corners as independently clamped gathers
+  with static shapes.
 
 Forward+backward: gradient of ``sum(out * r)`` (r fixed random) w.r.t. image and flow via
 ``tf.GradientTape`` inside a ``tf.function``; "flow only" differentiates with respect to the
@@ -133,7 +133,7 @@ def build_implementations(tf):
 
     return {
         "gather (no XLA)": (eight_gathers, False),
-        "vtn's forward, autodiff gradients (session 3)": (spatial._sample_linear_forward.python_function, True),
+        "vtn's forward, autodiff gradients": (spatial._sample_linear_forward.python_function, True),
         "8 gathers, static shapes (XLA)": (eight_gathers, True),
         "1 gather, stacked indices (XLA)": (one_gather_stacked, True),
         "corner rows: 1 gather of 8-wide rows (XLA)": (corner_rows, True),
