@@ -24,6 +24,14 @@ MODES = ("moments", "com", "none")
 AMBIGUOUS_RATIO = 1.05  # second moments closer than this ratio: axes ill-defined
 
 
+def rotation_about(axis, degrees):
+    """3x3 rotation by ``degrees`` about the unit vector along ``axis`` (Rodrigues)."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    angle = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
 def moments(data, affine, stride=2):
     """Intensity-weighted centre ``[3]`` (RAS mm) and covariance ``[3, 3]`` (mm²) of a volume.
 

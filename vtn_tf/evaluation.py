@@ -44,11 +44,12 @@ def scored_labels(label_values):
     return [int(v) for v in label_values if int(v) != 0]
 
 
-def columns(label_values):
-    """CSV column names, in order, for a dataset with ``label_values``."""
+def columns(label_values, extra=()):
+    """CSV column names, in order, for a dataset with ``label_values`` (``extra`` after the
+    field columns)."""
     return (["fixed", "moving", "method", "dice", "iou"]
             + [f"dice_{v}" for v in scored_labels(label_values)]
-            + list(FIELD_COLUMNS) + ["seconds", "device"])
+            + list(FIELD_COLUMNS) + list(extra) + ["seconds", "device"])
 
 
 def pair_metrics(fixed_labels, warped_labels, label_values, flow, spacing=(1.0, 1.0, 1.0),
@@ -327,14 +328,14 @@ def _format(value):
     return str(value)
 
 
-def write_results(rows, csv_path, label_values, overwrite=False, header=""):
+def write_results(rows, csv_path, label_values, overwrite=False, header="", extra=()):
     """Write the rows as CSV and the summary as markdown next to it (atomic writes).
 
     Returns the markdown summary (``header`` first, then :func:`summary_table`).
     """
     check_output(csv_path, overwrite)
     buffer = text_io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns(label_values), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns(label_values, extra), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({key: _format(value) for key, value in row.items()})
@@ -381,7 +382,10 @@ def summary_table(rows):
                  _mean_std([r["iou"] for r in mine], 4)]
         if with_landmarks:
             cells.append(_mean_std([r["landmark_mm"] for r in mine], 2))
-        cells += [_mean_std([r["folding_percent"] for r in mine], 3),
+        folding = _mean_std([r["folding_percent"] for r in mine], 3)
+        if "folding_central_percent" in mine[0]:
+            folding += f" (central {_mean_std([r['folding_central_percent'] for r in mine], 3)})"
+        cells += [folding,
                   _mean_std([r["jacobian_std"] for r in mine], 3),
                   _mean_std([r["seconds"] for r in mine], 3),
                   ",".join(sorted({str(r.get("device", "")) for r in mine}))]

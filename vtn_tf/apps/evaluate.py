@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from vtn_tf.apps.common import define_inference_flags, user_errors
+from vtn_tf.apps.common import define_inference_flags, define_refine_flags, refine_settings, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "run directory of a trained VTN (for method vtn)")
@@ -33,6 +33,12 @@ flags.DEFINE_string("methods", None, "comma-separated: vtn, identity, ants, elas
 flags.DEFINE_string("out", None, "result CSV (a .md summary is written next to it)")
 flags.DEFINE_boolean("overwrite", False, "replace an existing result CSV and summary")
 define_inference_flags()
+define_refine_flags()
+flags.DEFINE_boolean("native", False, "register the manifest's ORIGINAL files through the vtn-register "
+                     "code and score on the fixed image's native grid (default: the prepared grid, a fast proxy)")
+flags.DEFINE_enum("misalign", None, ["rigid", "affine"], "with --native: move every moving scan by a known "
+                  "random transform in its header (20 degrees about a random axis, 25 mm; affine adds scale/shear)")
+flags.DEFINE_integer("misalign_seed", 0, "seed of the --misalign transforms")
 flags.DEFINE_list("compare", None, "result CSV(s) to compare with a paired Wilcoxon test: "
                   "--compare a.csv b.csv, or --compare a.csv --methods m1,m2")
 flags.DEFINE_enum("metric", "dice", ["dice", "iou", "landmark_mm"],
@@ -74,6 +80,18 @@ def evaluate():
         raise ValueError("--manifest is required (a prepared dataset's manifest.json)")
     if not FLAGS.out:
         raise ValueError("--out is required (the result CSV to write)")
+    if FLAGS.native:
+        from vtn_tf import native_evaluation
+
+        _, summary = native_evaluation.run(
+            FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
+            split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
+            overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes, precision=FLAGS.precision, init=FLAGS.init,
+            refine=refine_settings(), misalign=FLAGS.misalign, misalign_seed=FLAGS.misalign_seed)
+        print(summary, end="")
+        return
+    if FLAGS.misalign or FLAGS.refine:
+        raise ValueError("--misalign and --refine need --native (the original files)")
     _, summary = evaluation.run_protocol(
         FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
         split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
