@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy.interpolate import BSpline
+from scipy.interpolate import BSpline, NdBSpline
 
 from vtn_tf import augment
 
@@ -33,14 +33,22 @@ def test_weights_match_scipy_bspline():
     np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
-def test_flow_matches_separable_scipy_reference():
+def test_flow_matches_scipy_tensor_product_spline():
+    # Independent reference: scipy's tensor-product cubic spline (NdBSpline) with unit knots,
+    # control j centred at lattice coordinate j, edge controls repeated once beyond each end,
+    # evaluated at each voxel's lattice coordinate (index + 0.5) * (n - 1) / size.
     rng = np.random.default_rng(1)
     controls = rng.normal(size=(2, 5, 4, 6, 3)).astype(np.float32)
     flow = augment.bspline_flow(controls, SHAPE).numpy()
     assert flow.shape == (2,) + SHAPE + (3,)
-    wx, wy, wz = (augment.bspline_weights(s, n) for s, n in zip(SHAPE, controls.shape[1:4]))
-    expected = np.einsum("xi,yj,zk,bijkc->bxyzc", wx, wy, wz, controls)
-    np.testing.assert_allclose(flow, expected, atol=1e-5)
+    lattice = controls.shape[1:4]
+    knots = tuple(np.arange(-3, n + 3, dtype=float) for n in lattice)
+    axes = [(np.arange(size) + 0.5) * (n - 1) / size for size, n in zip(SHAPE, lattice)]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    for element in range(2):
+        padded = np.pad(controls[element].astype(np.float64), [(1, 1)] * 3 + [(0, 0)], mode="edge")
+        expected = NdBSpline(knots, padded, 3)(points).reshape(SHAPE + (3,))
+        np.testing.assert_allclose(flow[element], expected, atol=1e-5)
 
 
 def test_zero_controls_give_exactly_zero_flow():
