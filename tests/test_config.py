@@ -35,6 +35,11 @@ def test_overrides_parse_json_and_strings():
     ("train.batch_size=0", "positive integer"),
     ("train.on_nonfinite=ignore", "on_nonfinite"),
     ("batch_size=2", "section.field=value"),
+    ("data.scale=1.0", "data.scale"),
+    ("data.rotation_degrees=200", "data.rotation_degrees"),
+    ("data.translation_mm=-5", "data.translation_mm"),
+    ("data.shear=\"a lot\"", "data.shear"),
+    ("data.affine_augment=1", "data.affine_augment"),
 ])
 def test_bad_overrides_are_refused(override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
@@ -63,3 +68,21 @@ def test_every_shipped_experiment_loads():
     for path in sorted(pathlib.Path(__file__).parents[1].glob("experiments/*.json")):
         config = config_lib.load_config(path)
         assert config["model"]["spec"]
+
+
+def test_affine_augmentation_defaults_off_with_ranges():
+    data = config_lib.load_config()["data"]
+    assert data["affine_augment"] is False
+    assert (data["rotation_degrees"], data["scale"], data["shear"], data["translation_mm"]) == (
+        15.0, 0.1, 0.05, 20.0)
+    assert config_lib.load_config(overrides=["data.affine_augment=true", "data.scale=0"])[
+        "data"]["affine_augment"] is True
+
+
+def test_affine_augmentation_in_the_shipped_experiments():
+    import pathlib
+    folder = pathlib.Path(__file__).parents[1] / "experiments"
+    for path in folder.glob("paper-*.json"):  # the paper's setup: B-spline augmentation only
+        assert config_lib.load_config(path)["data"]["affine_augment"] is False, path.name
+    for name in ("brain-cpu.json", "brain-accuracy.json", "brain-accuracy-cc.json"):
+        assert config_lib.load_config(folder / name)["data"]["affine_augment"] is True, name

@@ -168,6 +168,51 @@ def test_pair_dataset_augments_moving_only(prepared):
     assert not np.array_equal(batch["moving"][0], batch["moving"][1])  # one field per pair
 
 
+AFFINE = dict(rotation_degrees=15.0, scale=0.1, shear=0.05, translation_mm=4.0)
+
+
+def test_zero_affine_ranges_give_the_bspline_only_stream(prepared):
+    dataset = data.load_prepared(prepared, splits=("train",))
+    pairs = data.training_pairs(dataset)
+    plain = _first(data.pair_dataset(dataset, pairs, batch_size=2, seed=5, include_labels=True))
+    zero = _first(data.pair_dataset(dataset, pairs, batch_size=2, seed=5, include_labels=True,
+                                    rotation_degrees=0.0, scale=0.0, shear=0.0,
+                                    translation_mm=0.0))
+    affine = _first(data.pair_dataset(dataset, pairs, batch_size=2, seed=5, include_labels=True,
+                                      **AFFINE))
+    for key in plain:
+        np.testing.assert_array_equal(plain[key], zero[key])
+    np.testing.assert_array_equal(plain["fixed"], affine["fixed"])  # the fixed image stays
+    assert not np.array_equal(plain["moving"], affine["moving"])
+    assert set(np.unique(affine["moving_labels"])) <= {0, 1, 5}
+
+
+def test_affine_augmentation_uses_the_moving_subjects_spacing(prepared):
+    def moving_after(spacings):
+        dataset = data.load_prepared(prepared, splits=("train",))
+        for subject_id, spacing in spacings.items():
+            dataset.subjects[subject_id]["spacing"] = spacing
+        return _first(data.pair_dataset(dataset, [("s1", "s2")], batch_size=2, seed=0,
+                                        **AFFINE))["moving"]
+
+    reference = moving_after({})
+    np.testing.assert_array_equal(moving_after({"s1": [1.0, 2.0, 3.0]}), reference)  # fixed's
+    assert not np.array_equal(moving_after({"s2": [1.0, 2.0, 3.0]}), reference)  # moving's
+
+
+def test_spacing_missing_from_the_manifest_comes_from_the_header(prepared, tmp_path):
+    affine = np.diag([1.5, 2.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(_image(0), affine), str(tmp_path / "images" / "s1.nii.gz"))
+    nib.save(nib.Nifti1Image(_labels(0), affine), str(tmp_path / "labels" / "s1.nii.gz"))
+    manifest = json.loads(prepared.read_text())
+    for subject in manifest["subjects"]:
+        del subject["spacing"]
+    prepared.write_text(json.dumps(manifest))
+    dataset = data.load_prepared(prepared, splits=("train",))
+    assert dataset.subjects["s1"]["spacing"] == [1.5, 2.0, 1.0]
+    assert dataset.subjects["s2"]["spacing"] == [1.0, 1.0, 1.0]
+
+
 def test_evaluation_batches(prepared):
     dataset = data.load_prepared(prepared, splits=("evaluation",))
     pairs = data.evaluation_pairs(dataset.ids("evaluation"), "consecutive")

@@ -36,6 +36,15 @@ def tiny_config(manifest, *overrides):
     return config_lib.load_config(TINY, [f"data.manifest={manifest}", *overrides])
 
 
+def test_affine_ranges_follow_the_switch():
+    data = config_lib.load_config(overrides=["data.rotation_degrees=10"])["data"]
+    assert training.affine_ranges(data) == dict(rotation_degrees=0.0, scale=0.0, shear=0.0,
+                                                translation_mm=0.0)
+    data["affine_augment"] = True
+    assert training.affine_ranges(data) == dict(rotation_degrees=10, scale=0.1, shear=0.05,
+                                                translation_mm=20.0)
+
+
 def event_tags(log_dir):
     tags = set()
     for path in pathlib.Path(log_dir).rglob("events.out.tfevents.*"):

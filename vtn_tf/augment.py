@@ -23,8 +23,25 @@ voxel a convex combination of the given controls, so
 The dense field is a separable product of three per-axis ``[size, n]`` weight matrices
 (computed once in numpy) with the control lattice: exact, cheap and differentiable.
 
+Random affine transforms (not in the paper; ``data.affine_augment`` in the configs) move
+the whole moving image, so that the affine subnetwork sees misaligned scans to correct.
+They are drawn in physical millimetres about the volume centre and converted to voxels with
+the grid's per-axis spacing, so a rotation stays a true rotation on an anisotropic grid:
+
+* centred voxel coordinates ``c_j = index_j - (size_j - 1) / 2`` (as in
+  :func:`vtn_tf.spatial.affine_flow`), millimetres ``p = S c`` with ``S = diag(spacing)``;
+* in millimetres the fixed point ``p`` samples the moving image at ``M p + t`` with
+  ``M = R · H · K`` (scale ``K``, then shear ``H``, then rotation ``R``) and ``t`` in mm;
+* in voxels that is ``A c + b`` with ``A = S⁻¹ M S`` and ``b = S⁻¹ t``, i.e. the
+  ``W = A - I`` and ``b`` that :func:`vtn_tf.spatial.affine_flow` takes (pull direction:
+  the flow at ``c`` is ``W c + b``, the sampled moving position ``A c + b``).
+
+All axes are the array axes of the grid (0, 1, 2), not world (RAS/LPS) axes.
+
 This module is the bottom floor: pure tensor maths, no Keras, no I/O.
 """
+
+import numbers
 
 import numpy as np
 import tensorflow as tf
@@ -131,16 +148,167 @@ def random_bspline_flow(batch, spatial_shape, seed, control_points=5, max_displa
     return bspline_flow(controls, spatial_shape)
 
 
-def augment_moving(moving, moving_labels, seed, control_points=5, max_displacement=12.0):
+AFFINE_RANGES = ("rotation_degrees", "scale", "shear", "translation_mm")
+
+
+def check_affine_ranges(rotation_degrees=0.0, scale=0.0, shear=0.0, translation_mm=0.0):
+    """Raise ValueError, naming the argument, unless every affine range can be drawn from.
+
+    Each must be a finite non-negative number; ``scale < 1`` (a factor 1 ± scale must stay
+    positive) and ``rotation_degrees ≤ 180``.
+    """
+    ranges = dict(rotation_degrees=rotation_degrees, scale=scale, shear=shear,
+                  translation_mm=translation_mm)
+    for name, value in ranges.items():
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not np.isfinite(value) or value < 0):
+            raise ValueError(f"{name} must be a non-negative number; got {value!r}.")
+    if scale >= 1:
+        raise ValueError(f"scale must be below 1 (a fraction: 0.1 is ±10 %); got {scale!r}.")
+    if rotation_degrees > 180:
+        raise ValueError(f"rotation_degrees must be at most 180; got {rotation_degrees!r}.")
+
+
+def random_affine_parameters(batch, seed, rotation_degrees=0.0, scale=0.0, shear=0.0,
+                             translation_mm=0.0):
+    """Per-element affine parameters, each uniform in its range (stateless: seed → draw).
+
+    Args:
+      batch: number of transforms (int or scalar int tensor).
+      seed: ``[2]`` int tensor for ``tf.random.stateless_uniform``.
+      rotation_degrees: bound of the rotation angle about each array axis, degrees (≤ 180).
+      scale: bound of the relative scale change per axis (0.1: factors in [0.9, 1.1]; < 1).
+      shear: bound of the three shear coefficients (mm per mm).
+      translation_mm: bound of the translation along each axis, millimetres.
+    Returns:
+      dict of ``[batch, 3]`` float64 tensors: ``"rotation_degrees"`` (angles about axes 0,
+      1, 2), ``"scale"`` (the factors ``1 + u · scale``, u uniform on [-1, 1]), ``"shear"``
+      (``h01, h02, h12`` of the unit upper-triangular shear) and ``"translation_mm"``.
+      The meaning of each is in :func:`affine_from_parameters`.
+    """
+    check_affine_ranges(rotation_degrees, scale, shear, translation_mm)
+    u = tf.random.stateless_uniform(tf.stack([batch, 4, 3]), seed=seed, minval=-1.0,
+                                    maxval=1.0, dtype=tf.float64)
+    return {"rotation_degrees": float(rotation_degrees) * u[:, 0],
+            "scale": 1.0 + float(scale) * u[:, 1],
+            "shear": float(shear) * u[:, 2],
+            "translation_mm": float(translation_mm) * u[:, 3]}
+
+
+def _rotation_about(axis, angle):
+    """``[B, 3, 3]`` rotation by ``angle`` (radians, ``[B]``) about array axis ``axis``.
+
+    Right-handed: about axis 0 it takes axis 1 towards axis 2 (and cyclically).
+    """
+    i, j = (axis + 1) % 3, (axis + 2) % 3
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    one, zero = tf.ones_like(angle), tf.zeros_like(angle)
+    entries = [[one if r == c else zero for c in range(3)] for r in range(3)]
+    entries[i][i], entries[j][j], entries[i][j], entries[j][i] = cos, cos, -sin, sin
+    return tf.stack([tf.stack(row, axis=-1) for row in entries], axis=-2)
+
+
+def affine_from_parameters(parameters, spacing=None, dtype=tf.float32):
+    """The ``(W, b)`` of :func:`vtn_tf.spatial.affine_flow` for transforms given in millimetres.
+
+    In millimetres about the volume centre, fixed point ``p`` samples the moving image at
+    ``M p + t``, ``M = R · H · K``: ``K = diag(scale)``, ``H`` unit upper triangular with
+    ``H[0, 1], H[0, 2], H[1, 2] = shear``, ``R = R_2(θ_2) · R_1(θ_1) · R_0(θ_0)`` (rotate
+    about axis 0 first; ``R_a`` as in scipy's extrinsic ``"xyz"`` Euler angles with x, y, z
+    the array axes 0, 1, 2). On the grid with ``p = S c``, ``S = diag(spacing)``, this is
+    ``A c + b`` with ``A = S⁻¹ M S``, ``b = S⁻¹ t``.
+
+    Args:
+      parameters: dict as returned by :func:`random_affine_parameters` (``[B, 3]`` each).
+      spacing: voxel size in mm along array axes 0, 1, 2: ``[3]`` (shared) or ``[B, 3]``
+        (per element); None is 1 mm (then translations are in voxels).
+      dtype: of the outputs.
+    Returns:
+      ``W``: ``[B, 3, 3]`` ``A - I`` (dimensionless, row i the displacement along axis i),
+      ``b``: ``[B, 3]`` translation in voxels; pulling: the flow at centred voxel
+      coordinates ``c`` is ``W c + b`` and the sampled moving position is ``A c + b``.
+    """
+    angles = tf.convert_to_tensor(parameters["rotation_degrees"], tf.float64) * (np.pi / 180.0)
+    scale = tf.convert_to_tensor(parameters["scale"], tf.float64)
+    shear = tf.convert_to_tensor(parameters["shear"], tf.float64)
+    translation = tf.convert_to_tensor(parameters["translation_mm"], tf.float64)
+    rotation = (_rotation_about(2, angles[:, 2]) @ _rotation_about(1, angles[:, 1])
+                @ _rotation_about(0, angles[:, 0]))
+    one, zero = tf.ones_like(shear[:, 0]), tf.zeros_like(shear[:, 0])
+    shearing = tf.stack([tf.stack([one, shear[:, 0], shear[:, 1]], -1),
+                         tf.stack([zero, one, shear[:, 2]], -1),
+                         tf.stack([zero, zero, one], -1)], axis=-2)
+    millimetres = rotation @ shearing @ tf.linalg.diag(scale)
+    spacing = tf.ones([3], tf.float64) if spacing is None else tf.cast(spacing, tf.float64)
+    spacing = tf.broadcast_to(spacing, tf.shape(translation))
+    # (S⁻¹ M S)_ij = M_ij · s_j / s_i
+    voxels = millimetres * spacing[:, None, :] / spacing[:, :, None]
+    W = voxels - tf.eye(3, dtype=tf.float64)
+    return tf.cast(W, dtype), tf.cast(translation / spacing, dtype)
+
+
+def random_affine(batch, seed, rotation_degrees=0.0, scale=0.0, shear=0.0, translation_mm=0.0,
+                  spacing=None):
+    """Random affine transforms in voxels, drawn in millimetres (stateless).
+
+    :func:`random_affine_parameters` then :func:`affine_from_parameters`; arguments as
+    there. Returns ``W`` ``[batch, 3, 3]`` float32 (``A - I``) and ``b`` ``[batch, 3]``
+    float32 voxels for :func:`vtn_tf.spatial.affine_flow` (pulling: the sampled moving
+    position is ``A c + b`` on centred voxel coordinates ``c``).
+    """
+    parameters = random_affine_parameters(batch, seed, rotation_degrees, scale, shear,
+                                          translation_mm)
+    return affine_from_parameters(parameters, spacing)
+
+
+def augmentation_flow(batch, spatial_shape, seed, control_points=5, max_displacement=12.0,
+                      rotation_degrees=0.0, scale=0.0, shear=0.0, translation_mm=0.0,
+                      spacing=None):
+    """The one random field of :func:`augment_moving`: B-spline, then affine.
+
+    ``compose(bspline, affine) = affine + warp(bspline, affine)``: warping with it equals
+    deforming the moving image by the B-spline field (in its own frame, where the voxel bound
+    holds) and then moving the result by the affine (the pose change):
+    ``warp(I, flow) = warp(warp(I, bspline), affine)``. The B-spline is drawn from ``seed``
+    itself, the affine from ``fold_in(seed, 1)``, so turning the affine on leaves the
+    B-spline field as it was. With every affine range 0 the affine is skipped and the
+    flow is the B-spline flow, bit for bit.
+
+    Args:
+      batch, spatial_shape, seed, control_points, max_displacement: as in
+        :func:`random_bspline_flow`.
+      rotation_degrees, scale, shear, translation_mm, spacing: as in
+        :func:`random_affine_parameters` and :func:`affine_from_parameters`.
+    Returns:
+      ``[batch, X, Y, Z, 3]`` float32 flow in voxels of the grid, pulling.
+    """
+    flow = random_bspline_flow(batch, spatial_shape, seed, control_points, max_displacement)
+    check_affine_ranges(rotation_degrees, scale, shear, translation_mm)
+    if rotation_degrees == scale == shear == translation_mm == 0:
+        return flow
+    W, b = random_affine(batch, tf.random.experimental.stateless_fold_in(seed, 1),
+                         rotation_degrees, scale, shear, translation_mm, spacing)
+    return spatial.compose(flow, spatial.affine_flow(W, b, spatial_shape))
+
+
+def augment_moving(moving, moving_labels, seed, control_points=5, max_displacement=12.0,
+                   rotation_degrees=0.0, scale=0.0, shear=0.0, translation_mm=0.0,
+                   spacing=None):
     """Deform the moving image (trilinear) and its labels (nearest) with one random field.
 
-    The fixed image is not an argument: augmentation never touches it.
+    The field is :func:`augmentation_flow`: a cubic B-spline field composed with a random
+    affine (B-spline first, then affine; the affine only when a range is non-zero). The
+    image and the labels are each resampled once. The fixed image is not an argument:
+    augmentation never touches it.
 
     Args:
       moving: ``[B, X, Y, Z, C]`` float image; the spatial shape must be static.
       moving_labels: ``[B, X, Y, Z, 1]`` integer label map on the same grid, or None.
       seed: ``[2]`` int tensor for the stateless generator.
       control_points, max_displacement: as in :func:`random_bspline_flow`.
+      rotation_degrees, scale, shear, translation_mm: affine ranges, as in
+        :func:`random_affine_parameters` (all 0: no affine, the B-spline-only behaviour).
+      spacing: the moving grid's voxel size in mm, ``[3]`` or ``[B, 3]`` (None: 1 mm).
     Returns:
       ``(moving, moving_labels)`` warped by the same random flow (labels keep their ids
       and dtype; None stays None).
@@ -149,8 +317,9 @@ def augment_moving(moving, moving_labels, seed, control_points=5, max_displaceme
     spatial_shape = moving.shape[1:4]
     if moving.shape.rank != 5 or not spatial_shape.is_fully_defined():
         raise ValueError(f"moving must be [B, X, Y, Z, C] with a static grid; got {moving.shape}.")
-    flow = random_bspline_flow(tf.shape(moving)[0], spatial_shape, seed,
-                               control_points, max_displacement)
+    flow = augmentation_flow(tf.shape(moving)[0], spatial_shape, seed, control_points,
+                             max_displacement, rotation_degrees, scale, shear, translation_mm,
+                             spacing)
     warped = spatial.warp(moving, tf.cast(flow, moving.dtype), "linear")
     if moving_labels is None:
         return warped, None

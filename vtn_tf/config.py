@@ -36,6 +36,11 @@ DEFAULTS = {
         "augment": True,              # random cubic B-spline field on the moving image
         "control_points": 5,
         "max_displacement": 12.0,     # voxels
+        "affine_augment": False,      # also a random affine on the moving image (not in the paper)
+        "rotation_degrees": 15.0,     # about each axis, uniform in ±
+        "scale": 0.1,                 # relative, per axis: factors in 1 ± scale
+        "shear": 0.05,                # shear coefficients, uniform in ±
+        "translation_mm": 20.0,       # per axis, uniform in ±
         "validation_pairs": 8,        # validation pairs scored for Dice during training
     },
     "train": {
@@ -132,6 +137,13 @@ def validate(config):
         raise ConfigError(f"data.pair_mode must be 'pairwise' or 'atlas'; got {data['pair_mode']!r}.")
     if data["pair_mode"] == "atlas" and not data["atlas"]:
         raise ConfigError("data.pair_mode is 'atlas' but data.atlas names no subject.")
+    if not isinstance(data["affine_augment"], bool):
+        raise ConfigError(f"data.affine_augment must be true or false; got {data['affine_augment']!r}.")
+    from vtn_tf.augment import AFFINE_RANGES, check_affine_ranges
+    try:
+        check_affine_ranges(**{field: data[field] for field in AFFINE_RANGES})
+    except ValueError as error:
+        raise ConfigError(f"data.{error}") from None
     from vtn_tf.model import parse_spec  # validates the spec string early, before any work
     try:
         parse_spec(config["model"]["spec"])

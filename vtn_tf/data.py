@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from vtn_tf import io, preprocess
-from vtn_tf.augment import augment_moving
+from vtn_tf.augment import augment_moving, check_affine_ranges
 
 PAIR_MODES = ("pairwise", "atlas")
 EVALUATION_MODES = ("pairwise", "consecutive", "atlas")
@@ -49,7 +49,9 @@ class PreparedDataset:
       atlas: the manifest's atlas id, or None.
       splits: the manifest's full split lists ``{name: [ids]}`` (loaded or not).
       loaded_splits: names of the splits that were loaded.
-      subjects: ``{id: manifest entry}`` of the loaded subjects (absolute paths, spacing).
+      subjects: ``{id: manifest entry}`` of the loaded subjects (absolute paths, and
+        ``spacing``, the voxel size in mm per array axis: the manifest's, else the image
+        header's).
       images: ``{id: [X, Y, Z] float32}``.
       labels: ``{id: [X, Y, Z] int32 or None}``.
     """
@@ -118,7 +120,10 @@ def load_prepared(manifest_path, splits=("train", "validation"), extra_subjects=
     grid = tuple(int(n) for n in manifest["grid"])
     images, labels = {}, {}
     for subject_id in wanted:
-        images[subject_id], labels[subject_id] = _read_subject(entries[subject_id], grid, where)
+        images[subject_id], labels[subject_id], spacing = _read_subject(
+            entries[subject_id], grid, where)
+        if entries[subject_id].get("spacing") is None:  # not in the manifest: the header's
+            entries[subject_id]["spacing"] = [float(s) for s in spacing]
     return PreparedDataset(
         manifest_path=path, name=manifest["name"], modality=manifest["modality"],
         synthetic=bool(manifest.get("synthetic", False)), grid=grid,
@@ -128,7 +133,8 @@ def load_prepared(manifest_path, splits=("train", "validation"), extra_subjects=
 
 
 def _read_subject(entry, grid, where):
-    """Image float32 and labels int32 (or None) of one manifest entry, checked against grid."""
+    """Image float32, labels int32 (or None) and the image's voxel spacing (mm) of one
+    manifest entry, checked against grid."""
     subject_id = entry["id"]
     image = io.read_volume(entry["image"], role=f"image of subject {subject_id}")
     _check_grid(image.data.shape, grid, entry["image"], where)
@@ -136,7 +142,7 @@ def _read_subject(entry, grid, where):
     if entry.get("labels") is not None:
         labels = io.read_labels(entry["labels"], reference=image,
                                 role=f"labels of subject {subject_id}").data
-    return np.ascontiguousarray(image.data, np.float32), labels
+    return np.ascontiguousarray(image.data, np.float32), labels, image.spacing
 
 
 def _check_grid(shape, grid, file, where):
@@ -245,12 +251,16 @@ def _batch(images, labels, fixed_index, moving_index):
 
 
 def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
-                 include_labels=False, max_displacement=12.0, control_points=5):
+                 include_labels=False, max_displacement=12.0, control_points=5,
+                 rotation_degrees=0.0, scale=0.0, shear=0.0, translation_mm=0.0):
     """Infinite stream of training batches; batch k depends only on ``(seed, k)``.
 
     Pairs are drawn uniformly with replacement from ``pairs``; with ``augment`` the moving
-    image (and its labels) of each pair is deformed by its own random cubic B-spline field
-    (:func:`vtn_tf.augment.augment_moving`). The fixed image is never augmented.
+    image (and its labels) of each pair is deformed by its own random field
+    (:func:`vtn_tf.augment.augment_moving`): a cubic B-spline field, then, when an affine
+    range is non-zero, a random affine drawn in millimetres with the **moving subject's**
+    voxel spacing (``dataset.subjects[id]["spacing"]``). The image and labels are
+    resampled once. The fixed image is never augmented.
 
     Args:
       dataset: :class:`PreparedDataset` holding every subject named in ``pairs``.
@@ -258,10 +268,14 @@ def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
       batch_size: pairs per batch (B).
       seed: integer; the stream is a function of it.
       start_step: index k of the first batch yielded (resume training at step S with S).
-      augment: apply the random spatial augmentation.
+      augment: apply the random spatial augmentation (B-spline and affine).
       include_labels: add ``"fixed_labels"`` and ``"moving_labels"`` (int32).
       max_displacement: augmentation bound per flow component, voxels.
       control_points: augmentation lattice points per axis.
+      rotation_degrees, scale, shear, translation_mm: affine ranges (degrees about each
+        axis, relative scale fraction, shear coefficient, mm along each axis), as in
+        :func:`vtn_tf.augment.random_affine_parameters`; all 0 (the default): no affine,
+        the stream is exactly the B-spline-only one.
     Returns:
       ``tf.data.Dataset`` of dicts with static shapes ``[B, X, Y, Z, 1]`` (see module notes).
     """
@@ -272,6 +286,12 @@ def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
     count = len(pairs)
     seed = tf.constant(int(seed), tf.int64)
     shape = [batch_size, *dataset.grid, 1]
+    affine = dict(rotation_degrees=rotation_degrees, scale=scale, shear=shear,
+                  translation_mm=translation_mm)
+    check_affine_ranges(**affine)
+    moving_spacing = None
+    if augment and any(value != 0 for value in affine.values()):
+        moving_spacing = tf.constant([_spacing(dataset, m) for _, m in pairs], tf.float64)
 
     def make_batch(step):
         pair_seed, augment_seed = tf.unstack(
@@ -280,9 +300,11 @@ def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
                                              dtype=tf.int32)
         batch = _batch(images, labels, tf.gather(fixed, choice), tf.gather(moving, choice))
         if augment:
+            spacing = None if moving_spacing is None else tf.gather(moving_spacing, choice)
             batch["moving"], moved_labels = augment_moving(
                 batch["moving"], batch.get("moving_labels"), augment_seed,
-                control_points=control_points, max_displacement=max_displacement)
+                control_points=control_points, max_displacement=max_displacement,
+                spacing=spacing, **affine)
             if moved_labels is not None:
                 batch["moving_labels"] = moved_labels
         for tensor in batch.values():
@@ -292,6 +314,15 @@ def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
     steps = tf.data.Dataset.range(int(start_step), 2**62)
     return steps.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _spacing(dataset, subject_id):
+    """Voxel size in mm per array axis of a loaded subject (see ``PreparedDataset.subjects``)."""
+    spacing = dataset.subjects[subject_id].get("spacing")
+    if spacing is None or len(spacing) != 3:
+        raise ValueError(f"subject {subject_id!r} of manifest {dataset.manifest_path} has no "
+                         "3-element 'spacing'; the affine augmentation needs its voxel size")
+    return [float(s) for s in spacing]
 
 
 def evaluation_batches(dataset, pairs, include_labels=True):

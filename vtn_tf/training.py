@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from vtn_tf import config as config_lib
 from vtn_tf import data as data_lib
-from vtn_tf import metrics, spatial
+from vtn_tf import augment, metrics, spatial
 from vtn_tf.model import VTN
 
 
@@ -296,7 +296,7 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
     stream = data_lib.pair_dataset(
         dataset, pairs, train_cfg["batch_size"], seed=train_cfg["seed"], start_step=start_step,
         augment=data_cfg["augment"], max_displacement=data_cfg["max_displacement"],
-        control_points=data_cfg["control_points"])
+        control_points=data_cfg["control_points"], **affine_ranges(data_cfg))
     writer = tf.summary.create_file_writer(str(writer_dir))
     callbacks = [Scalars(writer, train_cfg["log_every"]), Checkpoints(manager, train_cfg["checkpoint_every"], total_steps)]
     if train_cfg["on_nonfinite"] == "stop":
@@ -321,6 +321,12 @@ def train(config, run_dir, restart=False, verbose=1, log=print):
     log(f"trained {steps} steps in {seconds:.1f} s ({summary['steps_per_second']:.2f} steps/s); "
         f"checkpoints in {checkpoint_dir}")
     return summary
+
+
+def affine_ranges(data_cfg):
+    """The affine augmentation ranges of a config's data section (all 0 when it is off)."""
+    on = data_cfg["affine_augment"]
+    return {field: data_cfg[field] if on else 0.0 for field in augment.AFFINE_RANGES}
 
 
 def validation_pairs(dataset, data_cfg):
