@@ -11,7 +11,7 @@ LIVER_LAYOUT ?= lits
 SET ?=
 export VTN_DATA
 
-.PHONY: help install demo test test-fast demo train-brain train-liver train-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain
+.PHONY: help install demo test test-fast demo train-brain train-liver train-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain
 
 help:
 	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
@@ -98,6 +98,7 @@ row_inv = $(if $(findstring -inv,$(1)),--set model.invertibility_weight=1e-3,)
 row-hippocampus-%: install $(PREPARED)/hippocampus/manifest.json
 	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-$* \
 	  --set model.spec=$(call row_spec,$*) $(call row_inv,$*) --set train.steps_per_epoch=$$(( $(ROW_STEPS) / 4 )) $(SET)
+	@mkdir -p results
 	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/hippocampus-$* --manifest $(PREPARED)/hippocampus/manifest.json \
 	  --protocol consecutive --methods vtn,identity$(if $(BASELINES),$(comma)$(BASELINES)) --out results/hippocampus-$*.csv --overwrite
 
@@ -105,6 +106,7 @@ row-brain-%: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-cpu.json --run_dir $(RUNS)/brain-$* \
 	  --set model.spec=$(call row_spec,$*) $(call row_inv,$*) --set train.steps_per_epoch=$$(( $(ROW_STEPS) / 2 )) \
 	  --set model.similarity_weights=last $(SET)
+	@mkdir -p results
 	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/brain-$* --manifest $(PREPARED)/lpba40-64/manifest.json \
 	  --protocol atlas --atlas S01 --methods vtn,identity$(if $(BASELINES),$(comma)$(BASELINES)) --out results/brain-$*.csv --overwrite
 
@@ -118,12 +120,44 @@ ablation-brain: $(foreach s,$(ABLATION_SPECS),row-brain-$(s) row-brain-$(s)-inv)
 ACCURACY_BASELINES ?= ants,elastix
 accuracy-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-accuracy.json --run_dir $(RUNS)/hippocampus-accuracy $(SET)
+	@mkdir -p results
 	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/hippocampus-accuracy --manifest $(PREPARED)/hippocampus/manifest.json \
 	  --protocol consecutive --passes 5 --methods vtn,identity,$(ACCURACY_BASELINES) \
 	  --out results/hippocampus-accuracy.csv --overwrite
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-accuracy NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
+	  NATIVE_NAME=hippocampus-accuracy NATIVE_PROTOCOL="--protocol consecutive" NATIVE_PASSES=5 NATIVE_MISALIGN=
 
 accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-accuracy.json --run_dir $(RUNS)/brain-accuracy $(SET)
+	@mkdir -p results
 	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/brain-accuracy --manifest $(PREPARED)/lpba40-64/manifest.json \
 	  --protocol atlas --atlas S01 --passes 2 --methods vtn,identity,$(ACCURACY_BASELINES) \
 	  --out results/brain-accuracy.csv --overwrite
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-accuracy NATIVE_NAME=brain-accuracy NATIVE_PASSES=2
+
+# The native-resolution tables (the user's path): the original files registered through the
+# vtn-register code, scored on the fixed image's grid, with and without --refine, aligned and
+# moved by known rigid transforms in their headers; ANTs SyN and elastix on the same files.
+# `make evaluate-brain` does this for the `make train-brain` model.
+NATIVE_MODEL ?= $(RUNS)/brain-cpu
+NATIVE_MANIFEST ?= $(PREPARED)/lpba40-64/manifest.json
+NATIVE_NAME ?= brain-cpu
+NATIVE_PROTOCOL ?= --protocol atlas --atlas S01
+NATIVE_PASSES ?= 1
+NATIVE_BASELINES ?= ants,elastix
+NATIVE_MISALIGN ?= rigid
+REFINE_STEPS ?= 50
+native_eval = $(PYTHON) -m vtn_tf.apps.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
+	  $(NATIVE_PROTOCOL) --passes $(NATIVE_PASSES) --overwrite
+native-tables:
+	@mkdir -p results
+	$(native_eval) --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native.csv
+	$(native_eval) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-refine.csv
+	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
+	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-misaligned-refine.csv)
+
+evaluate-brain: install $(PREPARED)/lpba40-64/manifest.json
+	@mkdir -p results
+	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/brain-cpu --manifest $(PREPARED)/lpba40-64/manifest.json \
+	  --protocol atlas --atlas S01 --methods vtn,identity --out results/brain-cpu.csv --overwrite
+	$(MAKE) native-tables

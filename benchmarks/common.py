@@ -45,6 +45,7 @@ def base_parser(description):
 def setup_tensorflow(args):
     """Import TensorFlow with the flags' thread and precision settings (before any op)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as vtn_tf does
     import tensorflow as tf
 
     if args.threads:

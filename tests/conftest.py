@@ -4,6 +4,7 @@ import pathlib
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as vtn_tf does, before any test imports TensorFlow
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -299,3 +299,80 @@ def test_itk_field_matches_ants_apply_transforms(tmp_path):
     theirs = ants.apply_transforms(reference, ants.image_read(paths["moving"]), transformlist=field,
                                    interpolator="linear").numpy()
     np.testing.assert_allclose(theirs, result.warped, atol=1e-4)
+
+
+def test_batch_mode_registers_rows_and_reports_a_failed_one(identity_run, pair, tmp_path):
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("fixed,moving,out,moving_labels\n"
+                        f"fixed.nii.gz,moving.nii.gz,batch/one,seg.nii.gz\n"
+                        f"fixed.nii.gz,absent.nii.gz,batch/two,\n"
+                        f"{pair['fixed']},{pair['moving']},batch/three,seg.nii.gz;seg.nii.gz\n"
+                        f"fixed.nii.gz,moving.nii.gz,batch/four,\n")
+    done = _cli("--model", identity_run, "--pairs", csv_path, "--init", "none")
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert sum("ok," in line for line in lines) == 2 and sum("FAILED" in line for line in lines) == 2
+    assert any("absent.nii.gz does not exist" in line for line in lines)
+    assert any("both be written as" in line for line in lines)  # the same label file twice
+    assert "2 of 4 pairs registered" in lines[-1]
+    assert (tmp_path / "batch" / "one" / "warped_labels_seg.nii.gz").exists()
+    assert (tmp_path / "batch" / "four" / "flow_itk.nii.gz").exists()
+    assert not (tmp_path / "batch" / "two").exists() and not (tmp_path / "batch" / "three").exists()
+    one = nib.load(tmp_path / "batch" / "one" / "warped.nii.gz").get_fdata()
+    np.testing.assert_allclose(one[:, :, 3:], pair["fixed_data"][:, :, 3:], atol=1e-5)
+
+
+def test_pairs_file_without_a_column_is_refused(tmp_path):
+    from vtn_tf import batch
+
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("fixed,moving\na.nii.gz,b.nii.gz\n")
+    with pytest.raises(io.InputError, match="pairs.csv has no column 'out'"):
+        batch.read_pairs(bad)
+
+
+def test_uncompressed_outputs_and_nothing_left_after_a_failed_write(identity_run, pair, tmp_path, monkeypatch):
+    quiet = {"log": lambda *_: None, "init": "none"}
+    written = registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
+                                          compression=0, **quiet)
+    assert sorted(os.path.basename(p) for p in written) == sorted(
+        ["warped.nii", "flow_voxels.nii", "flow_itk.nii", "affine.json", "affine.txt"])
+    assert nib.load(pair["out"] / "flow_itk.nii").shape == FIXED_SHAPE + (1, 3)
+
+    def broken(image, path, compression):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(registration, "_save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        registration.register_files(identity_run, pair["fixed"], pair["moving"], tmp_path / "new", **quiet)
+    assert not (tmp_path / "new").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".new")]
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_lpba40_pair_moved_in_its_header_scores_as_the_aligned_pair(identity_run, vtn_data, tmp_path):
+    """S02 -> S01 at native resolution, then S02 moved by 20 degrees and 25 mm in its header: the
+    initial alignment and the pipeline must give the same Dice (within 0.01)."""
+    from vtn_tf import alignment, metrics
+    from vtn_tf.native_evaluation import moved_copy
+
+    root = vtn_data / "lpba40"
+    fixed_labels = io.read_labels(root / "labels" / "S01.nii.gz")
+    move = np.eye(4)
+    move[:3, :3] = alignment.rotation_about([0.2, 1.0, -0.4], 20.0)
+    centre = nib.load(root / "images" / "S02.nii.gz").affine[:3, 3] / 2
+    move[:3, 3] = centre - move[:3, :3] @ centre + np.array([15.0, -20.0, 0.0])  # 25 mm
+    scores = []
+    for moved in (False, True):
+        image, labels = root / "images" / "S02.nii.gz", root / "labels" / "S02.nii.gz"
+        if moved:
+            image, labels = (moved_copy(p, move, str(tmp_path), role) for p, role in ((image, "image"), (labels, "labels")))
+        registrar = registration.Registrar(str(identity_run), log=lambda *_: None, init="moments")
+        fixed, moving, label_volumes = registration.read_inputs(root / "images" / "S01.nii.gz", image, [labels])
+        result = registrar.register(fixed, moving, label_volumes)
+        scores.append(metrics.overlap_table(fixed_labels.data.astype(np.int32),
+                                            result.warped_labels[0].astype(np.int32),
+                                            sorted(set(np.unique(fixed_labels.data)) - {0}))[1])
+    assert scores[0] > 0.5
+    assert abs(scores[0] - scores[1]) < 0.01, scores

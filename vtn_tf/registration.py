@@ -181,7 +181,7 @@ def resample_through(data, matrix, shape, interpolation="linear", outside="zero"
     from vtn_tf import spatial
 
     tf = _tf()
-    image = _as_image(data)
+    image = _as_image(np.asarray(data, np.float32) if interpolation == "linear" else data)
     parts = []
     for rows in _slabs(shape):
         points = _grid_rows(shape, rows)

@@ -1,0 +1,173 @@
+"""End-to-end registration speed on original scans: vtn-register's parts, batch mode, one CLI call,
+beside ANTs SyN and elastix on the same files.
+
+Pairs: LPBA40 S02 -> S01 as stored (160x192x160, 1 mm) and a 256x256x160-class brain made from
+them (each volume resampled to 0.9375 x 0.75 x 1 mm on its own grid, world space kept: the
+size of a typical T1 scan). The model: a run directory (``--model``, e.g. runs/brain-cpu), or an
+untrained ADD at half width on a 64^3 grid (speed only; its fields are random).
+
+Rows (seconds, median of ``--repeats`` after a warm-up):
+
+* ``register_volumes`` parts: preprocess (crop, intensity maps, initial alignment, both images
+  onto the network grid), network, field (network flow onto the fixed grid, the alignment
+  composed), resample (moving image and labels through the field), plus read and write;
+* the network alone (the same call as inside), and ``register_volumes`` / network;
+* batch mode per pair (``vtn-register --pairs``, model loaded once, read + register + write);
+* one ``vtn-register`` CLI call (a fresh process: Python and TensorFlow start-up, model load);
+* ANTs SyN (``ants.registration`` + ``ants.apply_transforms`` of the labels) and elastix
+  (affine + B-spline, then transformix of the labels) on the same files, once each
+  (``--no-classical`` skips them), and the ratios.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import REPO_ROOT, base_parser, data_dir, format_seconds, print_machine, print_table, ratio, \
+    setup_tensorflow
+
+
+def _brain_pair(folder, size):
+    """Paths of (fixed, moving, moving_labels) for ``size`` ``"lpba40"`` or ``"256"``."""
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
+
+    root = data_dir() / "lpba40"
+    paths = [root / "images" / "S01.nii.gz", root / "images" / "S02.nii.gz", root / "labels" / "S02.nii.gz"]
+    if size == "lpba40":
+        return [str(p) for p in paths]
+    out = []
+    for path, order in zip(paths, (1, 1, 0)):
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+        zoom = np.array([256 / 160, 256 / 192, 1.0])
+        resampled = ndimage.zoom(data, zoom, order=order)
+        affine = image.affine.copy()
+        affine[:3, :3] = affine[:3, :3] / zoom
+        target = os.path.join(folder, "big_" + path.name.replace(".nii.gz", "") + ("_lab" if order == 0 else "") + ".nii.gz")
+        nib.save(nib.Nifti1Image(resampled.astype(data.dtype), affine), target)
+        out.append(target)
+    return out
+
+
+def _model(args, folder):
+    if args.model:
+        return args.model
+    from vtn_tf import training
+    from vtn_tf.model import VTN
+
+    model = VTN("ADD", width=0.5, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    return str(training.save_model_dir(model, (64, 64, 64), os.path.join(folder, "untrained")))
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def measure_vtn(registrar, paths, folder, repeats):
+    """Per-part seconds of ``Registrar.register_files`` and the network alone."""
+    from vtn_tf import registration
+
+    parts_runs, network = [], []
+    for k in range(repeats + 1):
+        out = os.path.join(folder, f"out{k}")
+        _, result, parts = registrar.register_files(paths[0], paths[1], out, [paths[2]], overwrite=True)
+        if k:
+            parts_runs.append(parts)
+    fixed, moving, labels = registration.read_inputs(*paths[:2], [paths[2]])
+    inputs = registration._network_inputs(registrar.contract or registration.default_contract(
+        registrar.network_shape), fixed, moving, registrar.init, lambda *_: None)
+    feed = {"fixed": inputs[0][None, ..., None], "moving": inputs[1][None, ..., None]}
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        registrar.model(feed)["flow"].numpy()
+        network.append(time.perf_counter() - start)
+    parts = {key: _median([run[key] for run in parts_runs]) for key in parts_runs[0]}
+    return parts, _median(network[1:])
+
+
+def measure_batch(args, model, paths, folder, pairs=3):
+    """Seconds per pair of ``vtn-register --pairs`` (one process, model loaded once), excluding start-up."""
+    from vtn_tf import batch, registration
+
+    csv_path = os.path.join(folder, "pairs.csv")
+    with open(csv_path, "w") as stream:
+        stream.write("fixed,moving,out,moving_labels\n")
+        for k in range(pairs):
+            stream.write(f"{paths[0]},{paths[1]},{os.path.join(folder, f'batch{k}')},{paths[2]}\n")
+    registrar = registration.Registrar(model, log=lambda *_: None)
+    batch.run(registrar, batch.read_pairs(csv_path)[:1], overwrite=True, stream=open(os.devnull, "w"))  # warm-up
+    start = time.perf_counter()
+    batch.run(registrar, batch.read_pairs(csv_path), overwrite=True, stream=open(os.devnull, "w"))
+    return (time.perf_counter() - start) / pairs
+
+
+def measure_cli(model, paths, folder):
+    command = [sys.executable, "-m", "vtn_tf.apps.register", "--model", model, paths[0], paths[1],
+               "--moving_labels", paths[2], "--out", os.path.join(folder, "cli"), "--overwrite"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True,
+                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    return time.perf_counter() - start
+
+
+def measure_classical(name, paths):
+    from vtn_tf import baselines
+
+    if baselines.unavailable(name):
+        return None
+    import nibabel as nib
+
+    from vtn_tf import native_evaluation
+
+    start = time.perf_counter()
+    register = native_evaluation._ants if name == "ants" else native_evaluation._elastix
+    register(paths[0], paths[1], paths[2], nib.load(paths[0]).affine)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model", help="run directory (default: an untrained ADD, width 0.5, 64^3)")
+    parser.add_argument("--sizes", nargs="+", default=["lpba40", "256"], choices=["lpba40", "256"])
+    parser.add_argument("--no-classical", action="store_true", help="skip ANTs SyN and elastix")
+    args = parser.parse_args()
+    if not (data_dir() / "lpba40").is_dir():
+        print(f"LPBA40 not found under {data_dir()} (set VTN_DATA): nothing to measure")
+        return
+    setup_tensorflow(args)
+    from vtn_tf import registration
+
+    repeats = args.repeats or (1 if args.quick else 3)
+    print_machine(args)
+    with tempfile.TemporaryDirectory() as folder:
+        model = _model(args, folder)
+        registrar = registration.Registrar(model, log=lambda *_: None)
+        rows = []
+        for size in (["lpba40"] if args.quick else args.sizes):
+            paths = _brain_pair(folder, size)
+            shape = "x".join(map(str, __import__("nibabel").load(paths[0]).shape))
+            parts, network = measure_vtn(registrar, paths, folder, repeats)
+            core = sum(parts[key] for key in ("preprocess", "network", "field", "resample"))
+            per_pair = measure_batch(args, model, paths, folder, 1 if args.quick else 3)
+            cli = measure_cli(model, paths, folder)
+            classical = {} if args.no_classical or args.quick else {
+                name: measure_classical(name, paths) for name in ("ants", "elastix")}
+            rows.append([shape] + [format_seconds(parts[key]) for key in
+                                   ("read", "preprocess", "network", "field", "resample", "write")]
+                        + [format_seconds(core), format_seconds(network), ratio(core, network),
+                           format_seconds(per_pair), format_seconds(cli)]
+                        + [format_seconds(classical[n]) if classical.get(n) else "n/a" for n in ("ants", "elastix")]
+                        + [ratio(classical[n], per_pair) if classical.get(n) else "n/a" for n in ("ants", "elastix")])
+        print_table(["fixed grid", "read", "preprocess", "network", "field", "resample", "write",
+                     "register_volumes", "network alone", "register / network", "batch, per pair",
+                     "one CLI call", "ANTs SyN", "elastix", "ANTs / batch", "elastix / batch"], rows)
+
+
+if __name__ == "__main__":
+    main()
