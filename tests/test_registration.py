@@ -376,3 +376,80 @@ def test_lpba40_pair_moved_in_its_header_scores_as_the_aligned_pair(identity_run
                                             sorted(set(np.unique(fixed_labels.data)) - {0}))[1])
     assert scores[0] > 0.5
     assert abs(scores[0] - scores[1]) < 0.01, scores
+
+
+# ---- the inverse --------------------------------------------------------------------------
+def _grid(shape):
+    return np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
+
+
+def test_inverse_of_an_analytic_affine_between_two_grids():
+    fixed_affine = FIXED_AFFINE
+    moving_affine = FIXED_AFFINE @ MOVING_TO_FIXED
+    T = np.eye(4)
+    T[:3, :3] = __import__("vtn_tf.alignment", fromlist=["x"]).rotation_about([0, 0, 1], 10.0)
+    T[:3, 3] = [3.0, -2.0, 1.0]
+    A = np.array([[1.03, 0.02, 0.0], [-0.01, 0.98, 0.03], [0.0, 0.01, 1.01]])
+    x = _grid(FIXED_SHAPE)
+    flow = (x @ (A - np.eye(3)).T + np.array([0.7, -0.4, 0.2])).astype(np.float32)  # x + u = A x + c
+    inverse, residual = registration.inverse_field(flow, fixed_affine, moving_affine, T, (36, 40, 29))
+    inverse = inverse.numpy()
+    # The forward map (T included in the field): fixed voxel x -> moving voxel P (A x + c); its
+    # inverse in closed form. T only splits the field (the result must not depend on it).
+    m = _grid((36, 40, 29))
+    forward = np.linalg.inv(moving_affine) @ fixed_affine  # fixed voxel position -> moving voxel
+    c = np.array([0.7, -0.4, 0.2])
+    full = forward[:3, :3] @ A
+    offset = forward[:3, :3] @ c + forward[:3, 3]
+    x_expected = (m - offset) @ np.linalg.inv(full).T
+    P = np.linalg.inv(moving_affine) @ fixed_affine
+    expected = x_expected @ P[:3, :3].T + P[:3, 3] - m
+    within = np.all((x_expected >= 0) & (x_expected <= np.array(FIXED_SHAPE) - 1), axis=-1)
+    assert within.mean() > 0.8  # beyond the fixed grid the field is edge-clamped: not compared
+    np.testing.assert_allclose(inverse[within], expected[within], atol=2e-3)
+    assert float(np.max(residual)) < 1e-3
+
+
+def test_inverse_of_a_smooth_random_field_composes_to_the_identity():
+    shape = (40, 36, 32)
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    field = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), 4.0) for _ in range(3)], -1)
+    field *= 3.0 / np.abs(field).max()  # up to 3 voxels, smooth (no folding)
+    flow = field.astype(np.float32)
+    inverse, _ = registration.inverse_field(flow, np.eye(4), np.eye(4), np.eye(4), shape)
+    inverse = inverse.numpy()
+    x = _grid(shape)
+    target = x + flow  # forward: fixed x -> moving x + u(x); inverse sampled there with scipy
+    v = np.stack([ndimage.map_coordinates(inverse[..., c], np.moveaxis(target, -1, 0), order=1, mode="nearest")
+                  for c in range(3)], -1)
+    inside = (slice(5, -5),) * 3
+    error = np.linalg.norm((target + v - x)[inside], axis=-1)
+    assert np.sqrt(np.mean(error ** 2)) < 0.1
+    rms, p95 = registration.inverse_consistency(flow, inverse, np.eye(4), np.eye(4), np.ones(shape, bool))
+    assert rms < 0.2 and p95 < 0.3
+
+
+def test_inverse_outputs_match_ants_and_simpleitk(identity_run, tmp_path):
+    paths, fixed, moving, labels = _labels_pair(tmp_path)
+    fixed_labels_path = save(tmp_path / "atlas.nii.gz",
+                             (smooth(world_of(FIXED_SHAPE, FIXED_AFFINE)) > 3.2).astype(np.int16) * 5, FIXED_AFFINE)
+    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
+    fixed_label_volume = io.read_labels(fixed_labels_path, reference=fixed)
+    registration.invert(result, fixed, moving, [fixed_label_volume], log=lambda *_: None)
+    out = tmp_path / "inv"
+    registration.write_result(result, fixed, [paths["labels"]], labels, out, log=lambda *_: None, moving=moving,
+                              fixed_label_paths=[fixed_labels_path], fixed_labels=[fixed_label_volume])
+    mine = np.asarray(nib.load(out / "warped_fixed_labels_atlas.nii.gz").dataobj)
+    assert mine.shape == moving.data.shape and mine.dtype == np.int16
+    field = sitk.ReadImage(str(out / "flow_inverse_itk.nii.gz"))
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    theirs = sitk.Resample(sitk.ReadImage(fixed_labels_path), sitk.ReadImage(paths["moving"]), transform,
+                           sitk.sitkNearestNeighbor, 0)
+    assert np.mean(sitk.GetArrayFromImage(theirs).transpose(2, 1, 0) == mine) > 0.999
+    ants = pytest.importorskip("ants", reason="antspyx not installed (pip install antspyx)")
+    theirs = ants.apply_transforms(ants.image_read(paths["moving"]), ants.image_read(fixed_labels_path),
+                                   transformlist=[str(out / "flow_inverse_itk.nii.gz")],
+                                   interpolator="nearestNeighbor").numpy()
+    assert np.mean(theirs == mine) > 0.999

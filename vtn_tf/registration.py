@@ -223,6 +223,77 @@ def network_flow_on_fixed(network_flow, G, fixed_shape, K=None):
     return tf.concat(parts, axis=0)
 
 
+def inverse_field(flow_voxels, fixed_affine, moving_affine, initial, moving_shape, iterations=30):
+    """The moving -> fixed displacement on the moving grid (the inverse of ``flow_voxels``).
+
+    The forward map takes fixed voxel ``x`` to moving voxel ``P (x + u(x))``,
+    ``P = A_m^-1 A_f``, and ``x + u(x) = K (x + d(x))`` with ``K = A_f^-1 T A_f`` the initial
+    alignment and ``d`` the deformable remainder (the network's field, refinement included).
+    For each moving voxel ``m`` the fixed point is found by fixed-point iteration on the
+    remainder alone, ``x <- z - d(x)`` with ``z = K^-1 P^-1 m`` (``d`` trilinear, edge-clamped),
+    which converges wherever ``d`` is a contraction (no folding); the affine part is inverted
+    exactly.
+
+    Args:
+      flow_voxels: ``[X, Y, Z, 3]`` forward field (voxels of the fixed grid, pulling).
+      fixed_affine, moving_affine: 4x4 voxel -> RAS mm. initial: ``T`` (4x4 RAS).
+      moving_shape: ``(X', Y', Z')`` of the moving grid.
+    Returns:
+      ``(inverse, residual)``: ``[X', Y', Z', 3]`` float32 tf, **voxels of the moving grid**,
+      pulling: moving voxel ``m`` corresponds to the world point ``A_m (m + v(m))``, i.e. to
+      fixed voxel ``A_f^-1 A_m (m + v(m))``; and ``[X', Y', Z']`` the last iteration's step in
+      fixed voxels (0 where converged).
+    """
+    from vtn_tf import spatial
+
+    tf = _tf()
+    K = np.linalg.inv(fixed_affine) @ initial @ fixed_affine
+    P = np.linalg.inv(moving_affine) @ fixed_affine
+    fixed_shape = flow_voxels.shape[:3]
+    remainder = []  # d(x) = K^-1 (x + u(x)) - x
+    for rows in _slabs(fixed_shape):
+        x = _grid_rows(fixed_shape, rows)
+        u = tf.convert_to_tensor(flow_voxels[rows.start:rows.stop], tf.float32)
+        remainder.append(_affine_points(np.linalg.inv(K), x + u) - x)
+    remainder = tf.concat(remainder, 0)[None]
+    start = np.linalg.inv(K) @ np.linalg.inv(P)  # moving voxel -> z (fixed voxels)
+    parts, residuals = [], []
+    for rows in _slabs(moving_shape):
+        m = _grid_rows(moving_shape, rows)
+        z = _affine_points(start, m)
+        x = z
+        for _ in range(int(iterations)):
+            previous = x
+            x = z - spatial.sample(remainder, x[None], "linear", "clamp")[0]
+        residuals.append(tf.norm(x - previous, axis=-1))
+        parts.append(_affine_points(P, x) - m)
+    return tf.concat(parts, 0), tf.concat(residuals, 0)
+
+
+def inverse_consistency(flow_voxels, inverse, fixed_affine, moving_affine, mask):
+    """RMS and 95th percentile (mm) of ``|inverse(forward(x)) - x|`` over the fixed ``mask``.
+
+    ``forward``: ``flow_voxels`` (fixed grid); ``inverse``: :func:`inverse_field`'s field
+    (moving grid), sampled trilinearly at the forward image of each fixed voxel.
+    """
+    from vtn_tf import spatial
+
+    tf = _tf()
+    P = np.linalg.inv(moving_affine) @ fixed_affine
+    index = np.argwhere(np.asarray(mask))
+    if len(index) > 400000:  # a deterministic subsample keeps it cheap on large masks
+        index = index[:: len(index) // 400000 + 1]
+    x = tf.constant(index, tf.float32)
+    u = tf.gather_nd(tf.convert_to_tensor(flow_voxels, tf.float32), index)
+    m = _affine_points(P, x + u)
+    v = spatial.sample(tf.convert_to_tensor(inverse, tf.float32)[None], m[None, :, None, None], "linear",
+                       "clamp")[0, :, 0, 0]
+    back = _affine_points(np.linalg.inv(P), m + v)
+    error = tf.norm(tf.tensordot(back - x, tf.constant(np.asarray(fixed_affine)[:3, :3].T, tf.float32), 1),
+                    axis=-1).numpy()
+    return float(np.sqrt(np.mean(error ** 2))), float(np.percentile(error, 95))
+
+
 def itk_displacement(flow_voxels, fixed_affine):
     """ITK/ANTs displacement ``[X, Y, Z, 1, 3]`` float32, LPS mm, fixed point -> moving point."""
     tf = _tf()
@@ -340,6 +411,40 @@ class Result:
     network_flow: np.ndarray
     seconds: dict = dataclasses.field(default_factory=dict)
     refine_log: list = dataclasses.field(default_factory=list)
+    inverse: object = None  # Inverse or None
+
+
+@dataclasses.dataclass
+class Inverse:
+    """The moving-space outputs (``--inverse``), all on the moving image's grid.
+
+    ``flow``: ``[X', Y', Z', 3]`` float32, voxels of the moving grid, pulling (moving voxel
+    ``m`` corresponds to the world point ``A_m (m + v(m))`` of the fixed image);
+    ``warped_fixed``: the fixed image resampled into the moving space; ``warped_fixed_labels``:
+    fixed label maps carried there (nearest); ``residual_max``: the largest last fixed-point
+    step (fixed voxels).
+    """
+
+    flow: np.ndarray
+    warped_fixed: np.ndarray
+    warped_fixed_labels: list
+    residual_max: float
+
+
+def invert(result, fixed, moving, fixed_labels=(), log=print):
+    """Fill ``result.inverse`` (see :class:`Inverse` and :func:`inverse_field`)."""
+    begin = time.perf_counter()
+    T = np.asarray(result.affine["initial_alignment_ras"], float)
+    flow, residual = inverse_field(result.flow_voxels, fixed.affine, moving.affine, T, moving.data.shape)
+    moving_to_fixed = np.linalg.inv(fixed.affine) @ moving.affine
+    shape = moving.data.shape
+    warped = resample_through(fixed.data, moving_to_fixed, shape, "linear", "zero", flow)
+    labels = [resample_through(v.data, moving_to_fixed, shape, "nearest", "zero", flow) for v in fixed_labels]
+    residual_max = float(_tf().reduce_max(residual))
+    result.inverse = Inverse(flow.numpy(), warped, labels, residual_max)
+    result.seconds["inverse"] = time.perf_counter() - begin
+    log(f"inverse on the moving grid: fixed-point iteration, largest last step {residual_max:.3g} fixed voxels")
+    return result
 
 
 def default_contract(network_shape, intensity="mri"):
@@ -483,21 +588,26 @@ def _extension(compression):
     return ".nii" if int(compression) == 0 else ".nii.gz"
 
 
-def output_names(label_paths, compression=1):
+def output_names(label_paths, compression=1, inverse=False, fixed_label_paths=()):
     ext = _extension(compression)
     names = [f"warped{ext}", f"flow_voxels{ext}", f"flow_itk{ext}"]
     names += [f"warped_labels_{_stem(p)}{ext}" for p in label_paths]
+    if inverse:
+        names += [f"flow_inverse_voxels{ext}", f"flow_inverse_itk{ext}", f"warped_fixed{ext}"]
+        names += [f"warped_fixed_labels_{_stem(p)}{ext}" for p in fixed_label_paths]
     return names + ["affine.json", "affine.txt"]
 
 
-def check_outputs(out, label_paths, overwrite, compression=1):
+def check_outputs(out, label_paths, overwrite, compression=1, inverse=False, fixed_label_paths=()):
     """Refuse before any work: ``out`` a file, clashing label names, or existing outputs."""
     out = pathlib.Path(out)
     if int(compression) not in COMPRESSION_LEVELS:
         raise io.InputError(f"compression must be a gzip level 0-9 (0: uncompressed .nii); got {compression}")
     if out.exists() and not out.is_dir():
         raise io.InputError(f"output {out} is a file; an output folder is required")
-    names = output_names(label_paths, compression)
+    if fixed_label_paths and not inverse:
+        raise io.InputError("--fixed_labels are carried into the moving space: they need --inverse")
+    names = output_names(label_paths, compression, inverse, fixed_label_paths)
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise io.InputError(f"two label files would both be written as {clashes[0]}; rename one")
@@ -543,6 +653,7 @@ class Registrar:
     refine: object = None
     intensity: str = "auto"
     log: object = print
+    inverse: bool = False
 
     def __post_init__(self):
         if self.init not in alignment.MODES:
@@ -565,25 +676,31 @@ class Registrar:
         return register_volumes(self.model, self.network_shape, fixed, moving, labels, self.intensity,
                                 self.log, self.passes, self.contract, self.init, self.refine)
 
-    def register_files(self, fixed_path, moving_path, out, moving_labels=(), overwrite=False, compression=1):
+    def register_files(self, fixed_path, moving_path, out, moving_labels=(), overwrite=False, compression=1,
+                       fixed_labels=()):
         """Read, register and write one pair; returns ``(written paths, Result, seconds per part)``."""
         label_paths = [os.fspath(p) for p in moving_labels]
-        check_outputs(out, label_paths, overwrite, compression)
+        fixed_label_paths = [os.fspath(p) for p in fixed_labels]
+        check_outputs(out, label_paths, overwrite, compression, self.inverse, fixed_label_paths)
         begin = time.perf_counter()
         fixed, moving, labels = read_inputs(fixed_path, moving_path, label_paths)
+        fixed_label_volumes = [io.read_labels(p, reference=fixed, role="fixed labels") for p in fixed_label_paths]
         read_seconds = time.perf_counter() - begin
         self.log(describe("fixed", fixed))
         self.log(describe("moving", moving))
         result = self.register(fixed, moving, labels)
+        if self.inverse:
+            invert(result, fixed, moving, fixed_label_volumes, self.log)
         begin = time.perf_counter()
-        written = write_result(result, fixed, label_paths, labels, out, overwrite, self.log, compression)
+        written = write_result(result, fixed, label_paths, labels, out, overwrite, self.log, compression,
+                               moving, fixed_label_paths, fixed_label_volumes)
         parts = {"read": read_seconds, **result.seconds, "write": time.perf_counter() - begin}
         return written, result, parts
 
 
 def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), intensity="auto",
                    overwrite=False, log=print, passes=1, precision="float32", init="moments", refine=None,
-                   compression=1):
+                   compression=1, inverse=False, fixed_labels=()):
     """Register two files with a run directory's model and write the outputs into ``out``.
 
     See the module docstring for the grids and the exact meaning of every output. Returns
@@ -594,20 +711,23 @@ def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), inte
     if intensity not in ("auto", "mri", "ct", "none"):
         raise io.InputError(f"intensity must be auto, mri, ct or none; got {intensity!r}")
     label_paths = [os.fspath(p) for p in moving_labels]
-    check_outputs(out, label_paths, overwrite, compression)
+    check_outputs(out, label_paths, overwrite, compression, inverse, [os.fspath(p) for p in fixed_labels])
     read_inputs(fixed_path, moving_path, label_paths)  # refuse bad files before loading a model
-    registrar = Registrar(os.fspath(run_dir), precision, passes, init, refine, intensity, log)
-    return registrar.register_files(fixed_path, moving_path, out, label_paths, overwrite, compression)[0]
+    registrar = Registrar(os.fspath(run_dir), precision, passes, init, refine, intensity, log, inverse)
+    return registrar.register_files(fixed_path, moving_path, out, label_paths, overwrite, compression,
+                                    fixed_labels)[0]
 
 
-def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=print, compression=1):
+def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=print, compression=1,
+                 moving=None, fixed_label_paths=(), fixed_labels=()):
     """Write a :class:`Result` into ``out`` (created if missing); see the module doc.
 
     Every file is written into a temporary folder beside ``out`` first; only when all of
     them are complete are they moved into ``out`` (one rename when ``out`` is new).
     """
     out = pathlib.Path(out)
-    check_outputs(out, label_paths, overwrite, compression)
+    inverse = result.inverse
+    check_outputs(out, label_paths, overwrite, compression, inverse is not None, fixed_label_paths)
     ext, affine = _extension(compression), fixed.affine
     parent = out.parent if not out.exists() else out
     parent.mkdir(parents=True, exist_ok=True)
@@ -615,9 +735,9 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
     try:
         names = []
 
-        def nifti(name, image):
-            image.set_qform(affine, code=1)
-            image.set_sform(affine, code=1)
+        def nifti(name, image, grid_affine=affine):
+            image.set_qform(grid_affine, code=1)
+            image.set_sform(grid_affine, code=1)
             image.header.set_xyzt_units("mm")
             _save(image, staging / name, compression)
             names.append(name)
@@ -628,6 +748,16 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
         for path, volume, warped in zip(label_paths, labels, result.warped_labels):
             dtype = _label_dtype(path, volume.data)
             nifti(f"warped_labels_{_stem(path)}{ext}", nib.Nifti1Image(warped.astype(dtype), affine))
+        if inverse is not None:
+            moving_affine = moving.affine
+            nifti(f"flow_inverse_voxels{ext}", nib.Nifti1Image(inverse.flow.astype(np.float32), moving_affine),
+                  moving_affine)
+            nifti(f"flow_inverse_itk{ext}", itk_field_image(inverse.flow, moving_affine), moving_affine)
+            nifti(f"warped_fixed{ext}", nib.Nifti1Image(inverse.warped_fixed.astype(np.float32), moving_affine),
+                  moving_affine)
+            for path, volume, warped in zip(fixed_label_paths, fixed_labels, inverse.warped_fixed_labels):
+                nifti(f"warped_fixed_labels_{_stem(path)}{ext}",
+                      nib.Nifti1Image(warped.astype(_label_dtype(path, volume.data)), moving_affine), moving_affine)
         (staging / "affine.json").write_text(json.dumps(result.affine, indent=2) + "\n")
         (staging / "affine.txt").write_text(itk_affine_text(result.affine["world_lps"]))
         names += ["affine.json", "affine.txt"]

@@ -4,6 +4,7 @@ Usage:
   vtn-register --model runs/X fixed.nii.gz moving.nii.gz --out outdir \\
       [--moving_labels labels.nii.gz ...] [--init moments|com|none] [--refine N] \\
       [--passes N] [--precision float32|bfloat16|float16] [--compression 0-9] [--overwrite]
+      [--inverse [--fixed_labels atlas_labels.nii.gz ...]]
   vtn-register --model runs/X --pairs pairs.csv [options]      # many pairs, one model load
 
 (``python -m vtn_tf.apps.register`` is the same; ``--fixed`` / ``--moving`` may replace the
@@ -36,6 +37,10 @@ flags.DEFINE_string("moving", None, "moving image (or the second positional argu
 flags.DEFINE_string("out", None, "output folder (created if missing)")
 flags.DEFINE_string("pairs", None, "batch mode: CSV with columns fixed,moving,out[,moving_labels]")
 flags.DEFINE_multi_string("moving_labels", [], "label map on the moving image's grid (repeatable)")
+flags.DEFINE_boolean("inverse", False, "also write the moving -> fixed field on the moving grid "
+                     "(flow_inverse_voxels / flow_inverse_itk) and the fixed image in the moving space (warped_fixed)")
+flags.DEFINE_multi_string("fixed_labels", [], "with --inverse: label map on the fixed grid, carried into the "
+                          "moving space as warped_fixed_labels_<name> (repeatable)")
 flags.DEFINE_enum("intensity", "auto", ["auto", "mri", "ct", "none"],
                   "normalisation before the network: auto = the model's (preprocessing.json); "
                   "mri = percentile clip + rescale, ct = window 290 / level 120 HU, none = as is")
@@ -52,12 +57,13 @@ def _registrar(log):
     from vtn_tf.apps.common import refine_settings
 
     return registration.Registrar(FLAGS.model, FLAGS.precision, FLAGS.passes, FLAGS.init,
-                                  refine_settings(), FLAGS.intensity, log)
+                                  refine_settings(), FLAGS.intensity, log, FLAGS.inverse)
 
 
 def register_one(fixed, moving):
     registrar = _registrar(print)
-    registrar.register_files(fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression)
+    registrar.register_files(fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
+                             FLAGS.fixed_labels)
 
 
 def register_batch():
@@ -92,7 +98,8 @@ def main(argv):
     with user_errors("vtn-register", FLAGS.verbose):
         from vtn_tf import registration
 
-        registration.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression)
+        registration.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
+                                   FLAGS.inverse, FLAGS.fixed_labels)
         registration.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
         register_one(fixed, moving)
 
