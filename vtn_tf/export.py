@@ -123,6 +123,10 @@ def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=Fa
         with contextlib.nullcontext() if xla else warp_without_xla():  # saving traces the function
             tf.saved_model.save(module, str(temporary), signatures={SIGNATURE: module.serve})
         (temporary / METADATA).write_text(json.dumps(metadata or {}, indent=2) + "\n")
+        if (metadata or {}).get("preprocessing"):  # the input contract, beside the graph's assets
+            (temporary / "assets").mkdir(exist_ok=True)
+            (temporary / "assets" / "preprocessing.json").write_text(
+                json.dumps(metadata["preprocessing"], indent=2) + "\n")
         os.chmod(temporary, 0o755)
         if out.exists():  # overwrite: move the old export aside only once the new one is complete
             old = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
@@ -158,16 +162,22 @@ def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, 
 
     Raises `vtn_tf.io.InputError` (before writing) for an existing ``out`` without
     ``overwrite`` or a missing or corrupt run directory. Returns ``out``."""
-    from vtn_tf.registration import load_model
+    from vtn_tf.registration import load_contract, load_model
 
     check_output(out, overwrite)
     model, image_shape, checkpoint = load_model(os.fspath(run_dir), precision)
+    has_contract = any(os.path.isfile(os.path.join(run_dir, n)) for n in ("preprocessing.json", "config.json"))
+    contract = load_contract(run_dir).to_json() if has_contract else None
     metadata = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.abspath(checkpoint),
                 "spec": model.spec, "image_shape": list(image_shape), "signature": SIGNATURE,
                 "inputs": {"fixed": [None, *image_shape, 1], "moving": [None, *image_shape, 1]},
                 "outputs": {"flow": [None, *image_shape, 3], "warped": [None, *image_shape, 1]},
                 "flow_convention": "voxels of the input grid, pulling: warped(x) = moving(x + flow(x))",
-                "xla_warp": bool(xla), "passes": int(passes), "network_precision": precision}
+                "xla_warp": bool(xla), "passes": int(passes), "network_precision": precision,
+                "preprocessing": contract,
+                "preprocessing_note": "inputs are prepared as vtn_tf.preprocess does with this contract "
+                                      "(crop box, grid, intensity map); the initial alignment, refinement "
+                                      "and native-resolution resampling run outside the served graph"}
     out = save_serving(model, image_shape, out, metadata, overwrite, xla, passes)
     shape = ", ".join(map(str, image_shape))
     log(f"exported {run_dir} ({checkpoint}, spec {model.spec}) to {out}: signature {SIGNATURE!r}, "

@@ -39,6 +39,7 @@ MISALIGN_MODES = ("rigid", "affine")
 MISALIGN_DEGREES = 20.0
 MISALIGN_MM = 25.0
 COLUMNS_EXTRA = ("folding_central_percent",)
+INVERSE_COLUMNS = ("inverse_dice", "inverse_rms_mm", "inverse_p95_mm")
 
 
 def misalignment(mode, seed, centre):
@@ -123,7 +124,7 @@ def _elastix(fixed_path, moving_path, labels_path, fixed_affine):
 
 def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evaluation", protocol="atlas",
         atlas=None, max_pairs=None, overwrite=False, log=print, passes=1, precision="float32", init="moments",
-        refine=None, misalign=None, misalign_seed=0):
+        refine=None, misalign=None, misalign_seed=0, inverse=False):
     """``vtn-evaluate --native``: register the original files of ``split`` and score them.
 
     Returns ``(rows, summary_markdown)``; writes the CSV and the summary like
@@ -146,7 +147,8 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
                                     f"{manifest['path']} is missing; --native needs the original scans")
     registrar = None
     if "vtn" in names:
-        registrar = registration.Registrar(model_dir, precision, passes, init, refine, "auto", lambda *_: None)
+        registrar = registration.Registrar(model_dir, precision, passes, init, refine, "auto", lambda *_: None,
+                                           inverse)
     for name in [n for n in names if n in baselines.METHODS]:
         reason = baselines.unavailable(name)
         if reason:
@@ -180,7 +182,16 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
               f"VTN: init {init}, {passes} pass(es){f', refine {refine.steps} steps' if refine else ''}; "
               f"ANTs SyN (antspyx defaults) and elastix (affine + B-spline) on the same files, "
               f"{baselines.THREADS} threads.")
-    summary = evaluation.write_results(rows, out, label_values, overwrite, header, extra=COLUMNS_EXTRA)
+    extra = COLUMNS_EXTRA + (INVERSE_COLUMNS if inverse else ())
+    for row in rows:
+        row.update({name: row.get(name, float("nan")) for name in extra})
+    summary = evaluation.write_results(rows, out, label_values, overwrite, header, extra=extra)
+    if inverse:
+        mine = [r for r in rows if r["method"] == "vtn"]
+        summary += (f"\nInverse (vtn, moving space): Dice of the fixed labels carried into the moving space "
+                    f"{np.mean([r['inverse_dice'] for r in mine]):.4f} (forward {np.mean([r['dice'] for r in mine]):.4f}); "
+                    f"inverse consistency inside the fixed labels: RMS {np.mean([r['inverse_rms_mm'] for r in mine]):.3f} mm, "
+                    f"p95 {np.mean([r['inverse_p95_mm'] for r in mine]):.3f} mm (mean over pairs)\n")
     return rows, summary
 
 
@@ -192,6 +203,13 @@ def _score(name, registrar, fixed_image, fixed_labels, moving_image, moving_labe
         result = registrar.register(fixed, moving, labels)
         warped, flow = result.warped_labels[0], result.flow_voxels
         seconds = sum(result.seconds.values())
+        if registrar.inverse:
+            registration.invert(result, fixed, moving, [fixed_labels_volume], lambda *_: None)
+            inverse_row = {"inverse_dice": metrics.overlap_table(labels[0].data.astype(np.int32),
+                                                                 result.inverse.warped_fixed_labels[0].astype(np.int32),
+                                                                 label_values)[1]}
+            inverse_row["inverse_rms_mm"], inverse_row["inverse_p95_mm"] = registration.inverse_consistency(
+                flow, result.inverse.flow, fixed.affine, moving.affine, fixed_labels_volume.data > 0)
     elif name == "identity":
         moving_volume = io.read_labels(moving_labels, role="moving labels")
         matrix = np.linalg.inv(moving_volume.affine) @ affine
@@ -206,4 +224,6 @@ def _score(name, registrar, fixed_image, fixed_labels, moving_image, moving_labe
     row = {"dice": dice, "iou": iou, **{f"dice_{v}": per_label[v] for v in per_label},
            "landmark_mm": float("nan"), "landmark_voxels": float("nan"), "seconds": float(seconds)}
     row.update(field_metrics(flow))
+    if name == "vtn" and registrar.inverse:
+        row.update(inverse_row)
     return row

@@ -39,6 +39,8 @@ flags.DEFINE_boolean("native", False, "register the manifest's ORIGINAL files th
 flags.DEFINE_enum("misalign", None, ["rigid", "affine"], "with --native: move every moving scan by a known "
                   "random transform in its header (20 degrees about a random axis, 25 mm; affine adds scale/shear)")
 flags.DEFINE_integer("misalign_seed", 0, "seed of the --misalign transforms")
+flags.DEFINE_boolean("inverse", False, "with --native: also invert VTN's field; report the Dice of the fixed "
+                     "labels carried into the moving space and the inverse consistency (RMS, p95 in mm)")
 flags.DEFINE_list("compare", None, "result CSV(s) to compare with a paired Wilcoxon test: "
                   "--compare a.csv b.csv, or --compare a.csv --methods m1,m2")
 flags.DEFINE_enum("metric", "dice", ["dice", "iou", "landmark_mm"],
@@ -87,11 +89,12 @@ def evaluate():
             FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
             split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
             overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes, precision=FLAGS.precision, init=FLAGS.init,
-            refine=refine_settings(), misalign=FLAGS.misalign, misalign_seed=FLAGS.misalign_seed)
+            refine=refine_settings(), misalign=FLAGS.misalign, misalign_seed=FLAGS.misalign_seed,
+            inverse=FLAGS.inverse)
         print(summary, end="")
         return
-    if FLAGS.misalign or FLAGS.refine:
-        raise ValueError("--misalign and --refine need --native (the original files)")
+    if FLAGS.misalign or FLAGS.refine or FLAGS.inverse:
+        raise ValueError("--misalign, --refine and --inverse need --native (the original files)")
     _, summary = evaluation.run_protocol(
         FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
         split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
