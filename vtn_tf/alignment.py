@@ -40,18 +40,25 @@ def moments(data, affine, stride=2):
       affine: ``(4, 4)`` voxel indices -> RAS mm.
       stride: use every ``stride``-th voxel along each axis (speed; the moments of a smooth
         image barely change).
+    The moments are computed in voxel indices from the volume's 2-D marginals (sums along one
+    axis), then mapped to world coordinates by the affine (linear maps carry moments exactly).
     """
-    sub = np.asarray(data, np.float64)[::stride, ::stride, ::stride]
-    weights = np.clip(sub, 0.0, None).ravel()
-    total = weights.sum()
+    sub = np.clip(np.asarray(data, np.float32)[::stride, ::stride, ::stride], 0.0, None).astype(np.float64)
+    total = sub.sum()
     if total <= 0:
         raise ValueError("the image has no positive intensity to align on")
-    index = np.stack(np.meshgrid(*[np.arange(n) * stride for n in sub.shape], indexing="ij"), -1)
-    points = index.reshape(-1, 3) @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
-    centre = weights @ points / total
-    offsets = points - centre
-    covariance = (offsets * weights[:, None]).T @ offsets / total
-    return centre, covariance
+    index = [np.arange(n) * float(stride) for n in sub.shape]
+    planes = {(0, 1): sub.sum(2), (0, 2): sub.sum(1), (1, 2): sub.sum(0)}
+    lines = [planes[(0, 1)].sum(1), planes[(0, 1)].sum(0), planes[(0, 2)].sum(0)]
+    mean = np.array([lines[a] @ index[a] for a in range(3)]) / total
+    second = np.zeros((3, 3))
+    for a in range(3):
+        second[a, a] = lines[a] @ index[a] ** 2 / total
+    for (a, b), plane in planes.items():
+        second[a, b] = second[b, a] = index[a] @ plane @ index[b] / total
+    covariance_index = second - np.outer(mean, mean)
+    linear = np.asarray(affine, float)[:3, :3]
+    return linear @ mean + np.asarray(affine, float)[:3, 3], linear @ covariance_index @ linear.T
 
 
 def _principal_axes(covariance):

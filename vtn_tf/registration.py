@@ -146,12 +146,20 @@ def _grid_rows(shape, rows):
     return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
+_MAP_POINTS = None
+
+
 def _affine_points(matrix, points):
-    """``matrix`` (4x4 numpy) applied to points ``[..., 3]`` (tf float32)."""
+    """``matrix`` (4x4 numpy) applied to points ``[..., 3]`` (tf float32), one fused XLA kernel."""
+    global _MAP_POINTS
     tf = _tf()
-    linear = tf.constant(np.asarray(matrix, np.float64)[:3, :3].T, tf.float32)
-    offset = tf.constant(np.asarray(matrix, np.float64)[:3, 3], tf.float32)
-    return tf.tensordot(points, linear, 1) + offset
+    if _MAP_POINTS is None:
+        @tf.function(jit_compile=True, reduce_retracing=True)
+        def map_points(points, matrix):
+            return tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1]
+                             + points[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], axis=-1)
+        _MAP_POINTS = map_points
+    return _MAP_POINTS(points, tf.constant(np.asarray(matrix, np.float64)[:3], tf.float32))
 
 
 def _as_image(data):
