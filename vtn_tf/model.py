@@ -1,8 +1,9 @@
 """The VTN cascade (paper Fig. 2): an optional affine stage, then dense stages.
 
 Stage k sees ``concat([fixed, warped_{k-1}])`` and predicts its own flow ``f_k``;
-the aggregate flow is ``agg_k = agg_{k-1} ⋆ f_k`` (`vtn_tf.spatial.compose`), and
-the *original* moving image is resampled once with ``agg_k`` (never re-warped).
+the aggregate flow is ``agg_k = agg_{k-1} ⋆ f_k`` (`vtn_tf.layers.ComposeFlows`), and
+the *original* moving image is resampled once with ``agg_k`` (never re-warped,
+`vtn_tf.layers.SpatialTransformer`).
 All flows are ``[B, X, Y, Z, 3]`` in voxels of the fixed grid, pulling.
 """
 
@@ -11,7 +12,8 @@ import re
 import keras
 import tensorflow as tf
 
-from vtn_tf import losses, spatial
+from vtn_tf import losses
+from vtn_tf.layers import AffineFlow, ComposeFlows, SpatialTransformer
 from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork, check_spatial_shape
 
 SPEC_PATTERN = re.compile(r"^A?D*$")
@@ -125,6 +127,10 @@ class VTN(keras.Model):
             AffineSubnetwork(width, name=name) if letter == "A" else
             DenseSubnetwork(width, flow_scale, flow_head_initializer, name=name)
             for letter, name in zip(spec, self.stage_names)]
+        # Weightless spatial layers (float32 whatever the policy): checkpoints are unchanged.
+        self.warp = SpatialTransformer(name="warp")
+        self.compose = ComposeFlows(name="compose")
+        self.affine_flow = AffineFlow(name="affine_flow") if spec.startswith("A") else None
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in self.loss_term_names() + ["skipped_batches"]}
         self.skip_nonfinite_batches = False
@@ -165,7 +171,6 @@ class VTN(keras.Model):
         fixed, moving = (tf.convert_to_tensor(image) for image in self._unpack(inputs))
         self._check_images(fixed, moving)
         fixed, moving = tf.cast(fixed, tf.float32), tf.cast(moving, tf.float32)
-        spatial_shape = fixed.shape[1:4]
         out = {"stage_flows": [], "stage_aggregate_flows": [], "stage_warped": []}
         aggregate, warped, affine = None, moving, None
         for letter, stage in zip(self.spec, self.stages):
@@ -174,7 +179,7 @@ class VTN(keras.Model):
                 W, b = stage(pair, training=training)
                 W, b = tf.cast(W, tf.float32), tf.cast(b, tf.float32)
                 affine = (tf.eye(3) + W, b)
-                flow = spatial.affine_flow(W, b, spatial_shape)
+                flow = self.affine_flow([W, b, fixed])
                 aggregate = flow
                 out["affine_matrix"], out["affine_translation"] = affine
             else:
@@ -185,8 +190,8 @@ class VTN(keras.Model):
                     # Exact and cheaper than a resampling: agg = A·f + affine_flow.
                     aggregate = tf.einsum("bij,bxyzj->bxyzi", affine[0], flow) + aggregate
                 else:
-                    aggregate = spatial.compose(aggregate, flow)
-            warped = spatial.warp(moving, aggregate)
+                    aggregate = self.compose([aggregate, flow])
+            warped = self.warp([moving, aggregate])
             out["stage_flows"].append(flow)
             out["stage_aggregate_flows"].append(aggregate)
             out["stage_warped"].append(warped)
@@ -216,8 +221,8 @@ class VTN(keras.Model):
         moving = tf.cast(moving, tf.float32)
         for _ in range(passes - 1):
             step = self({"fixed": fixed, "moving": out["warped"]})["flow"]
-            out["flow"] = spatial.compose(out["flow"], step)
-            out["warped"] = spatial.warp(moving, out["flow"])
+            out["flow"] = self.compose([out["flow"], step])
+            out["warped"] = self.warp([moving, out["flow"]])
         return out
 
     def build(self, input_shape):
