@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from vtn_tf import checkpoints
 from vtn_tf import config as config_lib
 from vtn_tf import training
 from vtn_tf.model import VTN
@@ -58,7 +59,7 @@ def test_training_writes_config_checkpoints_and_tensorboard(toy_manifest, tmp_pa
         assert f"train/{term}" in tags
     assert {"validation/dice", "validation/dice_unregistered"} <= tags
     assert any(tag.startswith("validation/fixed_moving_warped") for tag in tags)
-    model, shape, _ = training.restore_model(tmp_path / "run")
+    model, shape, _ = checkpoints.restore_model(tmp_path / "run")
     assert shape == (64, 64, 64) and model.spec == "AD"
 
 
@@ -90,7 +91,7 @@ def test_more_epochs_extend_a_finished_run(toy_manifest, tmp_path):
 
 
 def _trained_weights(run_dir):
-    model, _, _ = training.restore_model(run_dir)
+    model, _, _ = checkpoints.restore_model(run_dir)
     return [v.numpy() for v in model.trainable_variables]
 
 
@@ -166,17 +167,6 @@ def test_paper_schedule_matches_the_config_formula():
         assert float(schedule(step)) == pytest.approx(config_lib.learning_rate_at(config, step))
 
 
-def test_restore_refuses_a_mismatched_checkpoint(tmp_path):
-    model = VTN("AD", width=0.125, flow_head_initializer="small")
-    model.build((None, 64, 64, 64, 1))
-    training.save_model_dir(model, (64, 64, 64), tmp_path)
-    description = json.loads((tmp_path / "model.json").read_text())
-    description["model"]["width"] = 0.25
-    (tmp_path / "model.json").write_text(json.dumps(description))
-    with pytest.raises(ValueError, match="does not fit"):
-        training.restore_model(tmp_path)
-
-
 def test_a_half_written_checkpoint_never_replaces_the_last_good_one(toy_manifest, tmp_path):
     """Simulate a crash in the middle of a checkpoint write: the data files of a newer
     checkpoint exist (truncated) but the index was never updated. Resuming uses the
@@ -184,13 +174,13 @@ def test_a_half_written_checkpoint_never_replaces_the_last_good_one(toy_manifest
     config = tiny_config(toy_manifest)
     run = tmp_path / "run"
     training.train(config, run, verbose=0, log=lambda *_: None)
-    checkpoints = run / "checkpoints"
-    good = tf.train.latest_checkpoint(str(checkpoints))
-    for source in checkpoints.glob(pathlib.Path(good).name + ".*"):
+    folder = run / "checkpoints"
+    good = tf.train.latest_checkpoint(str(folder))
+    for source in folder.glob(pathlib.Path(good).name + ".*"):
         half = source.read_bytes()[: max(1, source.stat().st_size // 2)]
-        (checkpoints / source.name.replace(pathlib.Path(good).name, "ckpt-99")).write_bytes(half)
-    assert tf.train.latest_checkpoint(str(checkpoints)) == good
-    model, _, restored = training.restore_model(run)
+        (folder / source.name.replace(pathlib.Path(good).name, "ckpt-99")).write_bytes(half)
+    assert tf.train.latest_checkpoint(str(folder)) == good
+    model, _, restored = checkpoints.restore_model(run)
     assert restored == good
 
 
@@ -207,36 +197,3 @@ def test_mixed_precision_keeps_flows_warps_and_losses_in_float32(toy_manifest):
         assert all(value.dtype == tf.float32 and np.isfinite(float(value)) for value in terms.values())
     finally:
         keras.mixed_precision.set_global_policy("float32")
-
-
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
-def test_restore_model_in_reduced_precision(tmp_path, precision):
-    """The network computes in the named type (its convolutions say so), the flow comes
-    back float32 and near the float32 model's, and the global Keras policy is untouched."""
-    model = VTN("AD", width=0.25)  # the paper's flow-head init: flows of a few voxels
-    model.build((None, 64, 64, 64, 1))
-    run_dir = training.save_model_dir(model, (64, 64, 64), tmp_path / "run")
-    coarse = np.random.default_rng(0).random((2, 8, 8, 8)).astype(np.float32)
-    fixed, moving = (np.kron(c, np.ones((8, 8, 8), np.float32))[None, ..., None] for c in coarse)
-    reference, _, _ = training.restore_model(run_dir)
-    expected = reference({"fixed": fixed, "moving": moving})["flow"].numpy()
-    reduced, _, _ = training.restore_model(run_dir, precision)
-    convolutions = [layer for layer in reduced._flatten_layers() if isinstance(layer, keras.layers.Conv3D)]
-    assert convolutions and all(layer.compute_dtype == precision for layer in convolutions)
-    assert keras.mixed_precision.global_policy().name == "float32"
-    flow = reduced({"fixed": fixed, "moving": moving})["flow"]
-    assert flow.dtype == tf.float32
-    scale = np.abs(expected).max()
-    assert scale > 0.5  # the comparison below means something
-    assert np.abs(flow.numpy() - expected).max() < 0.05 * scale
-    with pytest.raises(ValueError, match="precision must be one of"):
-        training.restore_model(run_dir, "int8")
-
-
-def test_precision_flag_offers_the_restorable_precisions():
-    from absl import flags
-
-    from vtn_tf.apps.common import define_precision_flag
-
-    define_precision_flag()
-    assert set(flags.FLAGS["precision"].parser.enum_values) == set(training.PRECISIONS)

@@ -158,9 +158,9 @@ def make_methods(names, model_dir=None, log=print, passes=1, precision="float32"
             if not os.path.isdir(model_dir):
                 raise FileNotFoundError(f"model {model_dir} does not exist (a run directory "
                                         "with model.json and checkpoints/ is required)")
-            from vtn_tf import training
+            from vtn_tf import checkpoints
 
-            model, image_shape, _ = training.restore_model(model_dir, precision)
+            model, image_shape, _ = checkpoints.restore_model(model_dir, precision)
             methods[name] = VTNMethod(model, passes)
         elif name == "identity":
             methods[name] = identity_method

@@ -22,7 +22,7 @@ def define_passes_flag():
 
 
 def define_precision_flag():
-    """``--precision``: the network's compute type at inference (`vtn_tf.training.PRECISIONS`)."""
+    """``--precision``: the network's compute type at inference (`vtn_tf.checkpoints.PRECISIONS`)."""
     from absl import flags
 
     if "precision" in flags.FLAGS:
