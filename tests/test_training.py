@@ -197,3 +197,30 @@ def test_mixed_precision_keeps_flows_warps_and_losses_in_float32(toy_manifest):
         assert all(value.dtype == tf.float32 and np.isfinite(float(value)) for value in terms.values())
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_training_puts_the_global_policy_back(toy_manifest, tmp_path, monkeypatch, fails):
+    """train.mixed_precision computes in float16 during the run; the policy the caller had
+    (here mixed_bfloat16) is back afterwards, also when the run fails."""
+    seen = {}
+
+    def fit(model, *args, **kwargs):
+        seen["policy"] = keras.mixed_precision.global_policy().name
+        seen["network"] = model.stages[-1].compute_dtype
+        if fails:
+            raise RuntimeError("failed in fit")
+
+    monkeypatch.setattr(VTN, "fit", fit)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        config = tiny_config(toy_manifest, "train.mixed_precision=true")
+        if fails:
+            with pytest.raises(RuntimeError, match="failed in fit"):
+                training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+        else:
+            training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert seen == {"policy": "mixed_float16", "network": "float16"}

@@ -16,6 +16,7 @@ rate only on the optimizer's step, so a restarted run continues from the last
 checkpoint with the same step count, data and schedule.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -30,9 +31,9 @@ import tensorflow as tf
 from vtn_tf import config as config_lib
 from vtn_tf import data as data_lib
 from vtn_tf import metrics, spatial
-from vtn_tf.checkpoints import make_checkpoint, write_model_description
+from vtn_tf.checkpoints import make_checkpoint, network_precision, write_model_description
 # Loading a trained model lives in vtn_tf.checkpoints; these names stay importable from here.
-from vtn_tf.checkpoints import PRECISIONS, network_precision, restore_model, save_model_dir  # noqa: F401
+from vtn_tf.checkpoints import PRECISIONS, restore_model, save_model_dir  # noqa: F401
 from vtn_tf.model import VTN
 
 
@@ -240,14 +241,22 @@ class Checkpoints(keras.callbacks.Callback):
 
 
 def train(config, run_dir, restart=False, verbose=1, log=print):
-    """Train (or resume) the experiment ``config`` in ``run_dir``. Returns a summary dict."""
+    """Train (or resume) the experiment ``config`` in ``run_dir``. Returns a summary dict.
+
+    With ``train.mixed_precision`` the network computes in float16 for the run; the global
+    Keras policy is put back when it ends, also when it fails."""
     config_lib.validate(config)
     train_cfg, data_cfg = config["train"], config["data"]
     if not data_cfg["manifest"]:
         raise config_lib.ConfigError("data.manifest is not set: point it at a prepared dataset's manifest.json.")
     keras.utils.set_random_seed(train_cfg["seed"])
-    if train_cfg["mixed_precision"]:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    # The global Keras policy is put back when training ends, also on an error.
+    with network_precision("float16") if train_cfg["mixed_precision"] else contextlib.nullcontext():
+        return _train(config, run_dir, restart, verbose, log)
+
+
+def _train(config, run_dir, restart, verbose, log):
+    train_cfg, data_cfg = config["train"], config["data"]
     strategy = choose_strategy(train_cfg["distribute"])
     chief = is_chief(strategy)
     run_dir = pathlib.Path(run_dir)
