@@ -160,11 +160,20 @@ def test_nonfinite_batches_can_be_skipped():
     assert any(not np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))
 
 
-def test_paper_schedule_matches_the_config_formula():
-    config = config_lib.load_config(overrides=["train.steps_per_epoch=10"])
-    schedule = training.PaperSchedule(1e-4, 10, 4)
-    for step in (0, 9, 39, 40, 41, 49, 50, 99):
-        assert float(schedule(step)) == pytest.approx(config_lib.learning_rate_at(config, step))
+def test_paper_schedule_is_the_config_schedule():
+    from tests.test_config import SMALL_RATES, SMALL_SCHEDULE
+
+    config = config_lib.load_config(overrides=SMALL_SCHEDULE + ["model.spec=D", "model.width=0.125"])
+    train = config["train"]
+    schedule = training.PaperSchedule(train["learning_rate"], train["steps_per_epoch"], train["halve_after_epoch"])
+    for step, rate in SMALL_RATES.items():
+        assert float(schedule(tf.constant(step, tf.int64))) == pytest.approx(rate, rel=1e-6)
+    again = training.PaperSchedule.from_config(schedule.get_config())
+    assert float(again(7)) == pytest.approx(5e-4, rel=1e-6)
+    optimizer = training.build_model(config, (64, 64, 64)).optimizer  # the schedule training uses
+    for step in (0, 9, 30):
+        optimizer.iterations.assign(step)
+        assert float(optimizer.learning_rate) == pytest.approx(SMALL_RATES[step], rel=1e-6)
 
 
 def test_a_half_written_checkpoint_never_replaces_the_last_good_one(toy_manifest, tmp_path):

@@ -12,10 +12,13 @@ import re
 import keras
 import tensorflow as tf
 
-from vtn_tf import losses
+from vtn_tf import config, losses
 from vtn_tf.layers import AffineFlow, ComposeFlows, SpatialTransformer
 from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork, check_spatial_shape
 
+# The defaults of every argument: `vtn_tf.config.DEFAULTS` (a standard-library-only module) is
+# their one source.
+PAPER = config.DEFAULTS["model"]
 SPEC_PATTERN = re.compile(r"^A?D*$")
 # Paper Table I (ADDD): similarity on the dense stages, counted from the last one.
 PAPER_DENSE_SIMILARITY = (0.0, 0.05, 1.0)
@@ -73,7 +76,7 @@ def _weights(name, value, spec, default):
 class VTN(keras.Model):
     """Volume Tweening Network: a cascade of registration subnetworks.
 
-    Args:
+    Args (defaults: ``vtn_tf.config.DEFAULTS["model"]``, the paper's):
       spec: stages, e.g. "ADDD": at most one leading "A" (affine), then "D"s (dense).
       width: channel multiplier of every subnetwork (1.0 = the paper).
       flow_scale: dense output multiplier (the authors' 20).
@@ -102,10 +105,12 @@ class VTN(keras.Model):
     Adam normalises away). Each weighted term is reported as a metric.
     """
 
-    def __init__(self, spec="ADDD", width=1.0, flow_scale=20.0, flow_head_initializer="lecun_uniform",
-                 similarity_weights="paper", smoothness_weights=None, determinant_weight=0.1,
-                 orthogonality_weight=0.1, invertibility_weight=0.0, central_fraction=0.5,
-                 similarity="cc", ncc_window=9, **kwargs):
+    def __init__(self, spec=PAPER["spec"], width=PAPER["width"], flow_scale=PAPER["flow_scale"],
+                 flow_head_initializer=PAPER["flow_head_initializer"],
+                 similarity_weights=PAPER["similarity_weights"], smoothness_weights=PAPER["smoothness_weights"],
+                 determinant_weight=PAPER["determinant_weight"], orthogonality_weight=PAPER["orthogonality_weight"],
+                 invertibility_weight=PAPER["invertibility_weight"], central_fraction=PAPER["central_fraction"],
+                 similarity=PAPER["similarity"], ncc_window=PAPER["ncc_window"], **kwargs):
         super().__init__(**kwargs)
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {sorted(SIMILARITIES)}; got {similarity!r}.")

@@ -39,7 +39,8 @@ from vtn_tf.model import VTN
 
 @keras.saving.register_keras_serializable(package="vtn_tf")
 class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Constant rate, halved every epoch after ``halve_after_epoch`` (paper §V)."""
+    """Constant rate, halved every epoch after ``halve_after_epoch`` (paper §V): the
+    schedule of `vtn_tf.config.learning_rate_at`, as a Keras schedule."""
 
     def __init__(self, learning_rate, steps_per_epoch, halve_after_epoch):
         self.learning_rate = float(learning_rate)
@@ -47,8 +48,7 @@ class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.halve_after_epoch = int(halve_after_epoch)
 
     def __call__(self, step):
-        epoch = tf.cast(step, tf.float32) // self.steps_per_epoch + 1.0
-        return self.learning_rate * tf.pow(0.5, tf.maximum(0.0, epoch - self.halve_after_epoch))
+        return config_lib.learning_rate_at({"train": self.get_config()}, tf.cast(step, tf.float32))
 
     def get_config(self):
         return {"learning_rate": self.learning_rate, "steps_per_epoch": self.steps_per_epoch,
