@@ -233,3 +233,40 @@ def test_training_puts_the_global_policy_back(toy_manifest, tmp_path, monkeypatc
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert seen == {"policy": "mixed_float16", "network": "float16"}
+
+
+def test_validation_dice_is_the_evaluation_metric(toy_manifest, tmp_path):
+    """Validation scores each held-out pair as vtn-evaluate does (`vtn_tf.evaluation.pair_metrics`
+    over `vtn_tf.metrics`): the mean over pairs of the label-mean Dice of the moving labels
+    warped with nearest neighbour, the unregistered Dice, and the folding percentage."""
+    from scipy import ndimage
+
+    from vtn_tf import data as data_lib
+    from vtn_tf import evaluation, spatial
+
+    dataset = data_lib.load_prepared(toy_manifest, splits=("validation",))
+    pairs = data_lib.evaluation_pairs(dataset.ids("validation"), "pairwise")
+    batches = list(data_lib.evaluation_batches(dataset, pairs, include_labels=True))
+    keras.utils.set_random_seed(1)
+    model = VTN("AD", width=0.125)  # the paper's flow head: random flows of a few voxels
+    validation = training.Validation(batches, dataset.label_values, tf.summary.create_file_writer(str(tmp_path)),
+                                     every=1, log=lambda *_: None)
+    validation.set_model(model)
+    result = validation.evaluate(0)
+    registered, unregistered = [], []
+    for batch in batches:
+        flow = model({"fixed": batch["fixed"], "moving": batch["moving"]})["flow"]
+        fixed_labels, moving_labels = (batch[name].numpy()[0, ..., 0] for name in ("fixed_labels", "moving_labels"))
+        warped = spatial.warp(batch["moving_labels"], flow, "nearest").numpy()[0, ..., 0]
+        registered.append(evaluation.pair_metrics(fixed_labels, warped, dataset.label_values, flow.numpy()[0]))
+        unregistered.append(evaluation.pair_metrics(fixed_labels, moving_labels, dataset.label_values, None))
+        # The labels really move with the flow (scipy's nearest neighbour, up to rounding ties).
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in warped.shape], indexing="ij"), -1)
+        coords = np.moveaxis(grid + flow.numpy()[0], -1, 0)
+        reference = ndimage.map_coordinates(moving_labels, coords, order=0, mode="nearest")
+        assert np.mean(reference != warped) < 1e-4 < np.mean(moving_labels != warped)
+    assert result["dice"] == np.nanmean([row["dice"] for row in registered])
+    assert result["dice_unregistered"] == np.nanmean([row["dice"] for row in unregistered])
+    assert result["folding_percent"] == pytest.approx(np.mean([row["folding_percent"] for row in registered]),
+                                                      rel=1e-6, abs=1e-9)
+    assert result["dice"] != result["dice_unregistered"]
