@@ -98,3 +98,18 @@ def test_loading_a_model_needs_no_training_code(tmp_path):
     result = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(run_dir), str(REPO)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("text, problem", [("{not json", "JSONDecodeError"), ('{"model": {}}', "KeyError"),
+                                           ('{"model": {"spec": "AD", "widht": 1}, "image_shape": [64, 64, 64]}',
+                                            "does not describe a usable VTN")])
+def test_a_broken_model_description_is_an_input_error(tmp_path, text, problem):
+    from vtn_tf.io import InputError
+
+    (tmp_path / "model.json").write_text(text)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint").write_text('model_checkpoint_path: "ckpt-0"\n')
+    (tmp_path / "checkpoints" / "ckpt-0.index").write_bytes(b"")  # never read: the description fails first
+    with pytest.raises(InputError, match=problem) as caught:
+        checkpoints.restore_model(tmp_path)
+    assert "model.json" in str(caught.value)

@@ -270,3 +270,11 @@ def test_validation_dice_is_the_evaluation_metric(toy_manifest, tmp_path):
     assert result["folding_percent"] == pytest.approx(np.mean([row["folding_percent"] for row in registered]),
                                                       rel=1e-6, abs=1e-9)
     assert result["dice"] != result["dice_unregistered"]
+
+
+def test_a_run_directory_under_a_file_is_an_input_error(tmp_path):
+    from vtn_tf.io import InputError
+
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(InputError, match="file.txt/run cannot be created"):
+        training.prepare_run_dir(tmp_path / "file.txt" / "run", config_lib.load_config())

@@ -67,9 +67,9 @@ PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mi
 @contextlib.contextmanager
 def network_precision(precision):
     """Layers built inside compute in ``precision`` (a key of `PRECISIONS`); the global
-    Keras policy is put back on leaving. ValueError for an unknown name."""
+    Keras policy is put back on leaving. `vtn_tf.io.InputError` for an unknown name."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise io.InputError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(PRECISIONS[precision])
     try:
@@ -86,6 +86,11 @@ def restore_model(run_dir, precision="float32"):
     ``precision`` (a key of `PRECISIONS`) is the network's compute type: ``bfloat16``
     speeds up inference on CPUs with AVX512_BF16 or AMX, ``float16`` on GPUs; the
     global Keras policy is left as it was. Returns ``(model, image_shape, checkpoint_path)``.
+
+    Raises:
+      FileNotFoundError: no ``model.json`` or no checkpoint in ``run_dir``.
+      vtn_tf.io.InputError: an unknown precision, an unreadable ``model.json``, or a
+        checkpoint that is truncated, corrupt or of another architecture.
     """
     with network_precision(precision):
         return _restore_model(pathlib.Path(run_dir))
@@ -95,12 +100,15 @@ def _restore_model(run_dir):
     description = run_dir / "model.json"
     if not description.is_file():
         raise FileNotFoundError(f"{run_dir} is not a vtn-tf run directory (no model.json).")
-    info = json.loads(description.read_text())
+    config, image_shape = _read_description(description)
     latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
     if latest is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (looked in {run_dir / 'checkpoints'}).")
-    model = VTN(**info["model"])
-    model.build((None, *info["image_shape"], 1))
+    try:
+        model = VTN(**config)
+        model.build((None, *image_shape, 1))
+    except (TypeError, ValueError) as error:
+        raise io.InputError(f"{description} does not describe a usable VTN: {_first_line(error)}") from None
     try:
         status = make_checkpoint(model).restore(latest).expect_partial()
         status.assert_existing_objects_matched()
@@ -108,9 +116,23 @@ def _restore_model(run_dir):
         if len(stored) != len(model.weights):
             raise ValueError(f"it holds {len(stored)} model tensors, the model has {len(model.weights)}")
     except (IndexError, tf.errors.DataLossError) as error:  # truncated or damaged files
-        raise ValueError(f"checkpoint {latest} is unreadable (truncated or corrupt: "
-                         f"{(str(error).strip() or type(error).__name__).splitlines()[0]})") from None
+        raise io.InputError(f"checkpoint {latest} is unreadable (truncated or corrupt: "
+                            f"{_first_line(error)})") from None
     except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise ValueError(f"checkpoint {latest} does not fit the model in {description}: "
-                         f"{str(error).splitlines()[0]}") from None
-    return model, tuple(info["image_shape"]), latest
+        raise io.InputError(f"checkpoint {latest} does not fit the model in {description}: "
+                            f"{_first_line(error)}") from None
+    return model, image_shape, latest
+
+
+def _read_description(description):
+    """``model.json``'s VTN arguments and grid ``(X, Y, Z)``."""
+    try:
+        info = json.loads(description.read_text())
+        return info["model"], tuple(int(n) for n in info["image_shape"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise io.InputError(f"{description} is not a readable model description "
+                            f"({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _first_line(error):
+    return (str(error).strip() or type(error).__name__).splitlines()[0]

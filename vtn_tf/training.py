@@ -32,6 +32,7 @@ from vtn_tf import config as config_lib
 from vtn_tf import data as data_lib
 from vtn_tf import metrics, spatial
 from vtn_tf.checkpoints import make_checkpoint, network_precision, write_model_description
+from vtn_tf.io import InputError
 # Loading a trained model lives in vtn_tf.checkpoints; these names stay importable from here.
 from vtn_tf.checkpoints import PRECISIONS, restore_model, save_model_dir  # noqa: F401
 from vtn_tf.model import VTN
@@ -125,7 +126,11 @@ def prepare_run_dir(run_dir, config, restart=False, log=print):
                     "(only more train.epochs may extend a run).")
             log(f"extending {run_dir} from {previous['train']['epochs']} to "
                 f"{config['train']['epochs']} epochs.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"run directory {run_dir} cannot be created: it, or a folder above it, "
+                         "is a file") from None
     _atomic_write(saved, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return run_dir
 

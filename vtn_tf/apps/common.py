@@ -6,9 +6,14 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError, FloatingPointError, KeyError, OSError)
+from vtn_tf.config import ConfigError
+from vtn_tf.io import InputError
+
+# Errors a user can fix: the library's InputError (a file, flag or setting that cannot be
+# used) and ConfigError, and the FileNotFoundError / FileExistsError / PermissionError it
+# raises about user files. Anything else (a bare ValueError, KeyError or OSError) is a bug
+# and keeps its traceback.
+USER_ERRORS = (InputError, ConfigError, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def define_passes_flag():
