@@ -21,8 +21,11 @@ help:
 	@echo "make tensorboard   watch the runs in $(RUNS)"
 	@echo "make bench         speed tables (warp, inference, training)"
 
+# EXTRAS: the setup.py extras installed with the package (CI adds baselines).
+EXTRAS ?= test,plot
+
 install:
-	$(PYTHON) -m pip install -q -e ".[test,plot]"
+	$(PYTHON) -m pip install -q -e ".[$(EXTRAS)]"
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -8,9 +8,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vtn_tf", "vtn_tf.*", "data_prep", "data_prep.*"]),
+    # One TensorFlow distribution, `tensorflow`, in every install: it runs on the CPU as it
+    # is, and the `gpu` extra only adds its CUDA libraries (`tensorflow[and-cuda]`), so no
+    # install ever holds two distributions of the `tensorflow` package (as tensorflow-cpu
+    # plus tensorflow would).
     install_requires=[
-        "tensorflow>=2.21,<2.22; platform_machine!='x86_64'",
-        "tensorflow-cpu>=2.21,<2.22; platform_machine=='x86_64'",
+        "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",
         "numpy>=1.26,<3",
         "nibabel>=5.2,<6",

@@ -86,7 +86,7 @@ def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit, slow_first
     time its forward; with ``slow_first`` seconds, a first call slower than that is followed
     by one timed call only (XLA on CPU can take minutes per call)."""
     from vtn_tf.model import VTN
-    from vtn_tf.training import network_precision
+    from vtn_tf.checkpoints import network_precision
 
     shape = fixed.shape
     with network_precision(precision):

@@ -470,10 +470,10 @@ def test_api_refuses(case):
                                           ("run_mismatched", "does not fit the model"),
                                           ("run_absent", "not a vtn-tf run directory")])
 def test_restore_model_refuses(run, problem, world):
-    from vtn_tf import training
+    from vtn_tf import checkpoints
 
     with pytest.raises((ValueError, FileNotFoundError), match=problem) as caught:
-        training.restore_model(world / run)
+        checkpoints.restore_model(world / run)
     assert run in str(caught.value)
 
 

@@ -19,6 +19,17 @@ def test_learning_rate_halves_every_epoch_after_the_fourth():
     assert rates == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5]
 
 
+# A small config: 1e-3, 3 steps per epoch, halving after epoch 2 (epochs count from 1).
+SMALL_SCHEDULE = ["train.learning_rate=0.001", "train.steps_per_epoch=3", "train.halve_after_epoch=2"]
+SMALL_RATES = {0: 1e-3, 2: 1e-3, 3: 1e-3, 5: 1e-3, 6: 5e-4, 8: 5e-4, 9: 2.5e-4, 11: 2.5e-4, 12: 1.25e-4,
+               30: 1.953125e-6}
+
+
+def test_learning_rate_schedule_of_a_small_config():
+    config = config_lib.load_config(overrides=SMALL_SCHEDULE)
+    assert {step: config_lib.learning_rate_at(config, step) for step in SMALL_RATES} == SMALL_RATES
+
+
 def test_overrides_parse_json_and_strings():
     config = config_lib.load_config(overrides=["train.batch_size=2", "model.spec=ADD",
                                                "model.similarity_weights=[1, 0, 1]"])

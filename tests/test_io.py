@@ -186,6 +186,39 @@ def test_mha_round_trip_keeps_affine(tmp_path):
     np.testing.assert_array_equal(volume.data, data)
 
 
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+@pytest.mark.parametrize("layout", ["[X, Y, Z, 3]", "[X, Y, Z, 1, 3]"])
+def test_vector_field_is_written_as_a_3d_vector_image(tmp_path, suffix, layout):
+    """Read back with SimpleITK: a 3-D image of 3-vectors, index (x, y, z) holding
+    field[x, y, z], on the grid the affine gives (LPS: x and y flipped from RAS)."""
+    shape = (5, 6, 7)
+    field = np.random.default_rng(3).normal(size=(*shape, 3)).astype(np.float32)
+    field[1, 2, 3] = [0.5, -1.25, 2.0]
+    affine = np.array([[0.0, -2.0, 0.0, 5.0], [1.5, 0.0, 0.0, -3.0],
+                       [0.0, 0.0, 1.25, 7.0], [0.0, 0.0, 0.0, 1.0]])
+    data = field[:, :, :, None] if layout == "[X, Y, Z, 1, 3]" else field
+    path = io.write_volume(tmp_path / f"flow{suffix}", data, affine)
+    image = sitk.ReadImage(path)
+    assert image.GetDimension() == 3 and image.GetSize() == shape
+    assert image.GetNumberOfComponentsPerPixel() == 3
+    assert image.GetPixelID() == sitk.sitkVectorFloat32
+    np.testing.assert_array_equal(image.GetPixel(1, 2, 3), [0.5, -1.25, 2.0])
+    np.testing.assert_array_equal(image.GetPixel(4, 0, 6), field[4, 0, 6])
+    np.testing.assert_allclose(image.GetSpacing(), [1.5, 2.0, 1.25])
+    np.testing.assert_allclose(image.GetOrigin(), [-5.0, 3.0, 7.0])
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)),
+                               [[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], atol=1e-12)
+    # The same physical point as the affine gives (RAS -> LPS).
+    ras = affine @ [1, 2, 3, 1]
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((1, 2, 3)), [-ras[0], -ras[1], ras[2]])
+
+
+def test_unwritable_itk_shapes_are_refused_before_writing(tmp_path):
+    with pytest.raises(InputError, match=r"shape 4x5x6x2x3 cannot be written"):
+        io.write_volume(tmp_path / "bad.mha", np.zeros((4, 5, 6, 2, 3), np.float32), np.eye(4))
+    assert os.listdir(tmp_path) == []
+
+
 def test_write_volume_refuses_existing_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "out.nii.gz"
     data = random_volume()

@@ -234,14 +234,14 @@ def constant_field(t):
 
 def test_invertibility_zero_for_opposite_translations():
     t = [1.5, -2.0, 0.7]
-    value = losses.invertibility_loss(constant_field(t), -constant_field(t)).numpy()
+    value = losses.invertibility_loss(constant_field(t), -constant_field(t), 0.5).numpy()
     np.testing.assert_allclose(value, [0.0], atol=1e-10)
 
 
 def test_invertibility_for_same_translation_twice():
     """Going +t and +t again ends 2t away in both directions: 2·‖2t‖² = 8‖t‖²."""
     t = np.array([1.5, -2.0, 0.7])
-    value = losses.invertibility_loss(constant_field(t), constant_field(t)).numpy()
+    value = losses.invertibility_loss(constant_field(t), constant_field(t), 0.5).numpy()
     np.testing.assert_allclose(value, [8 * np.sum(t ** 2)], rtol=1e-5)
 
 
@@ -253,9 +253,9 @@ def test_invertibility_zero_for_affine_and_its_inverse():
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1) - (np.array(SHAPE) - 1) / 2
     f12 = grid @ (A - np.eye(3)).T + b
     f21 = (grid - b) @ np.linalg.inv(A).T - grid
-    value = losses.invertibility_loss(f12[None].astype(np.float32), f21[None].astype(np.float32)).numpy()
+    value = losses.invertibility_loss(f12[None].astype(np.float32), f21[None].astype(np.float32), 0.5).numpy()
     np.testing.assert_allclose(value, [0.0], atol=1e-8)
-    wrong = losses.invertibility_loss(f12[None].astype(np.float32), f12[None].astype(np.float32)).numpy()
+    wrong = losses.invertibility_loss(f12[None].astype(np.float32), f12[None].astype(np.float32), 0.5).numpy()
     assert wrong[0] > 0.1
 
 
@@ -266,7 +266,7 @@ def test_invertibility_crops_to_the_central_region():
     border[4:12, 4:12, 3:9] = False  # central half: drop a quarter (16 → 4, 12 → 3) each side
     f12 = (rng.normal(size=(1, *SHAPE, 3)) * border[None, ..., None]).astype(np.float32)
     f21 = (rng.normal(size=(1, *SHAPE, 3)) * border[None, ..., None]).astype(np.float32)
-    np.testing.assert_array_equal(losses.invertibility_loss(f12, f21).numpy(), [0.0])
+    np.testing.assert_array_equal(losses.invertibility_loss(f12, f21, central_fraction=0.5).numpy(), [0.0])
     assert losses.invertibility_loss(f12, f21, central_fraction=1.0).numpy()[0] > 0.1
     with pytest.raises(ValueError):
         losses.invertibility_loss(f12, f21, central_fraction=0.0)
@@ -276,6 +276,6 @@ def test_invertibility_gradients_finite():
     rng = np.random.default_rng(9)
     f12 = rng.normal(size=(2, 8, 8, 8, 3))
     f21 = rng.normal(size=(2, 8, 8, 8, 3))
-    value, grads = finite_value_and_gradient(losses.invertibility_loss, f12, f21)
+    value, grads = finite_value_and_gradient(lambda a, b: losses.invertibility_loss(a, b, 0.5), f12, f21)
     assert value.shape == (2,) and np.all(value > 0)
     assert all(np.abs(g).max() > 0 for g in grads)

@@ -55,14 +55,36 @@ def test_absent_label_is_nan_and_left_out_of_the_mean():
     assert math.isnan(per_label[7]) and math.isnan(mean)
 
 
-def test_overlap_rejects_non_integer_and_mismatched_maps():
+def test_overlap_accepts_float_maps_with_whole_values():
+    """nibabel's get_fdata gives float64 label maps; their scores equal the integer maps'."""
+    rng = np.random.default_rng(1)
+    fixed = rng.integers(0, 5, size=(6, 5, 4)) * 10 - 20  # negative and large ids too
+    warped = np.where(rng.uniform(size=fixed.shape) < 0.3, 0, fixed)
+    for score in (metrics.dice, metrics.jaccard):
+        expected = score(fixed.astype(np.int32), warped.astype(np.int32))
+        assert score(fixed.astype(np.float64), warped.astype(np.float32)) == expected
+        assert score(fixed.astype(np.float32), warped.astype(np.int16), label_values=[-10, 20]) == \
+            score(fixed, warped, label_values=[-10, 20])
+    per_label, _ = metrics.dice(fixed.astype(np.float64), warped.astype(np.float64))
+    assert all(type(value) is int for value in per_label)
+
+
+@pytest.mark.parametrize("bad", [0.5, np.nan, np.inf])
+def test_overlap_refuses_values_that_are_not_whole(bad):
+    labels = np.zeros((3, 3, 3), np.float64)
+    labels[1, 1, 1] = bad
+    with pytest.raises(ValueError, match="warped_labels must hold integer label ids; 1 of its 27"):
+        metrics.dice(np.zeros((3, 3, 3), np.int32), labels)
+    with pytest.raises(ValueError, match="fixed_labels .* not whole numbers"):
+        metrics.jaccard(labels, np.zeros((3, 3, 3), np.int32))
+
+
+def test_overlap_refuses_mismatched_and_non_numeric_maps():
     labels = np.zeros((3, 3, 3), np.int32)
-    with pytest.raises(ValueError):
-        metrics.dice(labels.astype(np.float32), labels)
-    with pytest.raises(ValueError):
-        metrics.jaccard(labels, labels.astype(np.float64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="differ in shape"):
         metrics.dice(labels, np.zeros((3, 3, 4), np.int32))
+    with pytest.raises(ValueError, match="integer label ids; got bool"):
+        metrics.dice(labels, labels.astype(bool))
 
 
 # ----- landmark distance -------------------------------------------------------------------

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from vtn_tf.config import DEFAULTS
 from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork
+
+PAPER = DEFAULTS["model"]
 
 FULL = (1, 128, 128, 128, 2)
 ENCODER = [(2, 16), (16, 32), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256),
@@ -23,7 +26,7 @@ def symbolic_build(layer, shape):
 
 @pytest.fixture(scope="module")
 def dense_full():
-    layer = DenseSubnetwork()
+    layer = DenseSubnetwork(PAPER["width"], PAPER["flow_scale"], PAPER["flow_head_initializer"])
     symbolic_build(layer, FULL)
     return layer
 
@@ -43,7 +46,7 @@ def test_dense_parameter_count_at_128(dense_full):
 
 
 def test_affine_parameter_count_at_128():
-    layer = AffineSubnetwork()
+    layer = AffineSubnetwork(PAPER["width"])
     W, b = symbolic_build(layer, FULL)
     assert tuple(W.shape) == (1, 3, 3) and tuple(b.shape) == (1, 3)
     encoder = sum(conv_params(3, i, o) for i, o in ENCODER)
@@ -105,10 +108,10 @@ def small_pair(seed=0, size=64):
 
 def test_output_is_flow_scale_times_head():
     pair = small_pair()
-    layer = DenseSubnetwork(width=0.125, flow_scale=20.0)
+    layer = DenseSubnetwork(width=0.125, flow_scale=20.0, flow_head_initializer="lecun_uniform")
     flow = layer(pair).numpy()
     assert flow.shape == (1, 64, 64, 64, 3)
-    unscaled = DenseSubnetwork(width=0.125, flow_scale=1.0)
+    unscaled = DenseSubnetwork(width=0.125, flow_scale=1.0, flow_head_initializer="lecun_uniform")
     unscaled(pair)
     unscaled.set_weights(layer.get_weights())
     np.testing.assert_allclose(flow, 20.0 * unscaled(pair).numpy(), rtol=1e-5, atol=1e-5)
@@ -116,7 +119,7 @@ def test_output_is_flow_scale_times_head():
 
 
 def test_width_scales_channels():
-    layer = DenseSubnetwork(width=0.25)
+    layer = DenseSubnetwork(width=0.25, flow_scale=20.0, flow_head_initializer="lecun_uniform")
     symbolic_build(layer, (1, 64, 64, 64, 2))
     encoder = sorted((c for c in conv_layers(layer) if c.name.startswith("conv")), key=lambda c: c.name)
     assert [c.filters for c in encoder] == [4, 8, 16, 16, 32, 32, 64, 64, 128, 128]
@@ -130,12 +133,12 @@ def test_width_scales_channels():
 
 
 def test_small_flow_head_starts_near_identity():
-    layer = DenseSubnetwork(width=0.125, flow_head_initializer="small")
+    layer = DenseSubnetwork(width=0.125, flow_scale=20.0, flow_head_initializer="small")
     flow = layer(small_pair(1)).numpy()
     assert np.all(np.isfinite(flow))
     assert np.abs(flow).max() < 0.05  # ≪ one voxel
     with pytest.raises(ValueError):
-        DenseSubnetwork(flow_head_initializer="zeros")
+        DenseSubnetwork(width=0.125, flow_scale=20.0, flow_head_initializer="zeros")
 
 
 def test_affine_outputs_on_small_input():
@@ -144,11 +147,12 @@ def test_affine_outputs_on_small_input():
     assert np.all(np.isfinite(W.numpy())) and np.all(np.isfinite(b.numpy()))
 
 
-@pytest.mark.parametrize("cls", [DenseSubnetwork, AffineSubnetwork])
+@pytest.mark.parametrize("make", [lambda: DenseSubnetwork(0.125, 20.0, "small"), lambda: AffineSubnetwork(0.125)],
+                         ids=["DenseSubnetwork", "AffineSubnetwork"])
 @pytest.mark.parametrize("shape", [(1, 48, 64, 64, 2), (1, 64, 64, 96, 2)])
-def test_sizes_not_divisible_by_64_are_rejected(cls, shape):
+def test_sizes_not_divisible_by_64_are_rejected(make, shape):
     with pytest.raises(ValueError, match="64"):
-        cls(width=0.125)(tf.zeros(shape))
+        make()(tf.zeros(shape))
 
 
 def test_get_config_round_trip():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from vtn_tf import checkpoints
 from vtn_tf import config as config_lib
 from vtn_tf import training
 from vtn_tf.model import VTN
@@ -67,7 +68,7 @@ def test_training_writes_config_checkpoints_and_tensorboard(toy_manifest, tmp_pa
         assert f"train/{term}" in tags
     assert {"validation/dice", "validation/dice_unregistered"} <= tags
     assert any(tag.startswith("validation/fixed_moving_warped") for tag in tags)
-    model, shape, _ = training.restore_model(tmp_path / "run")
+    model, shape, _ = checkpoints.restore_model(tmp_path / "run")
     assert shape == (64, 64, 64) and model.spec == "AD"
 
 
@@ -99,7 +100,7 @@ def test_more_epochs_extend_a_finished_run(toy_manifest, tmp_path):
 
 
 def _trained_weights(run_dir):
-    model, _, _ = training.restore_model(run_dir)
+    model, _, _ = checkpoints.restore_model(run_dir)
     return [v.numpy() for v in model.trainable_variables]
 
 
@@ -168,22 +169,20 @@ def test_nonfinite_batches_can_be_skipped():
     assert any(not np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))
 
 
-def test_paper_schedule_matches_the_config_formula():
-    config = config_lib.load_config(overrides=["train.steps_per_epoch=10"])
-    schedule = training.PaperSchedule(1e-4, 10, 4)
-    for step in (0, 9, 39, 40, 41, 49, 50, 99):
-        assert float(schedule(step)) == pytest.approx(config_lib.learning_rate_at(config, step))
+def test_paper_schedule_is_the_config_schedule():
+    from tests.test_config import SMALL_RATES, SMALL_SCHEDULE
 
-
-def test_restore_refuses_a_mismatched_checkpoint(tmp_path):
-    model = VTN("AD", width=0.125, flow_head_initializer="small")
-    model.build((None, 64, 64, 64, 1))
-    training.save_model_dir(model, (64, 64, 64), tmp_path)
-    description = json.loads((tmp_path / "model.json").read_text())
-    description["model"]["width"] = 0.25
-    (tmp_path / "model.json").write_text(json.dumps(description))
-    with pytest.raises(ValueError, match="does not fit"):
-        training.restore_model(tmp_path)
+    config = config_lib.load_config(overrides=SMALL_SCHEDULE + ["model.spec=D", "model.width=0.125"])
+    train = config["train"]
+    schedule = training.PaperSchedule(train["learning_rate"], train["steps_per_epoch"], train["halve_after_epoch"])
+    for step, rate in SMALL_RATES.items():
+        assert float(schedule(tf.constant(step, tf.int64))) == pytest.approx(rate, rel=1e-6)
+    again = training.PaperSchedule.from_config(schedule.get_config())
+    assert float(again(7)) == pytest.approx(5e-4, rel=1e-6)
+    optimizer = training.build_model(config, (64, 64, 64)).optimizer  # the schedule training uses
+    for step in (0, 9, 30):
+        optimizer.iterations.assign(step)
+        assert float(optimizer.learning_rate) == pytest.approx(SMALL_RATES[step], rel=1e-6)
 
 
 def test_a_half_written_checkpoint_never_replaces_the_last_good_one(toy_manifest, tmp_path):
@@ -193,13 +192,13 @@ def test_a_half_written_checkpoint_never_replaces_the_last_good_one(toy_manifest
     config = tiny_config(toy_manifest)
     run = tmp_path / "run"
     training.train(config, run, verbose=0, log=lambda *_: None)
-    checkpoints = run / "checkpoints"
-    good = tf.train.latest_checkpoint(str(checkpoints))
-    for source in checkpoints.glob(pathlib.Path(good).name + ".*"):
+    folder = run / "checkpoints"
+    good = tf.train.latest_checkpoint(str(folder))
+    for source in folder.glob(pathlib.Path(good).name + ".*"):
         half = source.read_bytes()[: max(1, source.stat().st_size // 2)]
-        (checkpoints / source.name.replace(pathlib.Path(good).name, "ckpt-99")).write_bytes(half)
-    assert tf.train.latest_checkpoint(str(checkpoints)) == good
-    model, _, restored = training.restore_model(run)
+        (folder / source.name.replace(pathlib.Path(good).name, "ckpt-99")).write_bytes(half)
+    assert tf.train.latest_checkpoint(str(folder)) == good
+    model, _, restored = checkpoints.restore_model(run)
     assert restored == good
 
 
@@ -218,34 +217,73 @@ def test_mixed_precision_keeps_flows_warps_and_losses_in_float32(toy_manifest):
         keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
-def test_restore_model_in_reduced_precision(tmp_path, precision):
-    """The network computes in the named type (its convolutions say so), the flow comes
-    back float32 and near the float32 model's, and the global Keras policy is untouched."""
-    model = VTN("AD", width=0.25)  # the paper's flow-head init: flows of a few voxels
-    model.build((None, 64, 64, 64, 1))
-    run_dir = training.save_model_dir(model, (64, 64, 64), tmp_path / "run")
-    coarse = np.random.default_rng(0).random((2, 8, 8, 8)).astype(np.float32)
-    fixed, moving = (np.kron(c, np.ones((8, 8, 8), np.float32))[None, ..., None] for c in coarse)
-    reference, _, _ = training.restore_model(run_dir)
-    expected = reference({"fixed": fixed, "moving": moving})["flow"].numpy()
-    reduced, _, _ = training.restore_model(run_dir, precision)
-    convolutions = [layer for layer in reduced._flatten_layers() if isinstance(layer, keras.layers.Conv3D)]
-    assert convolutions and all(layer.compute_dtype == precision for layer in convolutions)
-    assert keras.mixed_precision.global_policy().name == "float32"
-    flow = reduced({"fixed": fixed, "moving": moving})["flow"]
-    assert flow.dtype == tf.float32
-    scale = np.abs(expected).max()
-    assert scale > 0.5  # the comparison below means something
-    assert np.abs(flow.numpy() - expected).max() < 0.05 * scale
-    with pytest.raises(ValueError, match="precision must be one of"):
-        training.restore_model(run_dir, "int8")
+@pytest.mark.parametrize("fails", [False, True])
+def test_training_puts_the_global_policy_back(toy_manifest, tmp_path, monkeypatch, fails):
+    """train.mixed_precision computes in float16 during the run; the policy the caller had
+    (here mixed_bfloat16) is back afterwards, also when the run fails."""
+    seen = {}
+
+    def fit(model, *args, **kwargs):
+        seen["policy"] = keras.mixed_precision.global_policy().name
+        seen["network"] = model.stages[-1].compute_dtype
+        if fails:
+            raise RuntimeError("failed in fit")
+
+    monkeypatch.setattr(VTN, "fit", fit)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        config = tiny_config(toy_manifest, "train.mixed_precision=true")
+        if fails:
+            with pytest.raises(RuntimeError, match="failed in fit"):
+                training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+        else:
+            training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert seen == {"policy": "mixed_float16", "network": "float16"}
 
 
-def test_precision_flag_offers_the_restorable_precisions():
-    from absl import flags
+def test_validation_dice_is_the_evaluation_metric(toy_manifest, tmp_path):
+    """Validation scores each held-out pair as vtn-evaluate does (`vtn_tf.evaluation.pair_metrics`
+    over `vtn_tf.metrics`): the mean over pairs of the label-mean Dice of the moving labels
+    warped with nearest neighbour, the unregistered Dice, and the folding percentage."""
+    from scipy import ndimage
 
-    from vtn_tf.apps.common import define_precision_flag
+    from vtn_tf import data as data_lib
+    from vtn_tf import evaluation, spatial
 
-    define_precision_flag()
-    assert set(flags.FLAGS["precision"].parser.enum_values) == set(training.PRECISIONS)
+    dataset = data_lib.load_prepared(toy_manifest, splits=("validation",))
+    pairs = data_lib.evaluation_pairs(dataset.ids("validation"), "pairwise")
+    batches = list(data_lib.evaluation_batches(dataset, pairs, include_labels=True))
+    keras.utils.set_random_seed(1)
+    model = VTN("AD", width=0.125)  # the paper's flow head: random flows of a few voxels
+    validation = training.Validation(batches, dataset.label_values, tf.summary.create_file_writer(str(tmp_path)),
+                                     every=1, log=lambda *_: None)
+    validation.set_model(model)
+    result = validation.evaluate(0)
+    registered, unregistered = [], []
+    for batch in batches:
+        flow = model({"fixed": batch["fixed"], "moving": batch["moving"]})["flow"]
+        fixed_labels, moving_labels = (batch[name].numpy()[0, ..., 0] for name in ("fixed_labels", "moving_labels"))
+        warped = spatial.warp(batch["moving_labels"], flow, "nearest").numpy()[0, ..., 0]
+        registered.append(evaluation.pair_metrics(fixed_labels, warped, dataset.label_values, flow.numpy()[0]))
+        unregistered.append(evaluation.pair_metrics(fixed_labels, moving_labels, dataset.label_values, None))
+        # The labels really move with the flow (scipy's nearest neighbour, up to rounding ties).
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in warped.shape], indexing="ij"), -1)
+        coords = np.moveaxis(grid + flow.numpy()[0], -1, 0)
+        reference = ndimage.map_coordinates(moving_labels, coords, order=0, mode="nearest")
+        assert np.mean(reference != warped) < 1e-4 < np.mean(moving_labels != warped)
+    assert result["dice"] == np.nanmean([row["dice"] for row in registered])
+    assert result["dice_unregistered"] == np.nanmean([row["dice"] for row in unregistered])
+    assert result["folding_percent"] == pytest.approx(np.mean([row["folding_percent"] for row in registered]),
+                                                      rel=1e-6, abs=1e-9)
+    assert result["dice"] != result["dice_unregistered"]
+
+
+def test_a_run_directory_under_a_file_is_an_input_error(tmp_path):
+    from vtn_tf.io import InputError
+
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(InputError, match="file.txt/run cannot be created"):
+        training.prepare_run_dir(tmp_path / "file.txt" / "run", config_lib.load_config())

@@ -20,10 +20,11 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "warp": "vtn_tf.spatial", "compose": "vtn_tf.spatial", "affine_flow": "vtn_tf.spatial",
+    "SpatialTransformer": "vtn_tf.layers", "ComposeFlows": "vtn_tf.layers", "AffineFlow": "vtn_tf.layers",
     "AffineSubnetwork": "vtn_tf.networks", "DenseSubnetwork": "vtn_tf.networks", "VTN": "vtn_tf.model",
 }
-_MODULES = {"losses", "metrics", "spatial", "networks", "model", "io", "data", "augment", "config",
-            "training", "evaluation", "registration", "export", "baselines"}
+_MODULES = {"losses", "metrics", "spatial", "layers", "networks", "model", "checkpoints", "io", "data",
+            "augment", "config", "training", "evaluation", "registration", "export", "baselines"}
 __all__ = sorted(_PUBLIC) + ["losses", "metrics"]
 
 

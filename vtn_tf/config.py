@@ -152,7 +152,18 @@ def validate(config):
 
 
 def learning_rate_at(config, step):
-    """The paper's schedule: constant, then halved every epoch after ``halve_after_epoch``."""
+    """The paper's schedule: constant, then halved every epoch after ``halve_after_epoch``.
+
+    Args:
+      config: a config (only its ``train`` section's ``learning_rate``, ``steps_per_epoch``
+        and ``halve_after_epoch`` are read).
+      step: optimizer steps taken so far (0 = the first batch), an int or a floating-point
+        tensor (the Keras schedule `vtn_tf.training.PaperSchedule` passes one).
+    Returns:
+      the learning rate for that step (epochs count from 1).
+    """
     train = config["train"]
     epoch = step // train["steps_per_epoch"] + 1
-    return train["learning_rate"] * 0.5 ** max(0, epoch - train["halve_after_epoch"])
+    excess = epoch - train["halve_after_epoch"]
+    halvings = (excess + abs(excess)) // 2  # max(0, excess), also for tensors
+    return train["learning_rate"] * 0.5 ** halvings

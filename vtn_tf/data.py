@@ -175,7 +175,7 @@ def training_pairs(dataset, split="train", mode="pairwise", atlas=None):
     else:
         raise ValueError(f"mode must be one of {PAIR_MODES}; got {mode!r}.")
     if not pairs:
-        raise ValueError(f"split {split!r} of manifest {dataset.manifest_path} gives no "
+        raise io.InputError(f"split {split!r} of manifest {dataset.manifest_path} gives no "
                          f"{mode} pairs ({len(ids)} subjects)")
     return pairs
 
@@ -183,10 +183,10 @@ def training_pairs(dataset, split="train", mode="pairwise", atlas=None):
 def _atlas(dataset, atlas):
     atlas = dataset.atlas if atlas is None else atlas
     if atlas is None:
-        raise ValueError(f"atlas mode needs an atlas: manifest {dataset.manifest_path} names "
+        raise io.InputError(f"atlas mode needs an atlas: manifest {dataset.manifest_path} names "
                          "none, so pass atlas=<subject id>")
     if atlas not in dataset.images:
-        raise ValueError(f"atlas {atlas!r} is not loaded from manifest {dataset.manifest_path}; "
+        raise io.InputError(f"atlas {atlas!r} is not loaded from manifest {dataset.manifest_path}; "
                          "pass it to load_prepared(extra_subjects=...)")
     return atlas
 

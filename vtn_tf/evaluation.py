@@ -155,13 +155,13 @@ def make_methods(names, model_dir=None, log=print, passes=1, precision="float32"
     for name in names:
         if name == "vtn":
             if not model_dir:
-                raise ValueError("method vtn needs --model (a run directory with model.json)")
+                raise io.InputError("method vtn needs --model (a run directory with model.json)")
             if not os.path.isdir(model_dir):
                 raise FileNotFoundError(f"model {model_dir} does not exist (a run directory "
                                         "with model.json and checkpoints/ is required)")
-            from vtn_tf import training
+            from vtn_tf import checkpoints
 
-            model, image_shape, _ = training.restore_model(model_dir, precision)
+            model, image_shape, _ = checkpoints.restore_model(model_dir, precision)
             methods[name] = VTNMethod(model, passes)
         elif name == "identity":
             methods[name] = identity_method
@@ -172,7 +172,7 @@ def make_methods(names, model_dir=None, log=print, passes=1, precision="float32"
                 continue
             methods[name] = baseline_method(name)
     if not methods:
-        raise ValueError("no method left to run (every requested baseline was skipped)")
+        raise io.InputError("no method left to run (every requested baseline was skipped)")
     return methods, image_shape
 
 
@@ -181,11 +181,11 @@ def parse_methods(text):
     names = [name.strip().lower() for name in (text or "").split(",") if name.strip()]
     unknown = [name for name in names if name not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        raise io.InputError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"method list {text!r} repeats a method")
+        raise io.InputError(f"method list {text!r} repeats a method")
     if not names:
-        raise ValueError("no method given")
+        raise io.InputError("no method given")
     return names
 
 
@@ -199,24 +199,24 @@ def load_pairs(manifest, split="evaluation", protocol="consecutive", atlas=None,
         without labels.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+        raise io.InputError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     if max_pairs is not None and int(max_pairs) < 1:
-        raise ValueError(f"max_pairs must be at least 1; got {max_pairs}")
+        raise io.InputError(f"max_pairs must be at least 1; got {max_pairs}")
     dataset = data.load_prepared(manifest, splits=(split,),
                                  extra_subjects=(atlas,) if atlas else ())
     ids = dataset.ids(split)
     if protocol == "atlas":
         atlas = atlas or dataset.atlas
         if atlas is None:
-            raise ValueError(f"the atlas protocol needs --atlas: manifest {dataset.manifest_path} "
+            raise io.InputError(f"the atlas protocol needs --atlas: manifest {dataset.manifest_path} "
                              "names no atlas")
     pairs = data.evaluation_pairs(ids, protocol, atlas=atlas, max_pairs=max_pairs)
     if not pairs:
-        raise ValueError(f"split {split!r} of manifest {dataset.manifest_path} gives no "
+        raise io.InputError(f"split {split!r} of manifest {dataset.manifest_path} gives no "
                          f"{protocol} pairs ({len(ids)} subjects)")
     unlabelled = sorted({i for pair in pairs for i in pair if dataset.labels.get(i) is None})
     if unlabelled:
-        raise ValueError(f"subject {unlabelled[0]} of manifest {dataset.manifest_path} has no "
+        raise io.InputError(f"subject {unlabelled[0]} of manifest {dataset.manifest_path} has no "
                          "labels; evaluation needs a label map for every subject")
     return dataset, pairs
 
@@ -281,7 +281,7 @@ def run_protocol(manifest, out, methods=("vtn", "identity"), model_dir=None, spl
     check_output(out, overwrite)
     names = parse_methods(methods) if isinstance(methods, str) else parse_methods(",".join(methods))
     if "vtn" in names and not model_dir:
-        raise ValueError("method vtn needs --model (a run directory with model.json)")
+        raise io.InputError("method vtn needs --model (a run directory with model.json)")
     if model_dir and not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model {model_dir} does not exist (a run directory with "
                                 "model.json and checkpoints/ is required)")
@@ -289,7 +289,7 @@ def run_protocol(manifest, out, methods=("vtn", "identity"), model_dir=None, spl
     callables, image_shape = make_methods(names, model_dir, log, passes, precision)
     if image_shape is not None and tuple(image_shape) != tuple(dataset.grid):
         grid = "x".join(map(str, dataset.grid))
-        raise ValueError(f"model {model_dir} was built for a {'x'.join(map(str, image_shape))} "
+        raise io.InputError(f"model {model_dir} was built for a {'x'.join(map(str, image_shape))} "
                          f"grid but manifest {dataset.manifest_path} has {grid}")
     rows = evaluate(dataset, pairs, callables, log)
     header = (f"# {dataset.name}: {split} split, {protocol} protocol, {len(pairs)} pairs\n\n"
@@ -399,12 +399,12 @@ def select_method(rows, method=None, source="results"):
     present = list(dict.fromkeys(row["method"] for row in rows))
     if method is None:
         if len(present) != 1:
-            raise ValueError(f"{source} hold methods {', '.join(present)}; name the one to "
+            raise io.InputError(f"{source} hold methods {', '.join(present)}; name the one to "
                              "compare with --methods")
         method = present[0]
     mine = [row for row in rows if row["method"] == method]
     if not mine:
-        raise ValueError(f"{source} hold no rows of method {method!r} "
+        raise io.InputError(f"{source} hold no rows of method {method!r} "
                          f"(they hold {', '.join(present)})")
     return mine
 
@@ -424,7 +424,7 @@ def compare(rows_a, rows_b, metric="dice"):
     common = [key for key in scores_a if key in scores_b
               and not (math.isnan(scores_a[key]) or math.isnan(scores_b[key]))]
     if not common:
-        raise ValueError("the two result sets share no (fixed, moving) pair with a score")
+        raise io.InputError("the two result sets share no (fixed, moving) pair with a score")
     a = np.array([scores_a[key] for key in common])
     b = np.array([scores_b[key] for key in common])
     difference = a - b

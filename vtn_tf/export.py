@@ -157,7 +157,7 @@ def check_output(out, overwrite):
 def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, precision="float32"):
     """Export a run directory's model (latest checkpoint) as a SavedModel in ``out``.
 
-    ``precision``: the network's compute type (`vtn_tf.training.restore_model`); the
+    ``precision``: the network's compute type (`vtn_tf.checkpoints.restore_model`); the
     signature's inputs and outputs are float32 whatever it is.
 
     Raises `vtn_tf.io.InputError` (before writing) for an existing ``out`` without

@@ -347,13 +347,32 @@ def atomic_write_text(path, text, overwrite=False):
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
 
 
+def _itk_voxels(data, path):
+    """``data`` as SimpleITK wants it (``[z, y, x]`` or ``[z, y, x, components]``) and whether
+    it is a vector image: ``[X, Y, Z]`` is scalar; ``[X, Y, Z, C]`` and NIfTI's vector layout
+    ``[X, Y, Z, 1, C]`` are 3-D images of C-component vectors."""
+    if data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0]
+    if data.ndim == 3:
+        return data.transpose(2, 1, 0), False
+    if data.ndim == 4:
+        return data.transpose(2, 1, 0, 3), True
+    shape = "x".join(map(str, data.shape))
+    raise InputError(f"output {path}: data of shape {shape} cannot be written as .mha/.nrrd; "
+                     "[X, Y, Z], [X, Y, Z, C] or [X, Y, Z, 1, C] is required")
+
+
 def write_volume(path, data, affine, overwrite=False):
     """Write a 3-D (or vector) volume; never leaves a partial file.
 
     Args:
       path: ``.nii``/``.nii.gz`` (nibabel) or ``.mha``/``.nrrd`` (SimpleITK, converted to LPS).
-      data: array ``[X, Y, Z, ...]``; written in its own dtype.
-      affine: ``(4, 4)`` voxel indices -> RAS mm.
+      data: array ``[X, Y, Z]``, or for a vector image (e.g. a displacement field)
+        ``[X, Y, Z, C]`` or ``[X, Y, Z, 1, C]``; written in its own dtype. NIfTI keeps the
+        array's shape; .mha/.nrrd store a vector as a 3-D image with C components per voxel
+        (index ``(x, y, z)`` holds ``data[x, y, z]``). The components are written as given:
+        no unit or frame conversion (an ITK displacement field wants LPS millimetres).
+      affine: ``(4, 4)`` voxel indices -> RAS mm (the geometry of the first three axes).
       overwrite: replace an existing file.
     """
     suffix = _suffix(path)
@@ -372,13 +391,15 @@ def write_volume(path, data, affine, overwrite=False):
     def write_itk(temporary):
         import SimpleITK as sitk
 
-        image = sitk.GetImageFromArray(data.transpose(2, 1, 0), isVector=False)
+        image = sitk.GetImageFromArray(voxels, isVector=vector)
         spacing, direction, origin = ras_affine_to_itk(affine)
         image.SetSpacing(spacing)
         image.SetDirection(direction)
         image.SetOrigin(origin)
         sitk.WriteImage(image, temporary)
 
+    if suffix not in NIFTI_SUFFIXES:
+        voxels, vector = _itk_voxels(data, path)  # refused before any file is written
     return _atomic_write(path, write_nifti if suffix in NIFTI_SUFFIXES else write_itk,
                          overwrite, suffix=suffix)
 

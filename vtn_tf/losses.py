@@ -64,7 +64,7 @@ def _separable_box_mean(x, window):
     return x
 
 
-def local_ncc_loss(fixed, warped, window=9):
+def local_ncc_loss(fixed, warped, window):
     """``1 - mean_x ncc²(x)``, the squared normalised cross-correlation in a cube
     of ``window``³ voxels around every voxel (VoxelMorph's "NCC" loss).
 
@@ -175,7 +175,7 @@ def determinant_loss(A):
     return tf.square(_determinant_3x3(A) - 1.0)
 
 
-def central_region(tensor, central_fraction=0.5):
+def central_region(tensor, central_fraction):
     """Crop ``[B, X, Y, Z, C]`` to its central ``central_fraction`` along each axis."""
     if not 0.0 < central_fraction <= 1.0:
         raise ValueError(f"central_fraction must be in (0, 1]; got {central_fraction}.")
@@ -186,7 +186,7 @@ def central_region(tensor, central_fraction=0.5):
     return tensor[tuple(slices) + (slice(None),)]
 
 
-def invertibility_loss(f12, f21, central_fraction=0.5):
+def invertibility_loss(f12, f21, central_fraction):
     """Round-trip error (eq. 12): ``‖f12 ⋆ f21‖² + ‖f21 ⋆ f12‖²``.
 
     ``f21 ⋆ f12 = f12 + warp(f21, f12)`` is the displacement of going from image

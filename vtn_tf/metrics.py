@@ -1,6 +1,7 @@
 """Evaluation metrics (paper §V): overlap, Jacobian statistics, landmark distance.
 
-Overlap metrics work on integer label maps (numpy arrays or tensors). Field
+Overlap metrics work on label maps (numpy arrays or tensors) of integer ids, stored as
+integers or as floats with whole values (nibabel's ``get_fdata``). Field
 metrics take flows in voxels, pulling, as in `vtn_tf.spatial`.
 """
 
@@ -10,14 +11,27 @@ import tensorflow as tf
 from vtn_tf import spatial
 
 
+def _label_ids(name, labels):
+    """``labels`` as an integer array: integer dtypes as they are, floating point ones (what
+    nibabel's ``get_fdata`` returns) converted when every value is a whole number."""
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels
+    if not np.issubdtype(labels.dtype, np.floating):
+        raise ValueError(f"{name} must hold integer label ids; got {labels.dtype}.")
+    whole = np.isfinite(labels) & (labels == np.round(labels))
+    if not whole.all():
+        bad = labels[~whole]
+        raise ValueError(f"{name} must hold integer label ids; {bad.size} of its {labels.size} "
+                         f"{labels.dtype} values are not whole numbers (e.g. {bad.flat[0]:g}): "
+                         "a label map resampled with linear interpolation? Use nearest neighbour.")
+    return labels.astype(np.int64)
+
+
 def _label_arrays(fixed_labels, warped_labels):
     a, b = np.asarray(fixed_labels), np.asarray(warped_labels)
     if a.shape != b.shape:
         raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}.")
-    for name, x in (("fixed_labels", a), ("warped_labels", b)):
-        if not np.issubdtype(x.dtype, np.integer):
-            raise ValueError(f"{name} must hold integer label ids; got {x.dtype}.")
-    return a, b
+    return _label_ids("fixed_labels", a), _label_ids("warped_labels", b)
 
 
 def _overlap(fixed_labels, warped_labels, label_values, score):
@@ -38,11 +52,15 @@ def dice(fixed_labels, warped_labels, label_values=None):
     """Dice overlap ``2|A∩B| / (|A|+|B|)`` per label and its mean.
 
     Args:
-      fixed_labels, warped_labels: integer label maps of the same shape.
+      fixed_labels, warped_labels: label maps of the same shape: integer ids, stored as
+        integers or as floats with whole values (as ``nibabel``'s ``get_fdata`` gives them).
       label_values: labels to score; default every non-zero label of ``fixed_labels``.
     Returns:
       ``(per_label: dict[int, float], mean: float)``; a label absent from both maps
       scores NaN and is left out of the mean.
+    Raises:
+      ValueError: maps of different shapes, or a value that is not a whole number (NaN,
+        infinite or fractional, e.g. labels resampled with linear interpolation).
     """
     return _overlap(fixed_labels, warped_labels, label_values,
                     lambda inter, na, nb: 2.0 * inter / (na + nb))

@@ -1,8 +1,9 @@
 """The VTN cascade (paper Fig. 2): an optional affine stage, then dense stages.
 
 Stage k sees ``concat([fixed, warped_{k-1}])`` and predicts its own flow ``f_k``;
-the aggregate flow is ``agg_k = agg_{k-1} ⋆ f_k`` (`vtn_tf.spatial.compose`), and
-the *original* moving image is resampled once with ``agg_k`` (never re-warped).
+the aggregate flow is ``agg_k = agg_{k-1} ⋆ f_k`` (`vtn_tf.layers.ComposeFlows`), and
+the *original* moving image is resampled once with ``agg_k`` (never re-warped,
+`vtn_tf.layers.SpatialTransformer`).
 All flows are ``[B, X, Y, Z, 3]`` in voxels of the fixed grid, pulling.
 """
 
@@ -11,9 +12,13 @@ import re
 import keras
 import tensorflow as tf
 
-from vtn_tf import losses, spatial
+from vtn_tf import config, losses
+from vtn_tf.layers import AffineFlow, ComposeFlows, SpatialTransformer
 from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork, check_spatial_shape
 
+# The defaults of every argument: `vtn_tf.config.DEFAULTS` (a standard-library-only module) is
+# their one source.
+PAPER = config.DEFAULTS["model"]
 SPEC_PATTERN = re.compile(r"^A?D*$")
 # Paper Table I (ADDD): similarity on the dense stages, counted from the last one.
 PAPER_DENSE_SIMILARITY = (0.0, 0.05, 1.0)
@@ -71,7 +76,7 @@ def _weights(name, value, spec, default):
 class VTN(keras.Model):
     """Volume Tweening Network: a cascade of registration subnetworks.
 
-    Args:
+    Args (defaults: ``vtn_tf.config.DEFAULTS["model"]``, the paper's):
       spec: stages, e.g. "ADDD": at most one leading "A" (affine), then "D"s (dense).
       width: channel multiplier of every subnetwork (1.0 = the paper).
       flow_scale: dense output multiplier (the authors' 20).
@@ -100,10 +105,12 @@ class VTN(keras.Model):
     Adam normalises away). Each weighted term is reported as a metric.
     """
 
-    def __init__(self, spec="ADDD", width=1.0, flow_scale=20.0, flow_head_initializer="lecun_uniform",
-                 similarity_weights="paper", smoothness_weights=None, determinant_weight=0.1,
-                 orthogonality_weight=0.1, invertibility_weight=0.0, central_fraction=0.5,
-                 similarity="cc", ncc_window=9, **kwargs):
+    def __init__(self, spec=PAPER["spec"], width=PAPER["width"], flow_scale=PAPER["flow_scale"],
+                 flow_head_initializer=PAPER["flow_head_initializer"],
+                 similarity_weights=PAPER["similarity_weights"], smoothness_weights=PAPER["smoothness_weights"],
+                 determinant_weight=PAPER["determinant_weight"], orthogonality_weight=PAPER["orthogonality_weight"],
+                 invertibility_weight=PAPER["invertibility_weight"], central_fraction=PAPER["central_fraction"],
+                 similarity=PAPER["similarity"], ncc_window=PAPER["ncc_window"], **kwargs):
         super().__init__(**kwargs)
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {sorted(SIMILARITIES)}; got {similarity!r}.")
@@ -125,6 +132,10 @@ class VTN(keras.Model):
             AffineSubnetwork(width, name=name) if letter == "A" else
             DenseSubnetwork(width, flow_scale, flow_head_initializer, name=name)
             for letter, name in zip(spec, self.stage_names)]
+        # Weightless spatial layers (float32 whatever the policy): checkpoints are unchanged.
+        self.warp = SpatialTransformer(name="warp")
+        self.compose = ComposeFlows(name="compose")
+        self.affine_flow = AffineFlow(name="affine_flow") if spec.startswith("A") else None
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in self.loss_term_names() + ["skipped_batches"]}
         self.skip_nonfinite_batches = False
@@ -165,7 +176,6 @@ class VTN(keras.Model):
         fixed, moving = (tf.convert_to_tensor(image) for image in self._unpack(inputs))
         self._check_images(fixed, moving)
         fixed, moving = tf.cast(fixed, tf.float32), tf.cast(moving, tf.float32)
-        spatial_shape = fixed.shape[1:4]
         out = {"stage_flows": [], "stage_aggregate_flows": [], "stage_warped": []}
         aggregate, warped, affine = None, moving, None
         for letter, stage in zip(self.spec, self.stages):
@@ -174,7 +184,7 @@ class VTN(keras.Model):
                 W, b = stage(pair, training=training)
                 W, b = tf.cast(W, tf.float32), tf.cast(b, tf.float32)
                 affine = (tf.eye(3) + W, b)
-                flow = spatial.affine_flow(W, b, spatial_shape)
+                flow = self.affine_flow([W, b, fixed])
                 aggregate = flow
                 out["affine_matrix"], out["affine_translation"] = affine
             else:
@@ -185,8 +195,8 @@ class VTN(keras.Model):
                     # Exact and cheaper than a resampling: agg = A·f + affine_flow.
                     aggregate = tf.einsum("bij,bxyzj->bxyzi", affine[0], flow) + aggregate
                 else:
-                    aggregate = spatial.compose(aggregate, flow)
-            warped = spatial.warp(moving, aggregate)
+                    aggregate = self.compose([aggregate, flow])
+            warped = self.warp([moving, aggregate])
             out["stage_flows"].append(flow)
             out["stage_aggregate_flows"].append(aggregate)
             out["stage_warped"].append(warped)
@@ -216,8 +226,8 @@ class VTN(keras.Model):
         moving = tf.cast(moving, tf.float32)
         for _ in range(passes - 1):
             step = self({"fixed": fixed, "moving": out["warped"]})["flow"]
-            out["flow"] = spatial.compose(out["flow"], step)
-            out["warped"] = spatial.warp(moving, out["flow"])
+            out["flow"] = self.compose([out["flow"], step])
+            out["warped"] = self.warp([moving, out["flow"]])
         return out
 
     def build(self, input_shape):

@@ -4,7 +4,8 @@ Both take ``concat([fixed, current_moving])``: ``[B, X, Y, Z, 2]`` with the
 fixed image in channel 0, and every spatial size divisible by 64 (six stride-2
 levels). Every convolution has kernel 3, padding 'same', a bias, LeakyReLU with
 slope 0.1 and LeCun-uniform weights. ``width`` scales every channel count
-(1.0 = the paper: about 28.2 M parameters dense, 14.2 M affine at 128^3).
+(1.0 = the paper: about 28.2 M parameters dense, 14.2 M affine at 128^3). The arguments
+have no defaults here: `vtn_tf.model.VTN` passes them from ``vtn_tf.config.DEFAULTS``.
 """
 
 import keras
@@ -52,7 +53,7 @@ def _upconv(name, channels, activation, kernel_initializer="lecun_uniform"):
 class _Encoder(keras.layers.Layer):
     """conv1 … conv6_1; returns the list of every level's features."""
 
-    def __init__(self, width=1.0, **kwargs):
+    def __init__(self, width, **kwargs):
         super().__init__(**kwargs)
         self.width = width
         self.convs = [_conv(name, scaled_channels(c, width), s)
@@ -80,10 +81,10 @@ class DenseSubnetwork(keras.layers.Layer):
     Output shape:
       ``[B, X, Y, Z, 3]`` flow in voxels of the fixed grid, pulling the moving image.
     Example:
-      >>> flow = DenseSubnetwork(width=0.5)(tf.concat([fixed, moving], -1))
+      >>> flow = DenseSubnetwork(0.5, 20.0, "small")(tf.concat([fixed, moving], -1))
     """
 
-    def __init__(self, width=1.0, flow_scale=20.0, flow_head_initializer="lecun_uniform", **kwargs):
+    def __init__(self, width, flow_scale, flow_head_initializer, **kwargs):
         super().__init__(**kwargs)
         if flow_head_initializer not in FLOW_HEAD_INITIALIZERS:
             raise ValueError(f"flow_head_initializer must be one of {FLOW_HEAD_INITIALIZERS}; "
@@ -132,7 +133,7 @@ class AffineSubnetwork(keras.layers.Layer):
       ``(W [B, 3, 3], b [B, 3])``; b in voxels, W acting on centred voxel coordinates.
     """
 
-    def __init__(self, width=1.0, **kwargs):
+    def __init__(self, width, **kwargs):
         super().__init__(**kwargs)
         self.width = width
         self.encoder = _Encoder(width, name="encoder")

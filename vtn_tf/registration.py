@@ -580,12 +580,12 @@ def _label_dtype(path, data):
 def load_model(run_dir, precision="float32"):
     """``(model, network_shape, checkpoint)`` from a run directory; InputError when it is
     missing or corrupt. ``precision``: see `vtn_tf.training.restore_model`."""
-    from vtn_tf import training  # TensorFlow only when a model is needed
+    from vtn_tf import checkpoints  # TensorFlow only when a model is needed
 
     if not os.path.isdir(run_dir):
         raise io.InputError(f"model {run_dir} does not exist (a vtn-train run directory is required)")
     try:
-        model, shape, checkpoint = training.restore_model(run_dir, precision)
+        model, shape, checkpoint = checkpoints.restore_model(run_dir, precision)
     except (OSError, ValueError, KeyError, TypeError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise io.InputError(f"model {run_dir} cannot be used: {message}") from None

@@ -31,12 +31,17 @@ import tensorflow as tf
 from vtn_tf import config as config_lib
 from vtn_tf import data as data_lib
 from vtn_tf import augment, metrics, spatial
+from vtn_tf.checkpoints import make_checkpoint, network_precision, write_model_description
+from vtn_tf.io import InputError
+# Loading a trained model lives in vtn_tf.checkpoints; these names stay importable from here.
+from vtn_tf.checkpoints import PRECISIONS, restore_model, save_model_dir  # noqa: F401
 from vtn_tf.model import VTN
 
 
 @keras.saving.register_keras_serializable(package="vtn_tf")
 class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Constant rate, halved every epoch after ``halve_after_epoch`` (paper §V)."""
+    """Constant rate, halved every epoch after ``halve_after_epoch`` (paper §V): the
+    schedule of `vtn_tf.config.learning_rate_at`, as a Keras schedule."""
 
     def __init__(self, learning_rate, steps_per_epoch, halve_after_epoch):
         self.learning_rate = float(learning_rate)
@@ -44,8 +49,7 @@ class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.halve_after_epoch = int(halve_after_epoch)
 
     def __call__(self, step):
-        epoch = tf.cast(step, tf.float32) // self.steps_per_epoch + 1.0
-        return self.learning_rate * tf.pow(0.5, tf.maximum(0.0, epoch - self.halve_after_epoch))
+        return config_lib.learning_rate_at({"train": self.get_config()}, tf.cast(step, tf.float32))
 
     def get_config(self):
         return {"learning_rate": self.learning_rate, "steps_per_epoch": self.steps_per_epoch,
@@ -55,22 +59,6 @@ class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
 def step_of(model):
     """The optimizer's step count (works for mirrored variables too)."""
     return int(tf.convert_to_tensor(getattr(model.optimizer.iterations, "value", model.optimizer.iterations)))
-
-
-def make_checkpoint(model, optimizer=None):
-    """A `tf.train.Checkpoint` of the model's (and optimizer's) variables.
-
-    Keras 3 layers are not TensorFlow trackables, so the variables are listed
-    explicitly. Model variables are keyed by their layer paths, so a checkpoint of
-    another architecture fails to restore instead of loading into the wrong layers."""
-    def value(v):
-        return getattr(v, "value", v)
-
-    # Paths without the model's own name (which Keras uniquifies per process).
-    tree = {"model": {v.path.split("/", 1)[-1].replace("/", "."): value(v) for v in model.weights}}
-    if optimizer is not None:  # optimizer slots follow the model's variable order
-        tree["optimizer"] = {f"{k:05d}": value(v) for k, v in enumerate(optimizer.variables)}
-    return tf.train.Checkpoint(**tree)
 
 
 def choose_strategy(name):
@@ -138,7 +126,11 @@ def prepare_run_dir(run_dir, config, restart=False, log=print):
                     "(only more train.epochs may extend a run).")
             log(f"extending {run_dir} from {previous['train']['epochs']} to "
                 f"{config['train']['epochs']} epochs.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"run directory {run_dir} cannot be created: it, or a folder above it, "
+                         "is a file") from None
     _atomic_write(saved, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return run_dir
 
@@ -254,14 +246,22 @@ class Checkpoints(keras.callbacks.Callback):
 
 
 def train(config, run_dir, restart=False, verbose=1, log=print):
-    """Train (or resume) the experiment ``config`` in ``run_dir``. Returns a summary dict."""
+    """Train (or resume) the experiment ``config`` in ``run_dir``. Returns a summary dict.
+
+    With ``train.mixed_precision`` the network computes in float16 for the run; the global
+    Keras policy is put back when it ends, also when it fails."""
     config_lib.validate(config)
     train_cfg, data_cfg = config["train"], config["data"]
     if not data_cfg["manifest"]:
         raise config_lib.ConfigError("data.manifest is not set: point it at a prepared dataset's manifest.json.")
     keras.utils.set_random_seed(train_cfg["seed"])
-    if train_cfg["mixed_precision"]:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    # The global Keras policy is put back when training ends, also on an error.
+    with network_precision("float16") if train_cfg["mixed_precision"] else contextlib.nullcontext():
+        return _train(config, run_dir, restart, verbose, log)
+
+
+def _train(config, run_dir, restart, verbose, log):
+    train_cfg, data_cfg = config["train"], config["data"]
     strategy = choose_strategy(train_cfg["distribute"])
     chief = is_chief(strategy)
     run_dir = pathlib.Path(run_dir)
@@ -340,13 +340,6 @@ def validation_pairs(dataset, data_cfg):
     return pairs[: data_cfg["validation_pairs"]]
 
 
-def write_model_description(run_dir, model_config, image_shape, label_values=()):
-    """``run_dir/model.json``: what `restore_model` needs to rebuild the network."""
-    _atomic_write(pathlib.Path(run_dir) / "model.json", json.dumps(
-        {"model": model_config, "image_shape": [int(n) for n in image_shape],
-         "label_values": [int(v) for v in label_values]}, indent=2) + "\n")
-
-
 def write_input_contract(run_dir, manifest, log=print):
     """``run_dir/preprocessing.json``: how the training volumes were prepared
     (`vtn_tf.preprocess.InputContract`), which registration applies to new scans."""
@@ -356,71 +349,3 @@ def write_input_contract(run_dir, manifest, log=print):
         log(f"no input contract ({error}); this model can score prepared volumes only")
         return
     _atomic_write(pathlib.Path(run_dir) / "preprocessing.json", json.dumps(contract.to_json(), indent=2) + "\n")
-
-
-def save_model_dir(model, image_shape, run_dir, label_values=()):
-    """Write a run directory for ``model`` (model.json + one checkpoint), e.g. for tests."""
-    run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in model.get_config().items() if k in config_lib.DEFAULTS["model"]}
-    write_model_description(run_dir, config, image_shape, label_values)
-    tf.train.CheckpointManager(make_checkpoint(model), str(run_dir / "checkpoints"), 1).save(0)
-    return run_dir
-
-
-# Inference precisions: the Keras policy each one builds the network under. Weights stay
-# float32 (checkpoints are shared by all); the network's convolutions compute in the named
-# type; flows, warps and compositions stay float32 (`vtn_tf.model.VTN` casts the flows).
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-
-@contextlib.contextmanager
-def network_precision(precision):
-    """Layers built inside compute in ``precision`` (a key of `PRECISIONS`); the global
-    Keras policy is put back on leaving. ValueError for an unknown name."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
-def restore_model(run_dir, precision="float32"):
-    """The trained model of a run directory, from its latest checkpoint.
-
-    Reads only ``model.json`` (architecture and grid, plain JSON) and the
-    checkpoint's tensors: nothing in the run directory is executed.
-    ``precision`` (a key of `PRECISIONS`) is the network's compute type: ``bfloat16``
-    speeds up inference on CPUs with AVX512_BF16 or AMX, ``float16`` on GPUs; the
-    global Keras policy is left as it was. Returns ``(model, image_shape, checkpoint_path)``.
-    """
-    with network_precision(precision):
-        return _restore_model(pathlib.Path(run_dir))
-
-
-def _restore_model(run_dir):
-    description = run_dir / "model.json"
-    if not description.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a vtn-tf run directory (no model.json).")
-    info = json.loads(description.read_text())
-    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint (looked in {run_dir / 'checkpoints'}).")
-    model = VTN(**info["model"])
-    model.build((None, *info["image_shape"], 1))
-    try:
-        status = make_checkpoint(model).restore(latest).expect_partial()
-        status.assert_existing_objects_matched()
-        stored = {name for name, _ in tf.train.list_variables(latest) if name.startswith("model/")}
-        if len(stored) != len(model.weights):
-            raise ValueError(f"it holds {len(stored)} model tensors, the model has {len(model.weights)}")
-    except (IndexError, tf.errors.DataLossError) as error:  # truncated or damaged files
-        raise ValueError(f"checkpoint {latest} is unreadable (truncated or corrupt: "
-                         f"{(str(error).strip() or type(error).__name__).splitlines()[0]})") from None
-    except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise ValueError(f"checkpoint {latest} does not fit the model in {description}: "
-                         f"{str(error).splitlines()[0]}") from None
-    return model, tuple(info["image_shape"]), latest

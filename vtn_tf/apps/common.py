@@ -6,9 +6,14 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError, FloatingPointError, KeyError, OSError)
+from vtn_tf.config import ConfigError
+from vtn_tf.io import InputError
+
+# Errors a user can fix: the library's InputError (a file, flag or setting that cannot be
+# used) and ConfigError, and the FileNotFoundError / FileExistsError / PermissionError it
+# raises about user files. Anything else (a bare ValueError, KeyError or OSError) is a bug
+# and keeps its traceback.
+USER_ERRORS = (InputError, ConfigError, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def define_passes_flag():
@@ -22,7 +27,7 @@ def define_passes_flag():
 
 
 def define_precision_flag():
-    """``--precision``: the network's compute type at inference (`vtn_tf.training.PRECISIONS`)."""
+    """``--precision``: the network's compute type at inference (`vtn_tf.checkpoints.PRECISIONS`)."""
     from absl import flags
 
     if "precision" in flags.FLAGS:
@@ -65,11 +70,15 @@ def refine_settings():
     values = flags.FLAGS
     if not values.refine:
         return None
+    from vtn_tf.io import InputError
     from vtn_tf.refine import RefineSettings
 
-    return RefineSettings(steps=values.refine, seconds=values.refine_seconds, learning_rate=values.refine_rate,
-                          similarity=values.refine_similarity, smoothness=values.refine_smoothness,
-                          resolution=values.refine_resolution)
+    try:
+        return RefineSettings(steps=values.refine, seconds=values.refine_seconds, learning_rate=values.refine_rate,
+                              similarity=values.refine_similarity, smoothness=values.refine_smoothness,
+                              resolution=values.refine_resolution)
+    except ValueError as error:
+        raise InputError(f"--refine options: {error}") from None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import sys
 from absl import app, flags
 
 from vtn_tf.apps.common import user_errors
+from vtn_tf.io import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", os.environ.get("VTN_DATA", "../shared/data"), "folder of the real scans")
@@ -51,7 +52,7 @@ def prepare(data_root, prepared_root, synthetic):
 
 def _check(status):
     if status:
-        raise ValueError("data preparation failed (see the message above).")
+        raise InputError("data preparation failed (see the message above).")
 
 
 def train(manifest, run_dir, steps):

@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 
 from vtn_tf.apps.common import define_inference_flags, define_refine_flags, refine_settings, user_errors
+from vtn_tf.io import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "run directory of a trained VTN (for method vtn)")
@@ -57,20 +58,20 @@ def compare(files, methods):
 
     if len(files) == 1:
         if len(methods) != 2:
-            raise ValueError("--compare with one file needs --methods naming two methods, "
+            raise InputError("--compare with one file needs --methods naming two methods, "
                              "e.g. --methods vtn,ants")
         rows = evaluation.read_results(files[0])
         sides = [(evaluation.select_method(rows, m, files[0]), m) for m in methods]
     elif len(files) == 2:
         if len(methods) > 2:
-            raise ValueError("--compare with two files takes at most two --methods")
+            raise InputError("--compare with two files takes at most two --methods")
         chosen = methods * 2 if len(methods) == 1 else (methods or [None, None])
         sides = []
         for path, method in zip(files, chosen):
             rows = evaluation.select_method(evaluation.read_results(path), method, path)
             sides.append((rows, f"{rows[0]['method']} ({os.path.basename(path)})"))
     else:
-        raise ValueError(f"--compare takes one or two result files; got {len(files)}")
+        raise InputError(f"--compare takes one or two result files; got {len(files)}")
     result = evaluation.compare(sides[0][0], sides[1][0], FLAGS.metric)
     print(evaluation.format_comparison(result, sides[0][1], sides[1][1]))
 
@@ -79,9 +80,9 @@ def evaluate():
     from vtn_tf import evaluation
 
     if not FLAGS.manifest:
-        raise ValueError("--manifest is required (a prepared dataset's manifest.json)")
+        raise InputError("--manifest is required (a prepared dataset's manifest.json)")
     if not FLAGS.out:
-        raise ValueError("--out is required (the result CSV to write)")
+        raise InputError("--out is required (the result CSV to write)")
     if FLAGS.native:
         from vtn_tf import native_evaluation
 
@@ -94,7 +95,7 @@ def evaluate():
         print(summary, end="")
         return
     if FLAGS.misalign or FLAGS.refine or FLAGS.inverse:
-        raise ValueError("--misalign, --refine and --inverse need --native (the original files)")
+        raise InputError("--misalign, --refine and --inverse need --native (the original files)")
     _, summary = evaluation.run_protocol(
         FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
         split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,

@@ -1,0 +1,115 @@
+"""vtn_tf.checkpoints: run directories written and restored, reduced-precision restores,
+and loading a model without the training code."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vtn_tf import checkpoints
+from vtn_tf.model import VTN
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_save_and_restore_give_the_same_flow(tmp_path):
+    model = VTN("AD", width=0.125, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    run_dir = checkpoints.save_model_dir(model, (64, 64, 64), tmp_path / "run", [0, 3])
+    info = json.loads((run_dir / "model.json").read_text())
+    assert info["image_shape"] == [64, 64, 64] and info["label_values"] == [0, 3]
+    restored, shape, latest = checkpoints.restore_model(run_dir)
+    assert shape == (64, 64, 64) and latest.startswith(str(run_dir / "checkpoints"))
+    x = np.random.default_rng(0).random((1, 64, 64, 64, 1)).astype(np.float32)
+    inputs = {"fixed": x, "moving": x[:, ::-1].copy()}
+    np.testing.assert_array_equal(restored(inputs)["flow"].numpy(), model(inputs)["flow"].numpy())
+
+
+def test_restore_refuses_a_mismatched_checkpoint(tmp_path):
+    model = VTN("AD", width=0.125, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    checkpoints.save_model_dir(model, (64, 64, 64), tmp_path)
+    description = json.loads((tmp_path / "model.json").read_text())
+    description["model"]["width"] = 0.25
+    (tmp_path / "model.json").write_text(json.dumps(description))
+    with pytest.raises(ValueError, match="does not fit"):
+        checkpoints.restore_model(tmp_path)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_restore_model_in_reduced_precision(tmp_path, precision):
+    """The network computes in the named type (its convolutions say so), the flow comes
+    back float32 and near the float32 model's, and the global Keras policy is untouched."""
+    model = VTN("AD", width=0.25)  # the paper's flow-head init: flows of a few voxels
+    model.build((None, 64, 64, 64, 1))
+    run_dir = checkpoints.save_model_dir(model, (64, 64, 64), tmp_path / "run")
+    coarse = np.random.default_rng(0).random((2, 8, 8, 8)).astype(np.float32)
+    fixed, moving = (np.kron(c, np.ones((8, 8, 8), np.float32))[None, ..., None] for c in coarse)
+    reference, _, _ = checkpoints.restore_model(run_dir)
+    expected = reference({"fixed": fixed, "moving": moving})["flow"].numpy()
+    reduced, _, _ = checkpoints.restore_model(run_dir, precision)
+    convolutions = [layer for layer in reduced._flatten_layers() if isinstance(layer, keras.layers.Conv3D)]
+    assert convolutions and all(layer.compute_dtype == precision for layer in convolutions)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    flow = reduced({"fixed": fixed, "moving": moving})["flow"]
+    assert flow.dtype == tf.float32
+    scale = np.abs(expected).max()
+    assert scale > 0.5  # the comparison below means something
+    assert np.abs(flow.numpy() - expected).max() < 0.05 * scale
+    with pytest.raises(ValueError, match="precision must be one of"):
+        checkpoints.restore_model(run_dir, "int8")
+
+
+def test_precision_flag_offers_the_restorable_precisions():
+    from absl import flags
+
+    from vtn_tf.apps.common import define_precision_flag
+
+    define_precision_flag()
+    assert set(flags.FLAGS["precision"].parser.enum_values) == set(checkpoints.PRECISIONS)
+
+
+
+LOADER_SCRIPT = textwrap.dedent("""
+    import sys
+    import vtn_tf
+    from vtn_tf import evaluation, export, registration
+    assert vtn_tf.__file__.startswith(sys.argv[2]), vtn_tf.__file__
+    assert "vtn_tf.training" not in sys.modules, "importing the loaders imported vtn_tf.training"
+    model, shape, _ = registration.load_model(sys.argv[1])
+    evaluation.make_methods(["vtn"], sys.argv[1], log=lambda *_: None)
+    assert "vtn_tf.training" not in sys.modules, "loading a model imported vtn_tf.training"
+    assert tuple(shape) == (64, 64, 64)
+""")
+
+
+def test_loading_a_model_needs_no_training_code(tmp_path):
+    model = VTN("D", width=0.125, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    run_dir = checkpoints.save_model_dir(model, (64, 64, 64), tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, str(run_dir), str(REPO)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("text, problem", [("{not json", "JSONDecodeError"), ('{"model": {}}', "KeyError"),
+                                           ('{"model": {"spec": "AD", "widht": 1}, "image_shape": [64, 64, 64]}',
+                                            "does not describe a usable VTN")])
+def test_a_broken_model_description_is_an_input_error(tmp_path, text, problem):
+    from vtn_tf.io import InputError
+
+    (tmp_path / "model.json").write_text(text)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint").write_text('model_checkpoint_path: "ckpt-0"\n')
+    (tmp_path / "checkpoints" / "ckpt-0.index").write_bytes(b"")  # never read: the description fails first
+    with pytest.raises(InputError, match=problem) as caught:
+        checkpoints.restore_model(tmp_path)
+    assert "model.json" in str(caught.value)

@@ -1,0 +1,138 @@
+"""A trained model's files: the run directory's ``model.json`` and checkpoints.
+
+A run directory (written by `vtn_tf.training.train`, or by `save_model_dir`) holds
+
+* ``model.json``: the VTN's constructor arguments, its grid ``image_shape`` ``(X, Y, Z)``
+  and the dataset's ``label_values`` (plain JSON; nothing in it is executed);
+* ``checkpoints/``: `tf.train.Checkpoint` files whose model variables are keyed by their
+  Keras layer paths (`make_checkpoint`).
+
+`restore_model` rebuilds the network from these for inference, in a chosen compute
+precision. This module imports no training code (no optimizer, no data pipeline), so
+registration, evaluation and export load a model without it.
+"""
+
+import contextlib
+import json
+import pathlib
+
+import keras
+import tensorflow as tf
+
+from vtn_tf import config as config_lib
+from vtn_tf import io
+from vtn_tf.model import VTN
+
+
+def make_checkpoint(model, optimizer=None):
+    """A `tf.train.Checkpoint` of the model's (and optimizer's) variables.
+
+    Keras 3 layers are not TensorFlow trackables, so the variables are listed
+    explicitly. Model variables are keyed by their layer paths, so a checkpoint of
+    another architecture fails to restore instead of loading into the wrong layers."""
+    def value(v):
+        return getattr(v, "value", v)
+
+    # Paths without the model's own name (which Keras uniquifies per process).
+    tree = {"model": {v.path.split("/", 1)[-1].replace("/", "."): value(v) for v in model.weights}}
+    if optimizer is not None:  # optimizer slots follow the model's variable order
+        tree["optimizer"] = {f"{k:05d}": value(v) for k, v in enumerate(optimizer.variables)}
+    return tf.train.Checkpoint(**tree)
+
+
+
+def write_model_description(run_dir, model_config, image_shape, label_values=()):
+    """``run_dir/model.json``: what `restore_model` needs to rebuild the network."""
+    io.atomic_write_text(pathlib.Path(run_dir) / "model.json", json.dumps(
+        {"model": model_config, "image_shape": [int(n) for n in image_shape],
+         "label_values": [int(v) for v in label_values]}, indent=2) + "\n", overwrite=True)
+
+
+def save_model_dir(model, image_shape, run_dir, label_values=()):
+    """Write a run directory for ``model`` (model.json + one checkpoint), e.g. for tests."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in model.get_config().items() if k in config_lib.DEFAULTS["model"]}
+    write_model_description(run_dir, config, image_shape, label_values)
+    tf.train.CheckpointManager(make_checkpoint(model), str(run_dir / "checkpoints"), 1).save(0)
+    return run_dir
+
+
+# Inference precisions: the Keras policy each one builds the network under. Weights stay
+# float32 (checkpoints are shared by all); the network's convolutions compute in the named
+# type; flows, warps and compositions stay float32 (`vtn_tf.model.VTN` casts the flows).
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+@contextlib.contextmanager
+def network_precision(precision):
+    """Layers built inside compute in ``precision`` (a key of `PRECISIONS`); the global
+    Keras policy is put back on leaving. `vtn_tf.io.InputError` for an unknown name."""
+    if precision not in PRECISIONS:
+        raise io.InputError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def restore_model(run_dir, precision="float32"):
+    """The trained model of a run directory, from its latest checkpoint.
+
+    Reads only ``model.json`` (architecture and grid, plain JSON) and the
+    checkpoint's tensors: nothing in the run directory is executed.
+    ``precision`` (a key of `PRECISIONS`) is the network's compute type: ``bfloat16``
+    speeds up inference on CPUs with AVX512_BF16 or AMX, ``float16`` on GPUs; the
+    global Keras policy is left as it was. Returns ``(model, image_shape, checkpoint_path)``.
+
+    Raises:
+      FileNotFoundError: no ``model.json`` or no checkpoint in ``run_dir``.
+      vtn_tf.io.InputError: an unknown precision, an unreadable ``model.json``, or a
+        checkpoint that is truncated, corrupt or of another architecture.
+    """
+    with network_precision(precision):
+        return _restore_model(pathlib.Path(run_dir))
+
+
+def _restore_model(run_dir):
+    description = run_dir / "model.json"
+    if not description.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a vtn-tf run directory (no model.json).")
+    config, image_shape = _read_description(description)
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (looked in {run_dir / 'checkpoints'}).")
+    try:
+        model = VTN(**config)
+        model.build((None, *image_shape, 1))
+    except (TypeError, ValueError) as error:
+        raise io.InputError(f"{description} does not describe a usable VTN: {_first_line(error)}") from None
+    try:
+        status = make_checkpoint(model).restore(latest).expect_partial()
+        status.assert_existing_objects_matched()
+        stored = {name for name, _ in tf.train.list_variables(latest) if name.startswith("model/")}
+        if len(stored) != len(model.weights):
+            raise ValueError(f"it holds {len(stored)} model tensors, the model has {len(model.weights)}")
+    except (IndexError, tf.errors.DataLossError) as error:  # truncated or damaged files
+        raise io.InputError(f"checkpoint {latest} is unreadable (truncated or corrupt: "
+                            f"{_first_line(error)})") from None
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise io.InputError(f"checkpoint {latest} does not fit the model in {description}: "
+                            f"{_first_line(error)}") from None
+    return model, image_shape, latest
+
+
+def _read_description(description):
+    """``model.json``'s VTN arguments and grid ``(X, Y, Z)``."""
+    try:
+        info = json.loads(description.read_text())
+        return info["model"], tuple(int(n) for n in info["image_shape"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise io.InputError(f"{description} is not a readable model description "
+                            f"({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _first_line(error):
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
