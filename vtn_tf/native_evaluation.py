@@ -123,7 +123,7 @@ def _elastix(fixed_path, moving_path, labels_path, fixed_affine):
 
 
 def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evaluation", protocol="atlas",
-        atlas=None, max_pairs=None, overwrite=False, log=print, passes=1, precision="float32", init="moments",
+        atlas=None, max_pairs=None, overwrite=False, log=print, passes=1, precision="float32", init="best",
         refine=None, misalign=None, misalign_seed=0, inverse=False):
     """``vtn-evaluate --native``: register the original files of ``split`` and score them.
 

@@ -463,20 +463,31 @@ def default_contract(network_shape, intensity="mri"):
 
 
 def _network_inputs(contract, fixed, moving, init, log):
-    """Both images on the network grid (tf ``[1, X, Y, Z, 1]``), ``G``, ``T`` and the
-    normalised full-resolution images (for the initial alignment and refinement)."""
+    """Both images on the network grid (numpy ``[X, Y, Z]``), ``G``, ``T`` and the normalised
+    full-resolution images (for the initial alignment and refinement)."""
     fixed_net, G, fixed_map = prepare_image(fixed, contract, "fixed image")
     _, _, moving_map = prepare_image(moving, contract, "moving image")
     fixed_norm, moving_norm = fixed_map(fixed.data), moving_map(moving.data)
-    T, note = alignment.initial_alignment(fixed_norm, fixed.affine, moving_norm, moving.affine, init)
-    log(note)
-    net_to_moving = np.linalg.inv(moving.affine) @ T @ fixed.affine @ G
-    moving_net = resample_through(moving_norm, net_to_moving, contract.grid, "linear", "zero")
+
+    def on_grid(T):
+        net_to_moving = np.linalg.inv(moving.affine) @ T @ fixed.affine @ G
+        return resample_through(moving_norm, net_to_moving, contract.grid, "linear", "zero")
+
+    candidates = ("moments", "com") if init == "best" else (init,)
+    best = None
+    for mode in candidates:
+        T, note = alignment.initial_alignment(fixed_norm, fixed.affine, moving_norm, moving.affine, mode)
+        moving_net = on_grid(T)
+        score = float(np.corrcoef(fixed_net.ravel(), moving_net.ravel())[0, 1]) if len(candidates) > 1 else 0.0
+        if best is None or score > best[0]:
+            best = (score, T, note, moving_net)
+    _, T, note, moving_net = best
+    log(note + (f" (best of {', '.join(candidates)} by correlation on the network grid)" if len(candidates) > 1 else ""))
     return fixed_net, moving_net, G, T, fixed_norm, moving_norm
 
 
 def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="auto", log=print,
-                     passes=1, contract=None, init="moments", refine=None):
+                     passes=1, contract=None, init="best", refine=None):
     """Register ``moving`` to ``fixed`` (both :class:`vtn_tf.io.Volume`) with ``model``.
 
     Args:
@@ -657,7 +668,7 @@ class Registrar:
     run_dir: str
     precision: str = "float32"
     passes: int = 1
-    init: str = "moments"
+    init: str = "best"
     refine: object = None
     intensity: str = "auto"
     log: object = print
@@ -707,7 +718,7 @@ class Registrar:
 
 
 def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), intensity="auto",
-                   overwrite=False, log=print, passes=1, precision="float32", init="moments", refine=None,
+                   overwrite=False, log=print, passes=1, precision="float32", init="best", refine=None,
                    compression=1, inverse=False, fixed_labels=()):
     """Register two files with a run directory's model and write the outputs into ``out``.
 

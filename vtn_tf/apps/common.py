@@ -49,9 +49,10 @@ def define_refine_flags():
 
     if "refine" in flags.FLAGS:
         return
-    flags.DEFINE_enum("init", "moments", ["moments", "com", "none"],
+    flags.DEFINE_enum("init", "best", ["best", "moments", "com", "none"],
                       "initial world-space alignment before the network: moments = centres of mass and "
-                      "principal axes, com = centres of mass only, none = trust the headers")
+                      "principal axes, com = centres of mass only, best = whichever of the two correlates "
+                      "better on the network grid, none = trust the headers")
     flags.DEFINE_integer("refine", 0, "instance optimisation: Adam steps on the pair after the network "
                          "(0 = off)", lower_bound=0)
     flags.DEFINE_float("refine_seconds", None, "time budget for --refine in seconds (stops at whichever "
