@@ -64,7 +64,25 @@ def _separable_box_mean(x, window):
     return x
 
 
-def local_ncc_loss(fixed, warped, window):
+def _shifted_box_mean(x, window):
+    """`_separable_box_mean` as sums of shifted slices: the same numbers, and under XLA
+    (``jit_compile``) its gradient fuses into a few kernels (for XLA-compiled callers)."""
+    radius = window // 2
+    for axis in (1, 2, 3):
+        n = x.shape[axis]
+        pad = [[0, 0]] * 5
+        pad[axis] = [radius, radius]
+        padded = tf.pad(x, pad)
+        total = tf.add_n([padded[(slice(None),) * axis + (slice(k, k + n),)] for k in range(window)])
+        index = tf.range(n)
+        count = tf.cast(tf.minimum(index + radius, n - 1) - tf.maximum(index - radius, 0) + 1, x.dtype)
+        shape = [1] * 5
+        shape[axis] = n
+        x = total / tf.reshape(count, shape)
+    return x
+
+
+def local_ncc_loss(fixed, warped, window, box="pool"):
     """``1 - mean_x ncc²(x)``, the squared normalised cross-correlation in a cube
     of ``window``³ voxels around every voxel (VoxelMorph's "NCC" loss).
 
@@ -76,6 +94,8 @@ def local_ncc_loss(fixed, warped, window):
       fixed, warped: ``[B, X, Y, Z, C]`` images on the same grid.
       window: odd cube side in voxels. Near the border the cube is cut to the
         voxels inside the image.
+      box: ``"pool"`` (average pools) or ``"slices"`` (shifted slices, for XLA-compiled
+        callers); the same values.
     Returns:
       ``[B]`` float32 in ``[0, 1]``: 0 when every window of ``warped`` is an
       increasing or decreasing linear function of ``fixed``'s, 1 where windows are
@@ -87,7 +107,8 @@ def local_ncc_loss(fixed, warped, window):
         raise ValueError(f"fixed {fixed.shape} and warped {warped.shape} must both be [B, X, Y, Z, C] alike.")
     check_ncc_window(window)
     stacked = tf.concat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], axis=-1)
-    means = tf.split(_separable_box_mean(stacked, window), 5, axis=-1)
+    box_mean = _shifted_box_mean if box == "slices" else _separable_box_mean
+    means = tf.split(box_mean(stacked, window), 5, axis=-1)
     mean_f, mean_w, mean_ff, mean_ww, mean_fw = means  # each [B, X, Y, Z, C]
     covariance = mean_fw - mean_f * mean_w
     variance_fixed = tf.nn.relu(mean_ff - tf.square(mean_f))
