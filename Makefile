@@ -11,11 +11,11 @@ LIVER_LAYOUT ?= lits
 SET ?=
 export VTN_DATA
 
-.PHONY: help install demo test test-fast demo train-brain train-liver train-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain
+.PHONY: help install demo test test-all demo train-brain train-liver train-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain
 
 help:
 	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
-	@echo "make test          install and run the test suite"
+	@echo "make test          install and run the unit tests (make test-all: with the slow, real-data ones)"
 	@echo "make train-brain   prepare LPBA40 and train (CPU scale; FULL=1 for the paper's ADD at 128^3)"
 	@echo "make train-liver   prepare liver data and train (synthetic stand-in unless LIVER_DATA is set)"
 	@echo "make tensorboard   watch the runs in $(RUNS)"
@@ -27,11 +27,13 @@ EXTRAS ?= test,plot
 install:
 	$(PYTHON) -m pip install -q -e ".[$(EXTRAS)]"
 
+# `make test` (CI): every unit test; the tests marked slow (trainings, real-data registrations)
+# run with `make test-all`.
 test: install
-	$(PYTHON) -m pytest -q
-
-test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PYTHON) -m pytest -q
 
 # ---- data preparation ---------------------------------------------------------------
 $(PREPARED)/hippocampus/manifest.json:
