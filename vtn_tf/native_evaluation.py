@@ -124,7 +124,7 @@ def _elastix(fixed_path, moving_path, labels_path, fixed_affine):
 
 def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evaluation", protocol="atlas",
         atlas=None, max_pairs=None, overwrite=False, log=print, passes=1, precision="float32", init="best",
-        refine=None, misalign=None, misalign_seed=0, inverse=False):
+        refine=None, misalign=None, misalign_seed=0, inverse=False, init_steps=registration.INIT_STEPS):
     """``vtn-evaluate --native``: register the original files of ``split`` and score them.
 
     Returns ``(rows, summary_markdown)``; writes the CSV and the summary like
@@ -148,7 +148,7 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
     registrar = None
     if "vtn" in names:
         registrar = registration.Registrar(model_dir, precision, passes, init, refine, "auto", lambda *_: None,
-                                           inverse)
+                                           inverse, init_steps)
     for name in [n for n in names if n in baselines.METHODS]:
         reason = baselines.unavailable(name)
         if reason:
@@ -179,7 +179,8 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
     header = (f"# {manifest['name']}: original files, {split} split, {protocol} protocol, {len(pairs)} pairs"
               f"{f', moved by random {misalign} transforms in their headers' if misalign else ''}\n\n"
               "Scored on the fixed image's native grid; folding with forward differences. "
-              f"VTN: init {init}, {passes} pass(es){f', refine {refine.steps} steps' if refine else ''}; "
+              f"VTN: init {init} + {init_steps} affine search steps, "
+              f"{passes} pass(es){f', refine {refine.steps} steps' if refine else ''}; "
               f"ANTs SyN (antspyx defaults) and elastix (affine + B-spline) on the same files, "
               f"{baselines.THREADS} threads.")
     extra = COLUMNS_EXTRA + (INVERSE_COLUMNS if inverse else ())

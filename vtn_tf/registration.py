@@ -462,9 +462,15 @@ def default_contract(network_shape, intensity="mri"):
     return preprocess.InputContract(modality=modality, grid=tuple(int(n) for n in network_shape), crop="none")
 
 
-def _network_inputs(contract, fixed, moving, init, log):
+INIT_STEPS = 100  # the affine search after the initialiser (`vtn_tf.refine.search_affine`)
+
+
+def _network_inputs(contract, fixed, moving, init, log, init_steps=INIT_STEPS):
     """Both images on the network grid (numpy ``[X, Y, Z]``), ``G``, ``T`` and the normalised
-    full-resolution images (for the initial alignment and refinement)."""
+    full-resolution images (for the initial alignment and refinement).
+
+    ``T`` is the initialiser's (``init``, `vtn_tf.alignment`), then refined by ``init_steps``
+    steps of the affine search on the network grid (global correlation)."""
     fixed_net, G, fixed_map = prepare_image(fixed, contract, "fixed image")
     _, _, moving_map = prepare_image(moving, contract, "moving image")
     fixed_norm, moving_norm = fixed_map(fixed.data), moving_map(moving.data)
@@ -483,11 +489,19 @@ def _network_inputs(contract, fixed, moving, init, log):
             best = (score, T, note, moving_net)
     _, T, note, moving_net = best
     log(note + (f" (best of {', '.join(candidates)} by correlation on the network grid)" if len(candidates) > 1 else ""))
+    if init_steps > 0:
+        from vtn_tf import refine as refine_lib
+
+        T, before, after = refine_lib.search_affine(fixed_net, fixed.affine @ G, moving_norm, moving.affine, T,
+                                                    init_steps)
+        log(f"affine search ({init_steps} steps, global correlation on the network grid): "
+            f"r {before:.3f} -> {after:.3f}")
+        moving_net = on_grid(T)
     return fixed_net, moving_net, G, T, fixed_norm, moving_norm
 
 
 def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="auto", log=print,
-                     passes=1, contract=None, init="best", refine=None):
+                     passes=1, contract=None, init="best", refine=None, init_steps=INIT_STEPS):
     """Register ``moving`` to ``fixed`` (both :class:`vtn_tf.io.Volume`) with ``model``.
 
     Args:
@@ -501,6 +515,7 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
       passes: test-time recursion passes (:meth:`vtn_tf.model.VTN.register`); needs a VTN when > 1.
       contract: the model's :class:`vtn_tf.preprocess.InputContract`; None: :func:`default_contract`.
       init: initial alignment mode (`vtn_tf.alignment.MODES`).
+      init_steps: steps of the affine search after the initialiser (0: the initialiser alone).
       refine: None, or a :class:`vtn_tf.refine.RefineSettings` (instance optimisation).
     Returns:
       :class:`Result`.
@@ -514,7 +529,8 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
     if tuple(contract.grid) != tuple(network_shape):
         raise io.InputError(f"the input contract's grid {_shape(contract.grid)} is not the model's "
                             f"{_shape(network_shape)}")
-    fixed_net, moving_net, G, T, fixed_norm, moving_norm = _network_inputs(contract, fixed, moving, init, log)
+    fixed_net, moving_net, G, T, fixed_norm, moving_norm = _network_inputs(contract, fixed, moving, init, log,
+                                                                              init_steps)
     log(f"network grid {_shape(network_shape)} over a {_mm(np.asarray(fixed.spacing) * np.diag(G)[:3] * network_shape)} mm "
         f"box of the fixed image ({contract.crop} crop, {contract.modality} intensities"
         f"{', histogram matched' if contract.reference_quantiles is not None else ''})")
@@ -662,7 +678,8 @@ class Registrar:
 
     Args:
       run_dir: a vtn-train run directory. precision: the network's compute type.
-      passes, init, refine, intensity: as :func:`register_volumes`.
+      passes, init, refine, intensity, init_steps: as :func:`register_volumes`.
+      inverse: also compute the inverse field (:func:`invert`).
     """
 
     run_dir: str
@@ -673,6 +690,7 @@ class Registrar:
     intensity: str = "auto"
     log: object = print
     inverse: bool = False
+    init_steps: int = INIT_STEPS
 
     def __post_init__(self):
         if self.init not in alignment.MODES:
@@ -693,7 +711,7 @@ class Registrar:
 
     def register(self, fixed, moving, labels=()):
         return register_volumes(self.model, self.network_shape, fixed, moving, labels, self.intensity,
-                                self.log, self.passes, self.contract, self.init, self.refine)
+                                self.log, self.passes, self.contract, self.init, self.refine, self.init_steps)
 
     def register_files(self, fixed_path, moving_path, out, moving_labels=(), overwrite=False, compression=1,
                        fixed_labels=()):
@@ -719,7 +737,7 @@ class Registrar:
 
 def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), intensity="auto",
                    overwrite=False, log=print, passes=1, precision="float32", init="best", refine=None,
-                   compression=1, inverse=False, fixed_labels=()):
+                   compression=1, inverse=False, fixed_labels=(), init_steps=INIT_STEPS):
     """Register two files with a run directory's model and write the outputs into ``out``.
 
     See the module docstring for the grids and the exact meaning of every output. Returns
@@ -732,7 +750,7 @@ def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), inte
     label_paths = [os.fspath(p) for p in moving_labels]
     check_outputs(out, label_paths, overwrite, compression, inverse, [os.fspath(p) for p in fixed_labels])
     read_inputs(fixed_path, moving_path, label_paths)  # refuse bad files before loading a model
-    registrar = Registrar(os.fspath(run_dir), precision, passes, init, refine, intensity, log, inverse)
+    registrar = Registrar(os.fspath(run_dir), precision, passes, init, refine, intensity, log, inverse, init_steps)
     return registrar.register_files(fixed_path, moving_path, out, label_paths, overwrite, compression,
                                     fixed_labels)[0]
 

@@ -53,6 +53,9 @@ def define_refine_flags():
                       "initial world-space alignment before the network: moments = centres of mass and "
                       "principal axes, com = centres of mass only, best = whichever of the two correlates "
                       "better on the network grid, none = trust the headers")
+    flags.DEFINE_integer("init_steps", 100, "steps of the affine search after --init (global correlation on "
+                         "the network grid, as the ANTs and elastix affine stages; 0 = the initialiser alone)",
+                         lower_bound=0)
     flags.DEFINE_integer("refine", 0, "instance optimisation: Adam steps on the pair after the network "
                          "(0 = off)", lower_bound=0)
     flags.DEFINE_float("refine_seconds", None, "time budget for --refine in seconds (stops at whichever "

@@ -91,7 +91,7 @@ def evaluate():
             split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
             overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes, precision=FLAGS.precision, init=FLAGS.init,
             refine=refine_settings(), misalign=FLAGS.misalign, misalign_seed=FLAGS.misalign_seed,
-            inverse=FLAGS.inverse)
+            inverse=FLAGS.inverse, init_steps=FLAGS.init_steps)
         print(summary, end="")
         return
     if FLAGS.misalign or FLAGS.refine or FLAGS.inverse:

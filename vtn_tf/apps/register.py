@@ -57,7 +57,7 @@ def _registrar(log):
     from vtn_tf.apps.common import refine_settings
 
     return registration.Registrar(FLAGS.model, FLAGS.precision, FLAGS.passes, FLAGS.init,
-                                  refine_settings(), FLAGS.intensity, log, FLAGS.inverse)
+                                  refine_settings(), FLAGS.intensity, log, FLAGS.inverse, FLAGS.init_steps)
 
 
 def register_one(fixed, moving):
