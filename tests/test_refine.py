@@ -55,3 +55,40 @@ def test_coarsen_is_the_cell_average():
     assert low.shape == (3, 2, 2)
     np.testing.assert_allclose(low[0, 0, 0], data[:2, :2, :2].mean())
     np.testing.assert_allclose(low[2, 1, 1], data[4:, 2:, 2:].mean())  # edge cell: what exists
+
+
+def test_affine_search_recovers_a_known_header_move():
+    """The moving file holds the fixed image's voxels under a header moved by a known rigid
+    transform M (world): fixed point p shows the same anatomy as moving point M p, so the
+    search, started from the identity, must return T = M (measured on points of the volume)."""
+    from vtn_tf import alignment
+
+    shape = (40, 36, 32)
+    rng = np.random.default_rng(3)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
+    centre = (np.array(shape) - 1) / 2
+    body = np.exp(-np.sum(((grid - centre) / [14.0, 10.0, 7.0]) ** 2, -1))  # anisotropic: axes defined
+    image = (body * (0.6 + 0.4 * ndimage.gaussian_filter(rng.normal(size=shape), 2.0))).astype(np.float32)
+    fixed_affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    fixed_affine[:3, 3] = [-40.0, -30.0, 10.0]
+    M = np.eye(4)
+    M[:3, :3] = alignment.rotation_about([0.3, -0.5, 1.0], 8.0)
+    world_centre = fixed_affine[:3, :3] @ centre + fixed_affine[:3, 3]
+    M[:3, 3] = world_centre - M[:3, :3] @ world_centre + [4.0, -3.0, 2.0]
+    net_to_world = fixed_affine  # the network grid is the fixed grid here
+    T, before, after = refine.search_affine(image, net_to_world, image, M @ fixed_affine, np.eye(4), steps=300,
+                                            moving_spacing_factor=1)
+    assert after > before
+    points = fixed_affine @ np.concatenate([grid[body > 0.3].T, np.ones((1, int((body > 0.3).sum())))])
+    error = np.linalg.norm((T @ points - M @ points)[:3], axis=0)
+    start = np.linalg.norm((points - M @ points)[:3], axis=0)
+    assert np.sqrt(np.mean(error ** 2)) < 0.5, (np.sqrt(np.mean(error ** 2)), np.sqrt(np.mean(start ** 2)))
+
+
+def test_affine_search_with_no_steps_keeps_the_start():
+    image = blobs((16, 16, 16), 1)
+    start = np.eye(4)
+    start[:3, 3] = [1.0, 0.0, 0.0]
+    T, before, after = refine.search_affine(image, np.eye(4), image, np.eye(4), start, steps=0)
+    np.testing.assert_array_equal(T, start)
+    assert before == after

@@ -470,7 +470,8 @@ def _network_inputs(contract, fixed, moving, init, log, init_steps=INIT_STEPS):
     full-resolution images (for the initial alignment and refinement).
 
     ``T`` is the initialiser's (``init``, `vtn_tf.alignment`), then refined by ``init_steps``
-    steps of the affine search on the network grid (global correlation)."""
+    steps of the affine search on the network grid (global correlation); ``init="none"``
+    trusts the headers: the identity, no search."""
     fixed_net, G, fixed_map = prepare_image(fixed, contract, "fixed image")
     _, _, moving_map = prepare_image(moving, contract, "moving image")
     fixed_norm, moving_norm = fixed_map(fixed.data), moving_map(moving.data)
@@ -489,7 +490,7 @@ def _network_inputs(contract, fixed, moving, init, log, init_steps=INIT_STEPS):
             best = (score, T, note, moving_net)
     _, T, note, moving_net = best
     log(note + (f" (best of {', '.join(candidates)} by correlation on the network grid)" if len(candidates) > 1 else ""))
-    if init_steps > 0:
+    if init_steps > 0 and init != "none":
         from vtn_tf import refine as refine_lib
 
         T, before, after = refine_lib.search_affine(fixed_net, fixed.affine @ G, moving_norm, moving.affine, T,
@@ -515,7 +516,8 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
       passes: test-time recursion passes (:meth:`vtn_tf.model.VTN.register`); needs a VTN when > 1.
       contract: the model's :class:`vtn_tf.preprocess.InputContract`; None: :func:`default_contract`.
       init: initial alignment mode (`vtn_tf.alignment.MODES`).
-      init_steps: steps of the affine search after the initialiser (0: the initialiser alone).
+      init_steps: steps of the affine search after the initialiser (0: the initialiser alone;
+        not run with ``init="none"``).
       refine: None, or a :class:`vtn_tf.refine.RefineSettings` (instance optimisation).
     Returns:
       :class:`Result`.

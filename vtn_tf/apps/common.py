@@ -54,7 +54,8 @@ def define_refine_flags():
                       "principal axes, com = centres of mass only, best = whichever of the two correlates "
                       "better on the network grid, none = trust the headers")
     flags.DEFINE_integer("init_steps", 100, "steps of the affine search after --init (global correlation on "
-                         "the network grid, as the ANTs and elastix affine stages; 0 = the initialiser alone)",
+                         "the network grid, as the ANTs and elastix affine stages; 0 = the initialiser alone; "
+                         "not run with --init none)",
                          lower_bound=0)
     flags.DEFINE_integer("refine", 0, "instance optimisation: Adam steps on the pair after the network "
                          "(0 = off)", lower_bound=0)
