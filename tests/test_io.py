@@ -1,4 +1,5 @@
-"""Tests for vtn_tf.io: every InputError case, ITK LPS <-> RAS geometry, atomic writes."""
+"""Tests for vtn_tf.io: every InputError case, ITK LPS <-> RAS geometry, output checks, atomic and
+staged writes, one-line error messages."""
 
 import json
 import os
@@ -249,6 +250,104 @@ def test_atomic_text_and_bytes(tmp_path):
     with pytest.raises(InputError, match="already exists"):
         io.atomic_write_text(tmp_path / "a.txt", "again")
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.bin"]
+
+
+def test_check_output_file_message_names_the_flag(tmp_path):
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(InputError, match=r"a.csv already exists; pass --overwrite to replace it"):
+        io.check_output_file(tmp_path / "a.csv")
+    assert io.check_output_file(tmp_path / "a.csv", overwrite=True) == (str(tmp_path / "a.csv"), str(tmp_path))
+
+
+def test_staged_folder_that_raises_leaves_no_target_and_no_staging(tmp_path):
+    out = tmp_path / "new" / "result"
+    with pytest.raises(OSError, match="disk full"):
+        with io.staged_folder(out) as staging:
+            (staging / "first.txt").write_text("written")
+            raise OSError("disk full")
+    assert not out.exists() and os.listdir(tmp_path / "new") == []
+
+
+def test_staged_folder_creates_a_missing_target(tmp_path):
+    out = tmp_path / "a" / "b"
+    with io.staged_folder(out) as staging:
+        assert staging.parent == out.parent and staging.name.startswith(".b.") and staging.name.endswith(".part")
+        (staging / "x.txt").write_text("x")
+    assert os.listdir(out) == ["x.txt"] and os.listdir(out.parent) == ["b"]
+
+
+def test_staged_folder_into_an_existing_folder_keeps_unrelated_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "x.txt").write_text("old")
+    with io.staged_folder(out) as staging:
+        (staging / "x.txt").write_text("new")
+        (staging / "y.txt").write_text("new")
+    assert sorted(os.listdir(out)) == ["notes.txt", "x.txt", "y.txt"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "x.txt").read_text() == "new"
+    with pytest.raises(ValueError):
+        with io.staged_folder(out) as staging:
+            (staging / "x.txt").write_text("newer")
+            raise ValueError("stop")
+    assert sorted(os.listdir(out)) == ["notes.txt", "x.txt", "y.txt"] and (out / "x.txt").read_text() == "new"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_staged_folder_replace_swaps_the_whole_folder(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    with pytest.raises(RuntimeError):
+        with io.staged_folder(out, replace=True) as staging:
+            (staging / "new.txt").write_text("half")
+            raise RuntimeError("failed")
+    assert os.listdir(out) == ["old.txt"]
+    with io.staged_folder(out, replace=True) as staging:
+        (staging / "new.txt").write_text("complete")
+    assert os.listdir(out) == ["new.txt"] and os.listdir(tmp_path) == ["export"]
+
+
+@pytest.mark.parametrize("error, line", [
+    (ValueError("\n  first line  \nsecond line\n"), "first line"),
+    (ValueError(""), "ValueError"),
+    (KeyError(), "KeyError"),
+    (OSError("   \n "), "OSError"),
+])
+def test_error_line(error, line):
+    assert io.error_line(error) == line
+
+
+def test_check_output_folder_refusals(tmp_path):
+    out = tmp_path / "out"
+    assert io.check_output_folder(out, names=["a.nii.gz"]) == out  # missing: created later
+    out.mkdir()
+    (out / "a.nii.gz").write_text("x")
+    with pytest.raises(InputError, match=r"out/a.nii.gz already exists; pass --overwrite"):
+        io.check_output_folder(out, False, ["b.nii.gz", "a.nii.gz"])
+    io.check_output_folder(out, True, ["a.nii.gz"])
+    io.check_output_folder(out, False, ["b.nii.gz"])
+    with pytest.raises(InputError, match=r"out already exists; pass --overwrite"):
+        io.check_output_folder(out)  # the folder as a whole is the output
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"output .*file is a file; an output folder is required"):
+        io.check_output_folder(tmp_path / "file", True, ["a.nii.gz"])
+    with pytest.raises(InputError, match=r"inside .*file, which is a file"):
+        io.check_output_folder(tmp_path / "file" / "deeper" / "out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_output_folder_refuses_an_unwritable_parent(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(InputError, match=r"output folder .*locked is not writable"):
+            io.check_output_folder(locked / "missing" / "out", names=["a.nii.gz"])
+        with pytest.raises(InputError, match=r"locked is not writable"):
+            io.check_output_file(locked / "a.csv")
+    finally:
+        locked.chmod(0o755)
 
 
 def make_manifest(tmp_path, **changes):

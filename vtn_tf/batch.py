@@ -61,7 +61,7 @@ def run(registrar, rows, overwrite=False, compression=1, log=None, stream=sys.st
                 f"{key} {value:.2f}" for key, value in parts.items()) + f") -> {row['out']}"
         except io.InputError as error:
             failures.append((row, str(error)))
-            status = f"FAILED: {error}"
+            status = f"FAILED: {io.error_line(error)}"
         bar = "#" * int(20 * k / len(rows))
         print(f"[{bar:<20}] {k}/{len(rows)} line {row['line']}: {name}: {status}", file=stream, flush=True)
     total = time.perf_counter() - began

@@ -108,7 +108,7 @@ def _restore_model(run_dir):
         model = VTN(**config)
         model.build((None, *image_shape, 1))
     except (TypeError, ValueError) as error:
-        raise io.InputError(f"{description} does not describe a usable VTN: {_first_line(error)}") from None
+        raise io.InputError(f"{description} does not describe a usable VTN: {io.error_line(error)}") from None
     try:
         status = make_checkpoint(model).restore(latest).expect_partial()
         status.assert_existing_objects_matched()
@@ -117,10 +117,10 @@ def _restore_model(run_dir):
             raise ValueError(f"it holds {len(stored)} model tensors, the model has {len(model.weights)}")
     except (IndexError, tf.errors.DataLossError) as error:  # truncated or damaged files
         raise io.InputError(f"checkpoint {latest} is unreadable (truncated or corrupt: "
-                            f"{_first_line(error)})") from None
+                            f"{io.error_line(error)})") from None
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise io.InputError(f"checkpoint {latest} does not fit the model in {description}: "
-                            f"{_first_line(error)}") from None
+                            f"{io.error_line(error)}") from None
     return model, image_shape, latest
 
 
@@ -131,8 +131,4 @@ def _read_description(description):
         return info["model"], tuple(int(n) for n in info["image_shape"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise io.InputError(f"{description} is not a readable model description "
-                            f"({type(error).__name__}: {_first_line(error)})") from None
-
-
-def _first_line(error):
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
+                            f"({type(error).__name__}: {io.error_line(error)})") from None

@@ -311,15 +311,10 @@ def summary_path(csv_path):
 
 
 def check_output(csv_path, overwrite=False):
-    """Raise io.InputError now, before any work, if the CSV or its summary cannot be written."""
-    for path in (os.fspath(csv_path), summary_path(csv_path)):
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
-            raise io.InputError(f"output {path} is a folder; a file name is required")
-        if os.path.lexists(path) and not overwrite:
-            raise io.InputError(f"output {path} already exists; pass --overwrite to replace it")
-        if not os.path.isdir(folder):
-            raise io.InputError(f"output folder {folder} does not exist")
+    """Raise io.InputError now, before any work, if the CSV or its summary cannot be written
+    (:func:`vtn_tf.io.check_output_file`)."""
+    for path in (csv_path, summary_path(csv_path)):
+        io.check_output_file(path, overwrite)
 
 
 def _format(value):

@@ -47,9 +47,6 @@ columnar form). A 64^3 pair is about 2 x 262144 numbers of JSON: gRPC
 import contextlib
 import json
 import os
-import pathlib
-import shutil
-import tempfile
 
 import tensorflow as tf
 
@@ -114,44 +111,23 @@ def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=Fa
     Returns:
       ``out`` as a `pathlib.Path`.
     """
-    out = pathlib.Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = io.check_output_folder(out, overwrite)
     module = ServingModule(model, tuple(int(n) for n in image_shape), passes)
-    temporary = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
-    try:
+    with io.staged_folder(out, replace=True) as staging:  # an old export goes once the new one is complete
         with contextlib.nullcontext() if xla else warp_without_xla():  # saving traces the function
-            tf.saved_model.save(module, str(temporary), signatures={SIGNATURE: module.serve})
-        (temporary / METADATA).write_text(json.dumps(metadata or {}, indent=2) + "\n")
+            tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
+        (staging / METADATA).write_text(json.dumps(metadata or {}, indent=2) + "\n")
         if (metadata or {}).get("preprocessing"):  # the input contract, beside the graph's assets
-            (temporary / "assets").mkdir(exist_ok=True)
-            (temporary / "assets" / "preprocessing.json").write_text(
+            (staging / "assets").mkdir(exist_ok=True)
+            (staging / "assets" / "preprocessing.json").write_text(
                 json.dumps(metadata["preprocessing"], indent=2) + "\n")
-        os.chmod(temporary, 0o755)
-        if out.exists():  # overwrite: move the old export aside only once the new one is complete
-            old = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / "previous")
-            os.replace(temporary, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temporary, out)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
     return out
 
 
 def check_output(out, overwrite):
-    out = pathlib.Path(out)
-    if out.exists() and not out.is_dir():
-        raise io.InputError(f"output {out} is a file; a folder for the SavedModel is required")
-    if out.exists() and not overwrite:
-        raise io.InputError(f"output {out} already exists; pass --overwrite to replace it")
-    parent = next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise io.InputError(f"output {out} is inside {parent}, which is a file; a folder is required")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise io.InputError(f"output folder {parent} is not writable")
+    """Refuse, before any work, an output folder for a SavedModel that
+    :func:`vtn_tf.io.check_output_folder` refuses (``out`` as a whole is replaced)."""
+    io.check_output_folder(out, overwrite)
 
 
 def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, precision="float32"):

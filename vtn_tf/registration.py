@@ -110,8 +110,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 
 import nibabel as nib
@@ -338,7 +336,7 @@ def load_contract(run_dir, manifest_override=None):
         return data.input_contract(manifest)
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise io.InputError(f"model {run_dir} has no usable input contract (preprocessing.json): "
-                            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                            f"{io.error_line(error)}") from None
 
 
 def prepare_image(volume, contract, role):
@@ -616,8 +614,7 @@ def load_model(run_dir, precision="float32"):
     try:
         model, shape, checkpoint = checkpoints.restore_model(run_dir, precision)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise io.InputError(f"model {run_dir} cannot be used: {message}") from None
+        raise io.InputError(f"model {run_dir} cannot be used: {io.error_line(error)}") from None
     return model, tuple(int(n) for n in shape), checkpoint
 
 
@@ -636,26 +633,17 @@ def output_names(label_paths, compression=1, inverse=False, fixed_label_paths=()
 
 
 def check_outputs(out, label_paths, overwrite, compression=1, inverse=False, fixed_label_paths=()):
-    """Refuse before any work: ``out`` a file, clashing label names, or existing outputs."""
-    out = pathlib.Path(out)
+    """Refuse before any work: a bad compression level, --fixed_labels without --inverse,
+    clashing label names, or an output folder :func:`vtn_tf.io.check_output_folder` refuses."""
     if int(compression) not in COMPRESSION_LEVELS:
         raise io.InputError(f"compression must be a gzip level 0-9 (0: uncompressed .nii); got {compression}")
-    if out.exists() and not out.is_dir():
-        raise io.InputError(f"output {out} is a file; an output folder is required")
     if fixed_label_paths and not inverse:
         raise io.InputError("--fixed_labels are carried into the moving space: they need --inverse")
     names = output_names(label_paths, compression, inverse, fixed_label_paths)
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise io.InputError(f"two label files would both be written as {clashes[0]}; rename one")
-    existing = [n for n in names if (out / n).exists()]
-    if existing and not overwrite:
-        raise io.InputError(f"output {out / existing[0]} already exists; pass --overwrite to replace it")
-    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise io.InputError(f"output {out} is inside {parent}, which is a file; an output folder is required")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise io.InputError(f"output folder {parent} is not writable")
+    io.check_output_folder(out, overwrite, names)
 
 
 def read_inputs(fixed_path, moving_path, label_paths=()):
@@ -761,19 +749,15 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
                  moving=None, fixed_label_paths=(), fixed_labels=()):
     """Write a :class:`Result` into ``out`` (created if missing); see the module doc.
 
-    Every file is written into a temporary folder beside ``out`` first; only when all of
-    them are complete are they moved into ``out`` (one rename when ``out`` is new).
+    Every file is written into a staging folder first; only when all of them are complete
+    are they moved into ``out`` (:func:`vtn_tf.io.staged_folder`; other files in ``out`` stay).
     """
     out = pathlib.Path(out)
     inverse = result.inverse
     check_outputs(out, label_paths, overwrite, compression, inverse is not None, fixed_label_paths)
     ext, affine = _extension(compression), fixed.affine
-    parent = out.parent if not out.exists() else out
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=parent))
-    try:
-        names = []
-
+    names = []
+    with io.staged_folder(out) as staging:
         def nifti(name, image, grid_affine=affine):
             image.set_qform(grid_affine, code=1)
             image.set_sform(grid_affine, code=1)
@@ -802,14 +786,6 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
         names += ["affine.json", "affine.txt"]
         for name in names:
             os.chmod(staging / name, 0o644)
-        if not out.exists():
-            os.rename(staging, out)
-        else:
-            for name in names:
-                os.replace(staging / name, out / name)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     written = [str(out / name) for name in names]
     log(f"wrote {len(written)} files to {out} (fixed image's grid and affine): " + ", ".join(names))
     return written

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from vtn_tf import config as config_lib
 from vtn_tf import data as data_lib
-from vtn_tf import augment, metrics, spatial
+from vtn_tf import augment, io, metrics, spatial
 from vtn_tf.checkpoints import make_checkpoint, network_precision, write_model_description
 from vtn_tf.io import InputError
 # Loading a trained model lives in vtn_tf.checkpoints; these names stay importable from here.
@@ -131,15 +131,8 @@ def prepare_run_dir(run_dir, config, restart=False, log=print):
     except (FileExistsError, NotADirectoryError):
         raise InputError(f"run directory {run_dir} cannot be created: it, or a folder above it, "
                          "is a file") from None
-    _atomic_write(saved, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    io.atomic_write_text(saved, json.dumps(config, indent=2, sort_keys=True) + "\n", overwrite=True)
     return run_dir
-
-
-def _atomic_write(path, text):
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
 
 
 def mid_slices(volume):
@@ -348,4 +341,5 @@ def write_input_contract(run_dir, manifest, log=print):
     except ValueError as error:
         log(f"no input contract ({error}); this model can score prepared volumes only")
         return
-    _atomic_write(pathlib.Path(run_dir) / "preprocessing.json", json.dumps(contract.to_json(), indent=2) + "\n")
+    io.atomic_write_text(pathlib.Path(run_dir) / "preprocessing.json",
+                         json.dumps(contract.to_json(), indent=2) + "\n", overwrite=True)

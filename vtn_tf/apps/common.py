@@ -7,7 +7,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from vtn_tf.config import ConfigError
-from vtn_tf.io import InputError
+from vtn_tf.io import InputError, error_line
 
 # Errors a user can fix: the library's InputError (a file, flag or setting that cannot be
 # used) and ConfigError, and the FileNotFoundError / FileExistsError / PermissionError it
@@ -100,6 +100,5 @@ def user_errors(tool, verbose=False):
     except USER_ERRORS as error:
         if verbose:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"{tool}: error: {message}", file=sys.stderr)
+        print(f"{tool}: error: {error_line(error)}", file=sys.stderr)
         sys.exit(2)
