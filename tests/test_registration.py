@@ -459,3 +459,35 @@ def test_inverse_outputs_match_ants_and_simpleitk(identity_run, tmp_path):
                                    transformlist=[str(out / "flow_inverse_itk.nii.gz")],
                                    interpolator="nearestNeighbor").numpy()
     assert np.mean(theirs == mine) > 0.999
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
+def test_resampling_through_a_field_matches_scipy_in_slabs(monkeypatch, dtype):
+    """`resample_through` (TensorFlow, in slabs) against scipy's map_coordinates at the same
+    positions ``matrix (x + u(x))``: images within float tolerance, label ids exactly and in
+    their own dtype."""
+    from scipy import ndimage
+
+    monkeypatch.setattr(registration, "SLAB_VOXELS", 7 * 30 * 26)  # several slabs, a ragged last one
+    rng = np.random.default_rng(5)
+    source = ndimage.gaussian_filter(rng.normal(size=(33, 29, 24)), 2).astype(np.float32)
+    labels = rng.choice(np.array([0, 3, 17, 120], dtype), size=source.shape)
+    shape = (31, 30, 26)
+    matrix = np.eye(4)
+    matrix[:3, :3] = __import__("vtn_tf.alignment", fromlist=["x"]).rotation_about([1, 2, 0.5], 12.0) * 0.9
+    matrix[:3, 3] = [2.5, -1.0, 1.5]
+    x = _grid(shape)
+    field = np.stack([1.5 * np.sin(x[..., 1] / 5), np.cos(x[..., 2] / 4), 0.5 * np.sin(x[..., 0] / 6)],
+                     -1).astype(np.float32)
+    positions = (x + field) @ matrix[:3, :3].T + matrix[:3, 3]
+    inside = np.all((positions >= 0) & (positions <= np.array(source.shape) - 1), axis=-1)
+    coords = np.moveaxis(positions, -1, 0)
+    image = registration.resample_through(source, matrix, shape, "linear", "zero", field)
+    expected = ndimage.map_coordinates(source, coords, order=1)
+    assert image.dtype == np.float32 and inside.mean() > 0.5
+    np.testing.assert_allclose(image[inside], expected[inside], atol=1e-5)
+    assert np.all(image[np.any((positions < -0.5) | (positions > np.array(source.shape) - 0.5), -1)] == 0)
+    warped = registration.resample_through(labels, matrix, shape, "nearest", "zero", field)
+    expected_labels = ndimage.map_coordinates(labels, coords, order=0)
+    assert warped.dtype == dtype
+    np.testing.assert_array_equal(warped[inside], expected_labels[inside])
