@@ -137,3 +137,22 @@ def test_folding_fraction_of_half_reflected_volume():
     full = np.zeros((1, 5, 5, 5, 3), np.float32)
     full[..., 0] = -2.0 * np.arange(5)[:, None, None]
     assert metrics.folding_fraction(full) == 1.0
+
+
+def test_overlap_table_matches_per_label_counts():
+    """The one-pass table against Dice and Jaccard counted label by label with numpy, with ids
+    not in the list (ignored), a listed id absent from both maps (NaN, left out) and 0."""
+    rng = np.random.default_rng(2)
+    fixed = rng.choice([0, 21, 22, 182, 999], size=(20, 18, 16))
+    warped = np.where(rng.random(fixed.shape) < 0.7, fixed, rng.choice([0, 21, 22, 182], size=fixed.shape))
+    values = [182, 21, 0, 22, 50]
+    per_label, dice_mean, jaccard_mean = metrics.overlap_table(fixed, warped, values)
+    dices, jaccards = [], []
+    for v in (21, 22, 182):
+        a, b = fixed == v, warped == v
+        inter = np.sum(a & b)
+        dices.append(2 * inter / (a.sum() + b.sum()))
+        jaccards.append(inter / np.sum(a | b))
+        assert per_label[v] == pytest.approx(dices[-1])
+    assert np.isnan(per_label[50])
+    assert dice_mean == pytest.approx(np.mean(dices)) and jaccard_mean == pytest.approx(np.mean(jaccards))

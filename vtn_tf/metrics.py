@@ -161,13 +161,12 @@ def overlap_table(fixed_labels, warped_labels, label_values):
     NaN and left out of the means, as in `dice` / `jaccard`.
     """
     a, b = _label_arrays(fixed_labels, warped_labels)
-    values = np.asarray([int(v) for v in label_values if int(v) != 0])
-    lookup = {int(v): k + 1 for k, v in enumerate(values)}
-    def index(x):
-        out = np.zeros(x.shape, np.int64)
-        for v, k in lookup.items():
-            out[x == v] = k
-        return out.ravel()
+    values = np.unique(np.asarray([int(v) for v in label_values if int(v) != 0], np.int64))
+
+    def index(x):  # 1 + the position of each voxel's label in ``values``, 0 for any other id
+        x = np.asarray(x).ravel()
+        where = np.clip(np.searchsorted(values, x), 0, max(len(values) - 1, 0))
+        return np.where(values[where] == x, where + 1, 0) if len(values) else np.zeros(x.shape, np.int64)
     n = len(values) + 1
     joint = np.bincount(index(a) * n + index(b), minlength=n * n).reshape(n, n)
     inter = np.diag(joint)[1:].astype(float)
