@@ -108,6 +108,23 @@ def _points(matrix, points):
 ADAM = (0.9, 0.999, 1e-7)  # beta1, beta2, epsilon (Keras' defaults)
 
 
+def _adam_loop(loss_of, x, m, v, t, count, rate):
+    """``count`` Adam steps on ``x`` minimising ``loss_of(x)`` (``m``, ``v``: Adam's moments,
+    ``t``: its step count; ``rate``: a scalar or one rate per entry of ``x``). Returns the new
+    ``(x, m, v, t)`` and the loss before the last step. Functional, for one XLA loop."""
+    loss = tf.constant(0.0)
+    for _ in tf.range(count):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = loss_of(x)
+        grad = tape.gradient(loss, x)
+        t = t + 1.0
+        m = ADAM[0] * m + (1 - ADAM[0]) * grad
+        v = ADAM[1] * v + (1 - ADAM[1]) * tf.square(grad)
+        x = x - rate * tf.sqrt(1 - ADAM[1] ** t) / (1 - ADAM[0] ** t) * m / (tf.sqrt(v) + ADAM[2])
+    return x, m, v, t, loss
+
+
 def _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, smoothness, similarity, window):
     """Refinement loss of the field ``u`` ``[L..., 3]`` (fixed voxels) on the grid ``L``."""
     positions = grid_fine + u
@@ -125,17 +142,8 @@ def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_f
                       similarity, window):
     """``count`` Adam steps on the field ``u`` (``m``, ``v``: Adam's moments, ``t``: its step);
     returns the new ``(u, m, v, t)`` and the loss before the last step."""
-    loss = tf.constant(0.0)
-    for _ in tf.range(count):
-        with tf.GradientTape() as tape:
-            tape.watch(u)
-            loss = _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, smoothness, similarity, window)
-        grad = tape.gradient(loss, u)
-        t = t + 1.0
-        m = ADAM[0] * m + (1 - ADAM[0]) * grad
-        v = ADAM[1] * v + (1 - ADAM[1]) * tf.square(grad)
-        u = u - rate * tf.sqrt(1 - ADAM[1] ** t) / (1 - ADAM[0] ** t) * m / (tf.sqrt(v) + ADAM[2])
-    return u, m, v, t, loss
+    return _adam_loop(lambda x: _loss(x, fixed_image, moving_image, grid_fine, matrix, factor, smoothness,
+                                      similarity, window), u, m, v, t, count, rate)
 
 
 _adam_steps = tf.function(_adam_steps_eager, jit_compile=True, reduce_retracing=True)
@@ -224,17 +232,8 @@ def _affine_loss(params, fixed_image, world_points, centre, world_to_moving, mov
 
 def _affine_steps_eager(params, m, v, t, count, rates, fixed_image, world_points, centre, world_to_moving,
                         moving_image):
-    loss = tf.constant(0.0)
-    for _ in tf.range(count):
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            loss = _affine_loss(params, fixed_image, world_points, centre, world_to_moving, moving_image)
-        grad = tape.gradient(loss, params)
-        t = t + 1.0
-        m = ADAM[0] * m + (1 - ADAM[0]) * grad
-        v = ADAM[1] * v + (1 - ADAM[1]) * tf.square(grad)
-        params = params - rates * tf.sqrt(1 - ADAM[1] ** t) / (1 - ADAM[0] ** t) * m / (tf.sqrt(v) + ADAM[2])
-    return params, m, v, t, loss
+    return _adam_loop(lambda x: _affine_loss(x, fixed_image, world_points, centre, world_to_moving, moving_image),
+                      params, m, v, t, count, rates)
 
 
 _affine_steps = tf.function(_affine_steps_eager, jit_compile=True, reduce_retracing=True)
