@@ -92,3 +92,15 @@ def test_affine_search_with_no_steps_keeps_the_start():
     T, before, after = refine.search_affine(image, np.eye(4), image, np.eye(4), start, steps=0)
     np.testing.assert_array_equal(T, start)
     assert before == after
+
+
+def test_refinement_of_pairs_of_different_sizes_in_one_process():
+    """Batch mode refines pairs of any size one after another (the compiled steps retrace)."""
+    for shape in ((20, 18, 16), (17, 15, 13), (23, 14, 19)):
+        image = blobs(shape, 4)
+        settings = refine.RefineSettings(steps=2, resolution=0.5)
+        refined, history = refine.refine_field(image, np.eye(4), image, np.eye(4), np.zeros(shape + (3,), np.float32),
+                                               settings, log=lambda *_: None)
+        assert refined.shape == shape + (3,) and np.isfinite(history[-1][1])
+        T, _, _ = refine.search_affine(image, np.eye(4), image, np.eye(4), np.eye(4), steps=4)
+        assert T.shape == (4, 4)

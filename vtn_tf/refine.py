@@ -146,7 +146,7 @@ def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_f
                                       similarity, window), u, m, v, t, count, rate)
 
 
-_adam_steps = tf.function(_adam_steps_eager, jit_compile=True, reduce_retracing=True)
+_adam_steps = tf.function(_adam_steps_eager, jit_compile=True)  # one trace per grid size (static shapes)
 
 
 def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print):
@@ -236,7 +236,7 @@ def _affine_steps_eager(params, m, v, t, count, rates, fixed_image, world_points
                       params, m, v, t, count, rates)
 
 
-_affine_steps = tf.function(_affine_steps_eager, jit_compile=True, reduce_retracing=True)
+_affine_steps = tf.function(_affine_steps_eager, jit_compile=True)  # one trace per grid size
 
 
 def search_affine(fixed_net, net_to_world, moving, moving_affine, initial, steps=100, moving_spacing_factor=None):
