@@ -124,12 +124,6 @@ def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=Fa
     return out
 
 
-def check_output(out, overwrite):
-    """Refuse, before any work, an output folder for a SavedModel that
-    :func:`vtn_tf.io.check_output_folder` refuses (``out`` as a whole is replaced)."""
-    io.check_output_folder(out, overwrite)
-
-
 def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, precision="float32"):
     """Export a run directory's model (latest checkpoint) as a SavedModel in ``out``.
 
@@ -140,7 +134,7 @@ def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, 
     ``overwrite`` or a missing or corrupt run directory. Returns ``out``."""
     from vtn_tf.registration import load_contract, load_model
 
-    check_output(out, overwrite)
+    io.check_output_folder(out, overwrite)  # refused before the model loads
     model, image_shape, checkpoint = load_model(os.fspath(run_dir), precision)
     has_contract = any(os.path.isfile(os.path.join(run_dir, n)) for n in ("preprocessing.json", "config.json"))
     contract = load_contract(run_dir).to_json() if has_contract else None

@@ -165,8 +165,10 @@ def overlap_table(fixed_labels, warped_labels, label_values):
 
     def index(x):  # 1 + the position of each voxel's label in ``values``, 0 for any other id
         x = np.asarray(x).ravel()
-        where = np.clip(np.searchsorted(values, x), 0, max(len(values) - 1, 0))
-        return np.where(values[where] == x, where + 1, 0) if len(values) else np.zeros(x.shape, np.int64)
+        if not len(values):
+            return np.zeros(x.shape, np.int64)
+        where = np.minimum(np.searchsorted(values, x), len(values) - 1)
+        return np.where(values[where] == x, where + 1, 0)
     n = len(values) + 1
     joint = np.bincount(index(a) * n + index(b), minlength=n * n).reshape(n, n)
     inter = np.diag(joint)[1:].astype(float)

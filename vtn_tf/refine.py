@@ -286,8 +286,8 @@ def search_affine(fixed_net, net_to_world, moving, moving_affine, initial, steps
         if count <= 0:
             continue
         inputs = full if factor == 1 else level_inputs(factor)
-        m, v = tf.zeros(12), tf.zeros(12)
-        params, m, v, _, _ = _affine_steps(params, m, v, tf.constant(0.0), tf.constant(count), rates * scale, *inputs)
+        params = _affine_steps(params, tf.zeros(12), tf.zeros(12), tf.constant(0.0), tf.constant(count),
+                               rates * scale, *inputs)[0]  # Adam restarts at each level
     after = 1.0 - float(_affine_loss(params, *full))
     if after <= before:  # never worse than the initialiser
         return initial, before, before
