@@ -349,6 +349,20 @@ def test_uncompressed_outputs_and_nothing_left_after_a_failed_write(identity_run
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".new")]
 
 
+
+def test_files_written_side_by_side_read_back_exactly(tmp_path):
+    rng = np.random.default_rng(3)
+    arrays = [rng.normal(size=(20, 18, 16, 1, 3)).astype(np.float32), rng.normal(size=(20, 18, 16)).astype(np.float32),
+              rng.integers(0, 60, (20, 18, 16)).astype(np.uint8), rng.integers(-5, 900, (20, 18, 16)).astype(np.int16)]
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    jobs = [(tmp_path / f"{i}.nii.gz", nib.Nifti1Image(a, affine)) for i, a in enumerate(arrays)]
+    registration._save_all(jobs, compression=1)
+    for (path, _), expected in zip(jobs, arrays):
+        image = nib.load(path)
+        assert image.get_data_dtype() == expected.dtype
+        np.testing.assert_array_equal(np.asanyarray(image.dataobj), expected)
+        np.testing.assert_array_equal(image.affine, affine)
+
 @pytest.mark.data
 def test_lpba40_pair_moved_in_its_header_scores_as_the_aligned_pair(identity_run, vtn_data, tmp_path):
     """S02 -> S01 at native resolution, then S02 moved by 20 degrees and 25 mm in its header: the

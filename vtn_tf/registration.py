@@ -756,13 +756,13 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
     inverse = result.inverse
     check_outputs(out, label_paths, overwrite, compression, inverse is not None, fixed_label_paths)
     ext, affine = _extension(compression), fixed.affine
-    names = []
+    names, images = [], []
     with io.staged_folder(out) as staging:
         def nifti(name, image, grid_affine=affine):
             image.set_qform(grid_affine, code=1)
             image.set_sform(grid_affine, code=1)
             image.header.set_xyzt_units("mm")
-            _save(image, staging / name, compression)
+            images.append((staging / name, image))
             names.append(name)
 
         nifti(f"warped{ext}", nib.Nifti1Image(result.warped.astype(np.float32), affine))
@@ -781,6 +781,7 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
             for path, volume, warped in zip(fixed_label_paths, fixed_labels, inverse.warped_fixed_labels):
                 nifti(f"warped_fixed_labels_{_stem(path)}{ext}",
                       nib.Nifti1Image(warped.astype(_label_dtype(path, volume.data)), moving_affine), moving_affine)
+        _save_all(images, compression)
         (staging / "affine.json").write_text(json.dumps(result.affine, indent=2) + "\n")
         (staging / "affine.txt").write_text(itk_affine_text(result.affine["world_lps"]))
         names += ["affine.json", "affine.txt"]
@@ -789,6 +790,21 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
     written = [str(out / name) for name in names]
     log(f"wrote {len(written)} files to {out} (fixed image's grid and affine): " + ", ".join(names))
     return written
+
+
+def _save_all(images, compression):
+    """Save ``(path, image)`` pairs, one thread per file up to the core count: gzip's deflate
+    releases the GIL, so the fields compress side by side. The first error is raised."""
+    import concurrent.futures
+
+    if len(images) <= 1 or (os.cpu_count() or 1) == 1:
+        for path, image in images:
+            _save(image, path, compression)
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(len(images), os.cpu_count())) as pool:
+        largest_first = sorted(images, key=lambda item: -np.asarray(item[1].dataobj).nbytes)
+        for future in [pool.submit(_save, image, path, compression) for path, image in largest_first]:
+            future.result()
 
 
 def _save(image, path, compression):
