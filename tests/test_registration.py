@@ -349,7 +349,6 @@ def test_uncompressed_outputs_and_nothing_left_after_a_failed_write(identity_run
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".new")]
 
 
-
 def test_files_written_side_by_side_read_back_exactly(tmp_path):
     rng = np.random.default_rng(3)
     arrays = [rng.normal(size=(20, 18, 16, 1, 3)).astype(np.float32), rng.normal(size=(20, 18, 16)).astype(np.float32),
@@ -362,6 +361,7 @@ def test_files_written_side_by_side_read_back_exactly(tmp_path):
         assert image.get_data_dtype() == expected.dtype
         np.testing.assert_array_equal(np.asanyarray(image.dataobj), expected)
         np.testing.assert_array_equal(image.affine, affine)
+
 
 @pytest.mark.data
 def test_lpba40_pair_moved_in_its_header_scores_as_the_aligned_pair(identity_run, vtn_data, tmp_path):

@@ -797,11 +797,7 @@ def _save_all(images, compression):
     releases the GIL, so the fields compress side by side. The first error is raised."""
     import concurrent.futures
 
-    if len(images) <= 1 or (os.cpu_count() or 1) == 1:
-        for path, image in images:
-            _save(image, path, compression)
-        return
-    with concurrent.futures.ThreadPoolExecutor(min(len(images), os.cpu_count())) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(images), os.cpu_count() or 1))) as pool:
         largest_first = sorted(images, key=lambda item: -np.asarray(item[1].dataobj).nbytes)
         for future in [pool.submit(_save, image, path, compression) for path, image in largest_first]:
             future.result()
