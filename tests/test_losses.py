@@ -85,6 +85,18 @@ def test_local_ncc_loss_matches_numpy_windows(window):
         assert value[0] < value[1]  # more noise, larger loss
 
 
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_local_ncc_against_precomputed_fixed_statistics_matches_numpy_windows(window):
+    """The instance optimisation's form (fixed side computed once), compiled as it runs."""
+    rng = np.random.default_rng(13)
+    fixed = rng.uniform(size=(2, 7, 6, 5, 1))
+    warped = 0.5 * fixed + rng.uniform(size=fixed.shape) * np.array([0.1, 1.0])[:, None, None, None, None]
+    statistics = losses.local_ncc_fixed_statistics(fixed.astype(np.float32), window)
+    compiled = tf.function(lambda w: losses.local_ncc_loss_to_fixed(statistics, w, window), jit_compile=True)
+    value = compiled(tf.constant(warped, tf.float32)).numpy()
+    np.testing.assert_allclose(value, numpy_local_ncc_loss(fixed, warped, window), atol=2e-5)
+
+
 def test_local_ncc_loss_ignores_a_smooth_bias_field_that_global_correlation_sees():
     """A multiplicative bias field (as in MRI) barely changes any 5³ window, but the global
     correlation drops: the reason to offer the local loss."""

@@ -6,6 +6,7 @@ conventions of `vtn_tf.spatial`: flows ``[B, X, Y, Z, 3]`` in voxels, pulling.
 Losses compute in float32 even under mixed precision.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from vtn_tf import spatial
@@ -64,25 +65,7 @@ def _separable_box_mean(x, window):
     return x
 
 
-def _shifted_box_mean(x, window):
-    """`_separable_box_mean` as sums of shifted slices: the same numbers, and under XLA
-    (``jit_compile``) its gradient fuses into a few kernels (for XLA-compiled callers)."""
-    radius = window // 2
-    for axis in (1, 2, 3):
-        n = x.shape[axis]
-        pad = [[0, 0]] * 5
-        pad[axis] = [radius, radius]
-        padded = tf.pad(x, pad)
-        total = tf.add_n([padded[(slice(None),) * axis + (slice(k, k + n),)] for k in range(window)])
-        index = tf.range(n)
-        count = tf.cast(tf.minimum(index + radius, n - 1) - tf.maximum(index - radius, 0) + 1, x.dtype)
-        shape = [1] * 5
-        shape[axis] = n
-        x = total / tf.reshape(count, shape)
-    return x
-
-
-def local_ncc_loss(fixed, warped, window, box="pool"):
+def local_ncc_loss(fixed, warped, window):
     """``1 - mean_x ncc²(x)``, the squared normalised cross-correlation in a cube
     of ``window``³ voxels around every voxel (VoxelMorph's "NCC" loss).
 
@@ -94,8 +77,6 @@ def local_ncc_loss(fixed, warped, window, box="pool"):
       fixed, warped: ``[B, X, Y, Z, C]`` images on the same grid.
       window: odd cube side in voxels. Near the border the cube is cut to the
         voxels inside the image.
-      box: ``"pool"`` (average pools) or ``"slices"`` (shifted slices, for XLA-compiled
-        callers); the same values.
     Returns:
       ``[B]`` float32 in ``[0, 1]``: 0 when every window of ``warped`` is an
       increasing or decreasing linear function of ``fixed``'s, 1 where windows are
@@ -107,14 +88,49 @@ def local_ncc_loss(fixed, warped, window, box="pool"):
         raise ValueError(f"fixed {fixed.shape} and warped {warped.shape} must both be [B, X, Y, Z, C] alike.")
     check_ncc_window(window)
     stacked = tf.concat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], axis=-1)
-    box_mean = _shifted_box_mean if box == "slices" else _separable_box_mean
-    means = tf.split(box_mean(stacked, window), 5, axis=-1)
-    mean_f, mean_w, mean_ff, mean_ww, mean_fw = means  # each [B, X, Y, Z, C]
+    mean_f, mean_w, mean_ff, mean_ww, mean_fw = tf.split(_separable_box_mean(stacked, window), 5, axis=-1)
+    return _ncc_from_means(mean_f, tf.nn.relu(mean_ff - tf.square(mean_f)), mean_w, mean_ww, mean_fw)
+
+
+def _ncc_from_means(mean_f, variance_fixed, mean_w, mean_ww, mean_fw):
     covariance = mean_fw - mean_f * mean_w
-    variance_fixed = tf.nn.relu(mean_ff - tf.square(mean_f))
     variance_warped = tf.nn.relu(mean_ww - tf.square(mean_w))
     ncc_squared = tf.square(covariance) / (variance_fixed * variance_warped + NCC_EPSILON)
     return 1.0 - tf.reduce_mean(ncc_squared, [1, 2, 3, 4])
+
+
+def _band_box_mean(x, window):
+    """`_separable_box_mean` as three products with banded matrices (each row averages the
+    window's voxels inside the image): the same numbers, and under XLA neither it nor its
+    gradient needs the pools' constant-folded divisor volumes (seconds of compile time)."""
+    radius = window // 2
+    for axis in (1, 2, 3):
+        index = np.arange(x.shape[axis])
+        band = (np.abs(index[:, None] - index[None, :]) <= radius).astype(np.float32)
+        band = tf.constant(band / band.sum(axis=1, keepdims=True))
+        x = tf.experimental.numpy.moveaxis(tf.tensordot(x, band, [[axis], [1]]), -1, axis)
+    return x
+
+
+def local_ncc_fixed_statistics(fixed, window):
+    """The fixed image's share of :func:`local_ncc_loss`, for a fixed image that many
+    warped images are compared with (instance optimisation): ``(fixed, window mean,
+    window variance)``, each ``[B, X, Y, Z, C]`` float32."""
+    fixed = _float32(fixed)
+    check_ncc_window(window)
+    mean_f, mean_ff = tf.split(_band_box_mean(tf.concat([fixed, fixed * fixed], -1), window), 2, axis=-1)
+    return fixed, mean_f, tf.nn.relu(mean_ff - tf.square(mean_f))
+
+
+def local_ncc_loss_to_fixed(statistics, warped, window):
+    """:func:`local_ncc_loss` of ``warped`` against the fixed image whose
+    :func:`local_ncc_fixed_statistics` are ``statistics`` (the same values, three box
+    means per call instead of five)."""
+    fixed, mean_f, variance_fixed = statistics
+    warped = _float32(warped)
+    mean_w, mean_ww, mean_fw = tf.split(
+        _band_box_mean(tf.concat([warped, warped * warped, fixed * warped], -1), window), 3, axis=-1)
+    return _ncc_from_means(mean_f, variance_fixed, mean_w, mean_ww, mean_fw)
 
 
 def total_variation_loss(flow):
@@ -130,7 +146,8 @@ def total_variation_loss(flow):
     terms = []
     for axis in (1, 2, 3):
         n = flow.shape[axis]
-        diff = tf.gather(flow, tf.range(1, n), axis=axis) - tf.gather(flow, tf.range(0, n - 1), axis=axis)
+        diff = (flow[(slice(None),) * axis + (slice(1, n),)]
+                - flow[(slice(None),) * axis + (slice(0, n - 1),)])  # slices: a gradient without scatters
         terms.append(tf.reduce_mean(tf.reduce_sum(tf.square(diff), -1), [1, 2, 3]))
     return tf.add_n(terms) / 3.0
 

@@ -126,13 +126,16 @@ def _adam_loop(loss_of, x, m, v, t, count, rate):
 
 
 def _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, smoothness, similarity, window):
-    """Refinement loss of the field ``u`` ``[L..., 3]`` (fixed voxels) on the grid ``L``."""
+    """Refinement loss of the field ``u`` ``[L..., 3]`` (fixed voxels) on the grid ``L``.
+
+    ``fixed_image``: for ``"ncc"``, :func:`vtn_tf.losses.local_ncc_fixed_statistics` of the
+    fixed image on ``L`` (computed once per refinement); for ``"cc"`` the image ``[1, L..., 1]``."""
     positions = grid_fine + u
     positions = tf.stack([positions[..., 0] * matrix[i, 0] + positions[..., 1] * matrix[i, 1]
                           + positions[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], -1)
     warped = spatial.sample(moving_image, positions[None], "linear", "zero")
     if similarity == "ncc":
-        value = losses.local_ncc_loss(fixed_image, warped, window, box="slices")[0]
+        value = losses.local_ncc_loss_to_fixed(fixed_image, warped, window)[0]
     else:
         value = losses.correlation_coefficient_loss(fixed_image, warped)[0]
     return value + smoothness * losses.total_variation_loss(u[None] / factor)[0]
@@ -168,6 +171,8 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
     fixed_image = coarsen(fixed, factor)[None, ..., None]
     moving_image = coarsen(moving, factor)[None, ..., None]
     shape = tuple(int(n) for n in fixed_image.shape[1:4])
+    if settings.similarity == "ncc":
+        fixed_image = losses.local_ncc_fixed_statistics(fixed_image, int(settings.ncc_window))
     # L index -> moving_low index: L -> F -> world -> M -> moving_low
     matrix = np.linalg.inv(coarse_to_fine(factor)) @ np.linalg.inv(moving_affine) @ fixed_affine
     matrix = tf.constant(matrix[:3], tf.float32)
