@@ -47,7 +47,8 @@ class RefineSettings:
         or ``"cc"`` (the paper's global correlation coefficient).
       ncc_window: cube side in voxels of ``L`` (odd).
       smoothness: weight of the TV term (voxels of ``L``, squared).
-      resolution: ``L``'s voxel count per axis as a fraction of ``F``'s (0.5: half).
+      resolution: ``L``'s voxel count per axis as a fraction of ``F``'s (0.5: half), or a
+        sequence of them, coarse to fine (the levels; ``steps`` on each).
     """
 
     steps: int = 50
@@ -56,7 +57,7 @@ class RefineSettings:
     similarity: str = "ncc"
     ncc_window: int = 5
     smoothness: float = 1.0
-    resolution: float = 0.5
+    resolution: float | tuple = 0.5
 
     def __post_init__(self):
         if int(self.steps) < 0:
@@ -65,15 +66,20 @@ class RefineSettings:
             raise ValueError(f"refine seconds must be positive; got {self.seconds}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"refine similarity must be one of {SIMILARITIES}; got {self.similarity!r}")
-        if not 0.0 < float(self.resolution) <= 1.0:
+        levels = self.resolution if isinstance(self.resolution, (tuple, list)) else (self.resolution,)
+        if not levels or any(not 0.0 < float(r) <= 1.0 for r in levels):
             raise ValueError(f"refine resolution must be in (0, 1]; got {self.resolution}")
+        if any(float(a) > float(b) for a, b in zip(levels, levels[1:])):
+            raise ValueError(f"refine resolutions go coarse to fine; got {self.resolution}")
         if float(self.learning_rate) <= 0 or float(self.smoothness) < 0:
             raise ValueError("refine learning rate must be positive and smoothness non-negative")
         losses.check_ncc_window(self.ncc_window)
 
     @property
-    def factor(self):
-        return max(1, int(round(1.0 / float(self.resolution))))
+    def factors(self):
+        """The coarsening factor of each level, coarse to fine (``round(1 / resolution)``)."""
+        levels = self.resolution if isinstance(self.resolution, (tuple, list)) else (self.resolution,)
+        return tuple(max(1, int(round(1.0 / float(r)))) for r in levels)
 
 
 def coarsen(data, factor):
@@ -155,6 +161,9 @@ _adam_steps = tf.function(_adam_steps_eager, jit_compile=True)  # one trace per 
 def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print):
     """Optimise ``flow_voxels`` on the pair; returns ``(refined [X, Y, Z, 3] tf float32, history)``.
 
+    Coarse to fine: ``settings.steps`` Adam steps on each grid of ``settings.levels`` (Adam
+    restarts on each; the change found on a coarser grid is interpolated onto the next).
+
     Args:
       fixed: ``[X, Y, Z]`` normalised fixed image (the network's intensities), grid ``F``.
       fixed_affine, moving_affine: 4x4 voxel -> RAS mm.
@@ -164,46 +173,57 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
       log: receives progress bar lines and a summary line.
     Returns:
       the refined field (same shape, units and direction) and a list of
-      ``(step, loss, seconds)`` checkpoints (every 10 steps and the last).
+      ``(step, loss, seconds)`` checkpoints (every 10 steps and the last of each level;
+      ``step`` counts over all levels, each level's losses on its own grid).
     """
-    factor = settings.factor
-    to_fine = coarse_to_fine(factor)
-    fixed_image = coarsen(fixed, factor)[None, ..., None]
-    moving_image = coarsen(moving, factor)[None, ..., None]
-    shape = tuple(int(n) for n in fixed_image.shape[1:4])
-    if settings.similarity == "ncc":
-        fixed_image = losses.local_ncc_fixed_statistics(fixed_image, int(settings.ncc_window))
-    # L index -> moving_low index: L -> F -> world -> M -> moving_low
-    matrix = np.linalg.inv(coarse_to_fine(factor)) @ np.linalg.inv(moving_affine) @ fixed_affine
-    matrix = tf.constant(matrix[:3], tf.float32)
     flow = tf.convert_to_tensor(flow_voxels, tf.float32)
-    grid_fine = _points(to_fine, _grid(shape))  # [L..., 3] fixed indices of L's voxels
-    start = spatial.sample(flow[None], grid_fine[None], "linear", "clamp")[0]
-    u, m, v, t = start, tf.zeros_like(start), tf.zeros_like(start), tf.constant(0.0)
-    arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, matrix,
-                 tf.constant(float(factor)), tf.constant(float(settings.smoothness)), settings.similarity,
-                 int(settings.ncc_window))
-    first = float(_loss(u, fixed_image, moving_image, grid_fine, matrix, float(factor), float(settings.smoothness),
-                        settings.similarity, int(settings.ncc_window)))
-    history, began, done, total = [(0, first, 0.0)], time.perf_counter(), 0, int(settings.steps)
-    chunk = 10
-    while done < total:
+    began, history, done = time.perf_counter(), [], 0
+    total = int(settings.steps) * len(settings.factors)
+    change, previous, summary = None, None, []
+    for factor in settings.factors:
         if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
             break
-        count = min(chunk, total - done)
-        u, m, v, t, loss = _adam_steps(u, m, v, t, tf.constant(count), *arguments)
-        done += count
-        history.append((done, float(loss), time.perf_counter() - began))
-        _progress(log, done, total, float(loss))
-    last = float(_loss(u, fixed_image, moving_image, grid_fine, matrix, float(factor), float(settings.smoothness),
-                       settings.similarity, int(settings.ncc_window)))
-    history.append((done, last, time.perf_counter() - began))
-    change = u - start
-    upsampled = spatial.sample(change[None], _points(np.linalg.inv(to_fine), _grid(flow.shape[:3]))[None],
+        to_fine = coarse_to_fine(factor)
+        fixed_image = coarsen(fixed, factor)[None, ..., None]
+        moving_image = coarsen(moving, factor)[None, ..., None]
+        shape = tuple(int(n) for n in fixed_image.shape[1:4])
+        if settings.similarity == "ncc":
+            fixed_image = losses.local_ncc_fixed_statistics(fixed_image, int(settings.ncc_window))
+        # L index -> moving_low index: L -> F -> world -> M -> moving_low
+        matrix = np.linalg.inv(coarse_to_fine(factor)) @ np.linalg.inv(moving_affine) @ fixed_affine
+        matrix = tf.constant(matrix[:3], tf.float32)
+        grid_fine = _points(to_fine, _grid(shape))  # [L..., 3] fixed indices of L's voxels
+        start = spatial.sample(flow[None], grid_fine[None], "linear", "clamp")[0]
+        u = start
+        if change is not None:  # the coarser level's change, at this level's voxels
+            u = start + spatial.sample(change[None], _points(np.linalg.inv(coarse_to_fine(previous)) @ to_fine,
+                                                             _grid(shape))[None], "linear", "clamp")[0]
+        m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
+        arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, matrix,
+                     tf.constant(float(factor)), tf.constant(float(settings.smoothness)), settings.similarity,
+                     int(settings.ncc_window))
+        first = float(_loss(u, *arguments[1:]))
+        history.append((done, first, time.perf_counter() - began))
+        level_done, chunk = 0, 10
+        while level_done < int(settings.steps):
+            if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
+                break
+            count = min(chunk, int(settings.steps) - level_done)
+            u, m, v, t, loss = _adam_steps(u, m, v, t, tf.constant(count), *arguments)
+            level_done += count
+            done += count
+            history.append((done, float(loss), time.perf_counter() - began))
+            _progress(log, done, total, float(loss))
+        last = float(_loss(u, *arguments[1:]))
+        history.append((done, last, time.perf_counter() - began))
+        summary.append(f"1/{factor} ({'x'.join(map(str, shape))}) {level_done} steps, loss {first:.4f} -> {last:.4f}")
+        change, previous = u - start, factor
+    if change is None:
+        return flow, history
+    upsampled = spatial.sample(change[None], _points(np.linalg.inv(coarse_to_fine(previous)), _grid(flow.shape[:3]))[None],
                                "linear", "clamp")[0]
-    log(f"refined {done} steps at 1/{factor} resolution ({'x'.join(map(str, shape))}) in "
-        f"{time.perf_counter() - began:.1f} s: loss {first:.4f} -> {last:.4f}, largest change "
-        f"{float(tf.reduce_max(tf.norm(change, axis=-1))):.2f} voxels")
+    log(f"refined {done} steps in {time.perf_counter() - began:.1f} s: {'; '.join(summary)}; largest change "
+        f"{float(tf.reduce_max(tf.norm(upsampled, axis=-1))):.2f} voxels")
     return flow + upsampled, history
 
 

@@ -61,7 +61,8 @@ def define_refine_flags():
                          "(0 = off)", lower_bound=0)
     flags.DEFINE_float("refine_seconds", None, "time budget for --refine in seconds (stops at whichever "
                        "of steps and seconds comes first)")
-    flags.DEFINE_float("refine_resolution", 0.5, "refinement grid as a fraction of the fixed grid per axis")
+    flags.DEFINE_list("refine_resolution", ["0.5"], "refinement grid as a fraction of the fixed grid per axis, or "
+                      "several, coarse to fine (e.g. 0.33,0.5: --refine steps on each)")
     flags.DEFINE_float("refine_rate", 0.1, "Adam learning rate, voxels of the fixed grid per step")
     flags.DEFINE_float("refine_smoothness", 1.0, "weight of the smoothness term during refinement")
     flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (5^3 windows) "
@@ -79,9 +80,13 @@ def refine_settings():
     from vtn_tf.refine import RefineSettings
 
     try:
+        try:
+            resolution = tuple(float(r) for r in values.refine_resolution)
+        except ValueError:
+            raise ValueError(f"--refine_resolution takes numbers; got {','.join(values.refine_resolution)}") from None
         return RefineSettings(steps=values.refine, seconds=values.refine_seconds, learning_rate=values.refine_rate,
                               similarity=values.refine_similarity, smoothness=values.refine_smoothness,
-                              resolution=values.refine_resolution)
+                              resolution=resolution if len(resolution) > 1 else resolution[0])
     except ValueError as error:
         raise InputError(f"--refine options: {error}") from None
 
