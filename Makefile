@@ -151,7 +151,7 @@ NATIVE_PROTOCOL ?= --protocol atlas --atlas S01
 NATIVE_PASSES ?= 1
 NATIVE_BASELINES ?= ants,elastix
 NATIVE_MISALIGN ?= rigid
-REFINE_STEPS ?= 100
+REFINE_STEPS ?= 60
 native_eval = $(PYTHON) -m vtn_tf.apps.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
 	  $(NATIVE_PROTOCOL) --passes $(NATIVE_PASSES) --overwrite
 native-tables:

@@ -55,6 +55,16 @@ def test_settings_are_checked():
         refine.RefineSettings(resolution=(0.5, 0.25))
 
 
+def test_auto_levels_follow_the_network_grid_spacing():
+    # A 160x192x160 brain on a 64^3 network grid: network voxels of 2.5, 3, 2.5 fixed voxels.
+    assert refine.RefineSettings().resolved([2.5, 3.0, 2.5]).factors == (4, 3, 2)
+    # 64^3 crops on a 64^3 network grid: never finer than the fixed grid.
+    assert refine.RefineSettings().resolved([1.0, 1.0, 1.0]).factors == (2, 1)
+    assert refine.RefineSettings(resolution=0.5).resolved([1.0] * 3).factors == (2,)  # explicit levels kept
+    with pytest.raises(ValueError, match="network grid"):
+        refine.RefineSettings().factors
+
+
 def test_coarsen_is_the_cell_average():
     data = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
     low = refine.coarsen(data, 2).numpy()
