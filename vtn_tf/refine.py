@@ -11,10 +11,13 @@ Grids and units:
 * ``F``: the fixed grid ``[X, Y, Z]``, affine ``A_f``. The field being refined is
   ``flow_voxels`` (`vtn_tf.registration`): ``[X, Y, Z, 3]``, voxels of ``F``, pulling; fixed
   voxel ``x`` corresponds to moving voxel ``A_m^-1 A_f (x + u(x))``.
-* ``L``: the refinement grid, ``F`` coarsened by ``factor = round(1 / resolution)`` per axis
+* ``L``: a refinement grid, ``F`` coarsened by ``factor = round(1 / resolution)`` per axis
   with voxel cells aligned (index ``l`` sits at fixed index ``factor * l + (factor - 1) / 2``).
   Both images are box-averaged onto ``L`` (the moving one on its own grid, coarsened the
   same way), and the displacement is optimised there, in voxels of ``F``.
+* Levels, coarse to fine (a pyramid, as the ANTs and elastix multi-resolution schedules):
+  each level starts from the network's field at its voxels plus the change the coarser
+  levels made (trilinear), and runs its own Adam steps.
 * The change the optimisation made is brought back to ``F`` by trilinear interpolation and
   added to the network's field, which keeps the network field's own fine detail.
 
