@@ -97,6 +97,23 @@ def test_local_ncc_against_precomputed_fixed_statistics_matches_numpy_windows(wi
     np.testing.assert_allclose(value, numpy_local_ncc_loss(fixed, warped, window), atol=2e-5)
 
 
+def test_local_ncc_against_precomputed_fixed_statistics_has_the_pooled_losss_gradient():
+    """Its hand-written box-mean gradient against TensorFlow's own through average pools."""
+    rng = np.random.default_rng(14)
+    fixed = rng.uniform(size=(1, 9, 8, 7, 1)).astype(np.float32)
+    warped = tf.constant(0.5 * fixed + 0.3 * rng.uniform(size=fixed.shape), tf.float32)
+    statistics = losses.local_ncc_fixed_statistics(fixed, 5)
+    gradients = []
+    for loss in (lambda w: losses.local_ncc_loss_to_fixed(statistics, w, 5),
+                 lambda w: losses.local_ncc_loss(fixed, w, 5)):
+        with tf.GradientTape() as tape:
+            tape.watch(warped)
+            value = loss(warped)
+        gradients.append(tape.gradient(value, warped).numpy())
+    assert np.abs(gradients[1]).max() > 1e-4
+    np.testing.assert_allclose(gradients[0], gradients[1], atol=1e-6 + 1e-4 * np.abs(gradients[1]).max())
+
+
 def test_local_ncc_loss_ignores_a_smooth_bias_field_that_global_correlation_sees():
     """A multiplicative bias field (as in MRI) barely changes any 5³ window, but the global
     correlation drops: the reason to offer the local loss."""

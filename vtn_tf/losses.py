@@ -99,17 +99,44 @@ def _ncc_from_means(mean_f, variance_fixed, mean_w, mean_ww, mean_fw):
     return 1.0 - tf.reduce_mean(ncc_squared, [1, 2, 3, 4])
 
 
-def _band_box_mean(x, window):
-    """`_separable_box_mean` as three products with banded matrices (each row averages the
-    window's voxels inside the image): the same numbers, and under XLA neither it nor its
-    gradient needs the pools' constant-folded divisor volumes (seconds of compile time)."""
-    radius = window // 2
-    for axis in (1, 2, 3):
-        index = np.arange(x.shape[axis])
-        band = (np.abs(index[:, None] - index[None, :]) <= radius).astype(np.float32)
-        band = tf.constant(band / band.sum(axis=1, keepdims=True))
-        x = tf.experimental.numpy.moveaxis(tf.tensordot(x, band, [[axis], [1]]), -1, axis)
-    return x
+def _window_sum(x, axis, window):
+    """Sum over the ``window`` voxels centred on each voxel along ``axis`` (zero outside):
+    shifted slices of the padded tensor, a symmetric linear map."""
+    radius, n = window // 2, x.shape[axis]
+    pad = [[0, 0]] * x.shape.rank
+    pad[axis] = [radius, radius]
+    padded = tf.pad(x, pad)
+    return tf.add_n([padded[(slice(None),) * axis + (slice(k, k + n),)] for k in range(window)])
+
+
+def _inverse_counts(shape, axis, window):
+    """``1 / (voxels of the window inside the image)`` along ``axis``, shaped to broadcast."""
+    radius, index = window // 2, np.arange(shape[axis])
+    count = np.minimum(index + radius, shape[axis] - 1) - np.maximum(index - radius, 0) + 1
+    broadcast = [1] * len(shape)
+    broadcast[axis] = shape[axis]
+    return tf.constant((1.0 / count).astype(np.float32).reshape(broadcast))
+
+
+def _shifted_box_mean(x, window):
+    """`_separable_box_mean` as sums of shifted slices, with its transpose as the gradient:
+    the same numbers, and under XLA a few fused passes (no pools, whose divisor volumes XLA
+    constant-folds for seconds, nor dense products). ``x``: ``[B, X, Y, Z, C]``."""
+    scales = [_inverse_counts(x.shape, axis, window) for axis in (1, 2, 3)]
+
+    @tf.custom_gradient
+    def mean(x):
+        for axis, scale in zip((1, 2, 3), scales):
+            x = _window_sum(x, axis, window) * scale
+
+        def gradient(upstream):  # the transpose: (D3 S3 D2 S2 D1 S1)^T = S1 D1 S2 D2 S3 D3
+            for axis, scale in zip((3, 2, 1), scales[::-1]):
+                upstream = _window_sum(upstream * scale, axis, window)
+            return upstream
+
+        return x, gradient
+
+    return mean(x)
 
 
 def local_ncc_fixed_statistics(fixed, window):
@@ -118,7 +145,7 @@ def local_ncc_fixed_statistics(fixed, window):
     window variance)``, each ``[B, X, Y, Z, C]`` float32."""
     fixed = _float32(fixed)
     check_ncc_window(window)
-    mean_f, mean_ff = tf.split(_band_box_mean(tf.concat([fixed, fixed * fixed], -1), window), 2, axis=-1)
+    mean_f, mean_ff = tf.split(_shifted_box_mean(tf.concat([fixed, fixed * fixed], -1), window), 2, axis=-1)
     return fixed, mean_f, tf.nn.relu(mean_ff - tf.square(mean_f))
 
 
@@ -129,7 +156,7 @@ def local_ncc_loss_to_fixed(statistics, warped, window):
     fixed, mean_f, variance_fixed = statistics
     warped = _float32(warped)
     mean_w, mean_ww, mean_fw = tf.split(
-        _band_box_mean(tf.concat([warped, warped * warped, fixed * warped], -1), window), 3, axis=-1)
+        _shifted_box_mean(tf.concat([warped, warped * warped, fixed * warped], -1), window), 3, axis=-1)
     return _ncc_from_means(mean_f, variance_fixed, mean_w, mean_ww, mean_fw)
 
 
