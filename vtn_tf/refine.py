@@ -21,8 +21,10 @@ Grids and units:
 * The change the optimisation made is brought back to ``F`` by trilinear interpolation and
   added to the network's field, which keeps the network field's own fine detail.
 
-Loss per step: ``similarity(fixed_L, moving_L(positions)) + smoothness * TV(u / factor)``
-(TV in voxels of ``L``, the training loss's units). Deterministic on the CPU (no scatter ops).
+Loss per step: ``similarity(fixed_L, moving_L(positions)) + smoothness * TV(u / factor)
++ folding * mean(relu(-det(I + D(u / factor))))`` (TV in voxels of ``L``, the training loss's
+units; ``D`` forward differences, the folding measure of the results). Deterministic on the
+CPU (no scatter ops).
 """
 
 import dataclasses
@@ -55,6 +57,8 @@ class RefineSettings:
         or ``"cc"`` (the paper's global correlation coefficient).
       ncc_window: cube side in voxels of ``L`` (odd).
       smoothness: weight of the TV term (voxels of ``L``, squared).
+      folding: weight of the penalty on negative Jacobian determinants (forward differences
+        on ``L``); 0: none.
       resolution: ``L``'s voxel count per axis as a fraction of ``F``'s (0.5: half), a
         sequence of them, coarse to fine (the levels; ``steps`` on each), or ``"auto"``:
         levels at :data:`AUTO_LEVELS` times the network grid's spacing, never finer than
@@ -68,6 +72,7 @@ class RefineSettings:
     similarity: str = "ncc"
     ncc_window: int = 5
     smoothness: float = 1.0
+    folding: float = 0.0
     resolution: float | tuple | str = "auto"
 
     def __post_init__(self):
@@ -84,8 +89,8 @@ class RefineSettings:
             raise ValueError(f"refine resolution must be in (0, 1]; got {self.resolution}")
         if any(float(a) > float(b) for a, b in zip(levels, levels[1:])):
             raise ValueError(f"refine resolutions go coarse to fine; got {self.resolution}")
-        if float(self.learning_rate) <= 0 or float(self.smoothness) < 0:
-            raise ValueError("refine learning rate must be positive and smoothness non-negative")
+        if float(self.learning_rate) <= 0 or float(self.smoothness) < 0 or float(self.folding) < 0:
+            raise ValueError("refine learning rate must be positive, smoothness and folding weights non-negative")
         losses.check_ncc_window(self.ncc_window)
 
     def resolved(self, network_spacing):
@@ -159,7 +164,17 @@ def _adam_loop(loss_of, x, m, v, t, count, rate):
     return x, m, v, t, loss
 
 
-def _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, smoothness, similarity, window):
+def forward_determinant(u):
+    """``det(I + D u)`` with forward differences ``D``: ``u`` ``[X, Y, Z, 3]`` (voxels) ->
+    ``[X-1, Y-1, Z-1]`` (tf), as `vtn_tf.metrics.forward_jacobian_determinant` counts folding."""
+    base = u[:-1, :-1, :-1]
+    columns = [u[1:, :-1, :-1] - base, u[:-1, 1:, :-1] - base, u[:-1, :-1, 1:] - base]  # d u / d axis
+    (a, d, g), (b, e, h), (c, f, i) = [[col[..., k] for k in range(3)] for col in columns]
+    a, e, i = a + 1.0, e + 1.0, i + 1.0  # J = [[a, b, c], [d, e, f], [g, h, i]]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, weights, similarity, window):
     """Refinement loss of the field ``u`` ``[L..., 3]`` (fixed voxels) on the grid ``L``.
 
     ``fixed_image``: for ``"ncc"``, :func:`vtn_tf.losses.local_ncc_fixed_statistics` of the
@@ -172,14 +187,15 @@ def _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, smoothness, s
         value = losses.local_ncc_loss_to_fixed(fixed_image, warped, window)[0]
     else:
         value = losses.correlation_coefficient_loss(fixed_image, warped)[0]
-    return value + smoothness * losses.total_variation_loss(u[None] / factor)[0]
+    value = value + weights[0] * losses.total_variation_loss(u[None] / factor)[0]
+    return value + weights[1] * tf.reduce_mean(tf.nn.relu(-forward_determinant(u / factor)))
 
 
-def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_fine, matrix, factor, smoothness,
+def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_fine, matrix, factor, weights,
                       similarity, window):
     """``count`` Adam steps on the field ``u`` (``m``, ``v``: Adam's moments, ``t``: its step);
     returns the new ``(u, m, v, t)`` and the loss before the last step."""
-    return _adam_loop(lambda x: _loss(x, fixed_image, moving_image, grid_fine, matrix, factor, smoothness,
+    return _adam_loop(lambda x: _loss(x, fixed_image, moving_image, grid_fine, matrix, factor, weights,
                                       similarity, window), u, m, v, t, count, rate)
 
 
@@ -228,7 +244,7 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
                                                              _grid(shape))[None], "linear", "clamp")[0]
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
         arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, matrix,
-                     tf.constant(float(factor)), tf.constant(float(settings.smoothness)), settings.similarity,
+                     tf.constant(float(factor)), tf.constant([float(settings.smoothness), float(settings.folding)]), settings.similarity,
                      int(settings.ncc_window))
         first = float(_loss(u, *arguments[1:]))
         history.append((done, first, time.perf_counter() - began))

@@ -66,6 +66,8 @@ def define_refine_flags():
                       "0.75 times the network grid's spacing, never finer than the fixed grid")
     flags.DEFINE_float("refine_rate", 0.3, "Adam learning rate, voxels of the fixed grid per step")
     flags.DEFINE_float("refine_smoothness", 1.0, "weight of the smoothness term during refinement")
+    flags.DEFINE_float("refine_folding", 0.0, "weight of the penalty on negative Jacobian determinants during "
+                       "refinement (0 = none)")
     flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (5^3 windows) "
                       "or global correlation")
 
@@ -88,6 +90,7 @@ def refine_settings():
             raise ValueError(f"--refine_resolution takes numbers; got {','.join(values.refine_resolution)}") from None
         return RefineSettings(steps=values.refine, seconds=values.refine_seconds, learning_rate=values.refine_rate,
                               similarity=values.refine_similarity, smoothness=values.refine_smoothness,
+                              folding=values.refine_folding,
                               resolution=resolution if len(resolution) > 1 else resolution[0])
     except ValueError as error:
         raise InputError(f"--refine options: {error}") from None
