@@ -188,7 +188,9 @@ def _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, weights, simi
     else:
         value = losses.correlation_coefficient_loss(fixed_image, warped)[0]
     value = value + weights[0] * losses.total_variation_loss(u[None] / factor)[0]
-    return value + weights[1] * tf.reduce_mean(tf.nn.relu(-forward_determinant(u / factor)))
+    if weights.shape[0] > 1:  # (smoothness, folding) or (smoothness,): a static choice
+        value = value + weights[1] * tf.reduce_mean(tf.nn.relu(-forward_determinant(u / factor)))
+    return value
 
 
 def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_fine, matrix, factor, weights,
@@ -244,7 +246,8 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
                                                              _grid(shape))[None], "linear", "clamp")[0]
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
         arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, matrix,
-                     tf.constant(float(factor)), tf.constant([float(settings.smoothness), float(settings.folding)]), settings.similarity,
+                     tf.constant(float(factor)), tf.constant([float(settings.smoothness)] + ([float(settings.folding)] if settings.folding else [])),
+                     settings.similarity,
                      int(settings.ncc_window))
         first = float(_loss(u, *arguments[1:]))
         history.append((done, first, time.perf_counter() - began))
