@@ -12,7 +12,8 @@ Rows (seconds, median of ``--repeats`` after a warm-up):
   onto the network grid), network, field (network flow onto the fixed grid, the alignment
   composed), resample (moving image and labels through the field), plus read and write;
 * the network alone (the same call as inside), and ``register_volumes`` / network;
-* batch mode per pair (``vtn-register --pairs``, model loaded once, read + register + write);
+* batch mode per pair (``vtn-register --pairs``, model loaded once, read + register + write),
+  without and with ``--refine N`` (``--refine``, default 60: the instance optimisation);
 * one ``vtn-register`` CLI call (a fresh process: Python and TensorFlow start-up, model load);
 * ANTs SyN (``ants.registration`` + ``ants.apply_transforms`` of the labels) and elastix
   (affine + B-spline, then transformix of the labels) on the same files, once each
@@ -91,8 +92,9 @@ def measure_vtn(registrar, paths, folder, repeats):
     return parts, _median(network[1:])
 
 
-def measure_batch(args, model, paths, folder, pairs=3):
-    """Seconds per pair of ``vtn-register --pairs`` (one process, model loaded once), excluding start-up."""
+def measure_batch(args, model, paths, folder, pairs=3, refine=None):
+    """Seconds per pair of ``vtn-register --pairs`` (one process, model loaded once), excluding start-up;
+    ``refine``: a `vtn_tf.refine.RefineSettings` (``--refine``) or None."""
     from vtn_tf import batch, registration
 
     csv_path = os.path.join(folder, "pairs.csv")
@@ -100,7 +102,7 @@ def measure_batch(args, model, paths, folder, pairs=3):
         stream.write("fixed,moving,out,moving_labels\n")
         for k in range(pairs):
             stream.write(f"{paths[0]},{paths[1]},{os.path.join(folder, f'batch{k}')},{paths[2]}\n")
-    registrar = registration.Registrar(model, log=lambda *_: None)
+    registrar = registration.Registrar(model, log=lambda *_: None, refine=refine)
     batch.run(registrar, batch.read_pairs(csv_path)[:1], overwrite=True, stream=open(os.devnull, "w"))  # warm-up
     start = time.perf_counter()
     batch.run(registrar, batch.read_pairs(csv_path), overwrite=True, stream=open(os.devnull, "w"))
@@ -136,6 +138,8 @@ def main():
     parser.add_argument("--model", help="run directory (default: an untrained ADD, width 0.5, 64^3)")
     parser.add_argument("--sizes", nargs="+", default=["lpba40", "256"], choices=["lpba40", "256"])
     parser.add_argument("--no-classical", action="store_true", help="skip ANTs SyN and elastix")
+    parser.add_argument("--refine", type=int, default=60,
+                        help="also time batch mode with --refine N (default 60, the make targets'; 0: skip)")
     args = parser.parse_args()
     if not (data_dir() / "lpba40").is_dir():
         print(f"LPBA40 not found under {data_dir()} (set VTN_DATA): nothing to measure")
@@ -155,18 +159,27 @@ def main():
             parts, network = measure_vtn(registrar, paths, folder, repeats)
             core = sum(parts[key] for key in ("preprocess", "network", "field", "resample"))
             per_pair = measure_batch(args, model, paths, folder, 1 if args.quick else 3)
+            refined = None
+            if args.refine:
+                from vtn_tf.refine import RefineSettings
+
+                refined = measure_batch(args, model, paths, folder, 1 if args.quick else 3,
+                                        RefineSettings(steps=args.refine))
             cli = measure_cli(model, paths, folder)
             classical = {} if args.no_classical or args.quick else {
                 name: measure_classical(name, paths) for name in ("ants", "elastix")}
             rows.append([shape] + [format_seconds(parts[key]) for key in
                                    ("read", "preprocess", "network", "field", "resample", "write")]
                         + [format_seconds(core), format_seconds(network), ratio(core, network),
-                           format_seconds(per_pair), format_seconds(cli)]
+                           format_seconds(per_pair), format_seconds(refined) if refined else "n/a",
+                           format_seconds(cli)]
                         + [format_seconds(classical[n]) if classical.get(n) else "n/a" for n in ("ants", "elastix")]
-                        + [ratio(classical[n], per_pair) if classical.get(n) else "n/a" for n in ("ants", "elastix")])
+                        + [ratio(classical[n], per_pair) if classical.get(n) else "n/a" for n in ("ants", "elastix")]
+                        + [ratio(classical["ants"], refined) if refined and classical.get("ants") else "n/a"])
         print_table(["fixed grid", "read", "preprocess", "network", "field", "resample", "write",
                      "register_volumes", "network alone", "register / network", "batch, per pair",
-                     "one CLI call", "ANTs SyN", "elastix", "ANTs / batch", "elastix / batch"], rows)
+                     f"batch + refine {args.refine}, per pair", "one CLI call", "ANTs SyN", "elastix",
+                     "ANTs / batch", "elastix / batch", "ANTs / (batch + refine)"], rows)
 
 
 if __name__ == "__main__":
