@@ -151,3 +151,13 @@ def test_folding_penalty_unfolds_a_folded_start():
         folded[weight] = np.mean(metrics.forward_jacobian_determinant(flow.numpy()) <= 0)
     assert folded[0.0] == pytest.approx(before)
     assert folded[1.0] < 0.2 * before, folded
+
+
+def test_refinement_is_deterministic_on_the_cpu():
+    shape = (21, 18, 16)
+    fixed, moving = blobs(shape, 5), blobs(shape, 6)
+    settings = refine.RefineSettings(steps=20, resolution=(0.25, 0.5))
+    runs = [refine.refine_field(fixed, np.eye(4), moving, np.eye(4), np.zeros(shape + (3,), np.float32), settings,
+                                log=lambda *_: None)[0].numpy() for _ in range(2)]
+    assert np.abs(runs[0]).max() > 0.01
+    np.testing.assert_array_equal(runs[0], runs[1])
