@@ -173,9 +173,14 @@ def total_variation_loss(flow):
     terms = []
     for axis in (1, 2, 3):
         n = flow.shape[axis]
-        diff = (flow[(slice(None),) * axis + (slice(1, n),)]
-                - flow[(slice(None),) * axis + (slice(0, n - 1),)])  # slices: a gradient without scatters
-        terms.append(tf.reduce_mean(tf.reduce_sum(tf.square(diff), -1), [1, 2, 3]))
+        inside = [1] * 5
+        inside[axis] = n
+        inside = tf.constant((np.arange(n) < n - 1).astype(np.float32).reshape(inside))  # no forward neighbour
+        # A roll and a mask: its gradient is a roll back, 4x faster than gathers or slices in
+        # graph mode (training) and not far behind slices under XLA (instance optimisation).
+        diff = (tf.roll(flow, -1, axis) - flow) * inside
+        count = float(np.prod(flow.shape[1:4]) // n * (n - 1))
+        terms.append(tf.reduce_sum(tf.square(diff), [1, 2, 3, 4]) / count)
     return tf.add_n(terms) / 3.0
 
 
