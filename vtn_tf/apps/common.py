@@ -65,7 +65,7 @@ def define_refine_flags():
                       "several, coarse to fine (e.g. 0.25,0.33,0.5: --refine steps on each); auto = 1.5, 1 and "
                       "0.75 times the network grid's spacing, never finer than the fixed grid")
     flags.DEFINE_float("refine_rate", 0.3, "Adam learning rate, voxels of the fixed grid per step")
-    flags.DEFINE_float("refine_smoothness", 1.0, "weight of the smoothness term during refinement")
+    flags.DEFINE_float("refine_smoothness", 2.0, "weight of the smoothness term during refinement")
     flags.DEFINE_float("refine_folding", 0.0, "weight of the penalty on negative Jacobian determinants during "
                        "refinement (0 = none)")
     flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (5^3 windows) "
