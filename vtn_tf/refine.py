@@ -209,8 +209,9 @@ _adam_steps = tf.function(_adam_steps_eager, jit_compile=True)  # one trace per 
 def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print):
     """Optimise ``flow_voxels`` on the pair; returns ``(refined [X, Y, Z, 3] tf float32, history)``.
 
-    Coarse to fine: ``settings.steps`` Adam steps on each grid of ``settings.levels`` (Adam
-    restarts on each; the change found on a coarser grid is interpolated onto the next).
+    Coarse to fine: ``settings.steps`` Adam steps on each level of ``settings.resolution``
+    (explicit: :meth:`RefineSettings.resolved`); Adam restarts on each, and the change found
+    on a coarser grid is interpolated onto the next.
 
     Args:
       fixed: ``[X, Y, Z]`` normalised fixed image (the network's intensities), grid ``F``.
@@ -247,10 +248,9 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
             u = start + spatial.sample(change[None], _points(np.linalg.inv(coarse_to_fine(previous)) @ to_fine,
                                                              _grid(shape))[None], "linear", "clamp")[0]
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
+        weights = [float(settings.smoothness)] + ([float(settings.folding)] if settings.folding else [])
         arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, matrix,
-                     tf.constant(float(factor)), tf.constant([float(settings.smoothness)] + ([float(settings.folding)] if settings.folding else [])),
-                     settings.similarity,
-                     int(settings.ncc_window))
+                     tf.constant(float(factor)), tf.constant(weights), settings.similarity, int(settings.ncc_window))
         first = float(_loss(u, *arguments[1:]))
         history.append((done, first, time.perf_counter() - began))
         level_done, chunk = 0, 10
@@ -269,8 +269,8 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
         change, previous = u - start, factor
     if change is None:
         return flow, history
-    upsampled = spatial.sample(change[None], _points(np.linalg.inv(coarse_to_fine(previous)), _grid(flow.shape[:3]))[None],
-                               "linear", "clamp")[0]
+    to_coarse = _points(np.linalg.inv(coarse_to_fine(previous)), _grid(flow.shape[:3]))
+    upsampled = spatial.sample(change[None], to_coarse[None], "linear", "clamp")[0]
     log(f"refined {done} steps in {time.perf_counter() - began:.1f} s: {'; '.join(summary)}; largest change "
         f"{float(tf.reduce_max(tf.norm(upsampled, axis=-1))):.2f} voxels")
     return flow + upsampled, history
