@@ -198,7 +198,9 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
 
 def _levels(refine):
     if refine.resolution == "auto":
-        return "levels at 1.5, 1 and 0.75 network voxels"
+        from vtn_tf.refine import AUTO_LEVELS
+
+        return f"levels at {', '.join(f'{c:g}' for c in AUTO_LEVELS)} network voxels"
     return "levels " + ", ".join(f"1/{f}" for f in refine.factors)
 
 

@@ -86,7 +86,7 @@ class RefineSettings:
             raise ValueError(f"refine similarity must be one of {SIMILARITIES}; got {self.similarity!r}")
         if self.resolution == "auto":
             return
-        levels = self.resolution if isinstance(self.resolution, (tuple, list)) else (self.resolution,)
+        levels = self._levels()
         if not levels or any(not 0.0 < float(r) <= 1.0 for r in levels):
             raise ValueError(f"refine resolution must be in (0, 1]; got {self.resolution}")
         if any(float(a) > float(b) for a, b in zip(levels, levels[1:])):
@@ -94,6 +94,10 @@ class RefineSettings:
         if float(self.learning_rate) <= 0 or float(self.smoothness) < 0 or float(self.folding) < 0:
             raise ValueError("refine learning rate must be positive, smoothness and folding weights non-negative")
         losses.check_ncc_window(self.ncc_window)
+
+    def _levels(self):
+        """The explicit resolutions as a tuple (one number counts as one level)."""
+        return tuple(self.resolution) if isinstance(self.resolution, (tuple, list)) else (self.resolution,)
 
     def resolved(self, network_spacing):
         """These settings with ``"auto"`` levels made explicit.
@@ -113,8 +117,7 @@ class RefineSettings:
         """The coarsening factor of each level, coarse to fine (``round(1 / resolution)``)."""
         if self.resolution == "auto":
             raise ValueError("refine resolution 'auto' needs the network grid: RefineSettings.resolved")
-        levels = self.resolution if isinstance(self.resolution, (tuple, list)) else (self.resolution,)
-        return tuple(max(1, int(round(1.0 / float(r)))) for r in levels)
+        return tuple(max(1, int(round(1.0 / float(r)))) for r in self._levels())
 
 
 def coarsen(data, factor):
@@ -239,7 +242,7 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
         if settings.similarity == "ncc":
             fixed_image = losses.local_ncc_fixed_statistics(fixed_image, int(settings.ncc_window))
         # L index -> moving_low index: L -> F -> world -> M -> moving_low
-        matrix = np.linalg.inv(coarse_to_fine(factor)) @ np.linalg.inv(moving_affine) @ fixed_affine
+        matrix = np.linalg.inv(to_fine) @ np.linalg.inv(moving_affine) @ fixed_affine
         matrix = tf.constant(matrix[:3], tf.float32)
         grid_fine = _points(to_fine, _grid(shape))  # [L..., 3] fixed indices of L's voxels
         start = spatial.sample(flow[None], grid_fine[None], "linear", "clamp")[0]

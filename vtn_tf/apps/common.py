@@ -84,14 +84,14 @@ def refine_settings():
 
     try:
         try:
-            resolution = ("auto",) if list(values.refine_resolution) == ["auto"] else tuple(
+            resolution = "auto" if list(values.refine_resolution) == ["auto"] else tuple(
                 float(r) for r in values.refine_resolution)
         except ValueError:
             raise ValueError(f"--refine_resolution takes numbers; got {','.join(values.refine_resolution)}") from None
         return RefineSettings(steps=values.refine, seconds=values.refine_seconds, learning_rate=values.refine_rate,
                               similarity=values.refine_similarity, smoothness=values.refine_smoothness,
                               folding=values.refine_folding,
-                              resolution=resolution if len(resolution) > 1 else resolution[0])
+                              resolution=resolution)
     except ValueError as error:
         raise InputError(f"--refine options: {error}") from None
 
