@@ -180,7 +180,7 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
               f"{f', moved by random {misalign} transforms in their headers' if misalign else ''}\n\n"
               "Scored on the fixed image's native grid; folding with forward differences. "
               f"VTN: init {init} + {init_steps} affine search steps, "
-              f"{passes} pass(es){f', refine {refine.steps} steps per level ({_levels(refine)})' if refine else ''}; "
+              f"{passes} pass(es){_refinement(refine)}; "
               f"ANTs SyN (antspyx defaults) and elastix (affine + B-spline) on the same files, "
               f"{baselines.THREADS} threads.")
     extra = COLUMNS_EXTRA + (INVERSE_COLUMNS if inverse else ())
@@ -194,6 +194,15 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
                     f"inverse consistency inside the fixed labels: RMS {np.mean([r['inverse_rms_mm'] for r in mine]):.3f} mm, "
                     f"p95 {np.mean([r['inverse_p95_mm'] for r in mine]):.3f} mm (mean over pairs)\n")
     return rows, summary
+
+
+def _refinement(refine):
+    """The header's words for the refinement settings ('' without)."""
+    if refine is None:
+        return ""
+    words = f", network fine-tuned {refine.network_steps} steps at rate {refine.network_rate:g}" \
+        if refine.network_steps else ""
+    return words + (f", refine {refine.steps} steps per level ({_levels(refine)})" if refine.steps else "")
 
 
 def _levels(refine):

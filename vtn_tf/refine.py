@@ -27,6 +27,7 @@ units; ``D`` forward differences, the folding measure of the results). Determini
 CPU (no scatter ops).
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -66,6 +67,9 @@ class RefineSettings:
         levels at :data:`AUTO_LEVELS` times the network grid's spacing, never finer than
         ``F`` (:meth:`resolved`; on 1 mm LPBA40 brains and a 64^3 network grid: 1/4, 1/3,
         1/2; on 1 mm 64^3 crops with a 64^3 network grid: 1/2, 1).
+      network_steps: Adam steps fine-tuning the network's weights on the pair before its
+        field is taken (:func:`finetuned`, uniGradICON's instance optimisation; 0: none).
+      network_rate: Adam's rate for those steps.
     """
 
     steps: int = 60
@@ -76,10 +80,15 @@ class RefineSettings:
     smoothness: float = 2.0
     folding: float = 0.0
     resolution: float | tuple | str = "auto"
+    network_steps: int = 0
+    network_rate: float = 1e-4
 
     def __post_init__(self):
         if int(self.steps) < 0:
             raise ValueError(f"refine steps must be >= 0; got {self.steps}")
+        if int(self.network_steps) < 0 or float(self.network_rate) <= 0:
+            raise ValueError(f"network fine-tuning needs steps >= 0 and a positive rate; got "
+                             f"{self.network_steps} steps at {self.network_rate}")
         if self.seconds is not None and float(self.seconds) <= 0:
             raise ValueError(f"refine seconds must be positive; got {self.seconds}")
         if self.similarity not in SIMILARITIES:
@@ -279,10 +288,67 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
     return flow + upsampled, history
 
 
-def _progress(log, done, total, loss):
+_FINETUNE_STEPS = {}  # id(model) -> (optimizer, compiled step): traced once per model and grid
+
+
+def _finetune_step(model):
+    """The compiled fine-tuning step of ``model`` and its optimizer (built once, reused)."""
+    import keras
+
+    key = id(model)
+    if key not in _FINETUNE_STEPS:
+        optimizer = keras.optimizers.Adam(1e-4)
+
+        @tf.function
+        def step(fixed, moving, rate):
+            optimizer.learning_rate.assign(rate)
+            with tf.GradientTape() as tape:
+                loss = model.loss_terms(fixed, moving, training=False)["loss"]
+            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            return loss
+
+        _FINETUNE_STEPS[key] = (optimizer, step)
+    return _FINETUNE_STEPS[key]
+
+
+@contextlib.contextmanager
+def finetuned(model, fixed, moving, steps, learning_rate, log=print):
+    """Within the block, ``model``'s weights are fine-tuned on one pair; restored on leaving.
+
+    ``steps`` Adam steps (rate ``learning_rate``, fresh moments) on the model's own training
+    loss (`vtn_tf.model.VTN.loss_terms`: similarity, smoothness, the invertibility term when
+    the model was trained with it) of ``fixed`` and ``moving``, ``[1, X, Y, Z, 1]`` on the
+    network grid: uniGradICON's instance optimisation. The weights return to their loaded
+    values when the block ends, error or not, so the next pair starts from the trained model.
+    """
+    if steps <= 0:
+        yield model
+        return
+    saved = [variable.numpy() for variable in model.trainable_variables]
+    optimizer, step = _finetune_step(model)
+    fixed = tf.constant(np.asarray(fixed, np.float32))
+    moving = tf.constant(np.asarray(moving, np.float32))
+    try:
+        began, first = time.perf_counter(), None
+        for k in range(int(steps)):
+            loss = float(step(fixed, moving, tf.constant(float(learning_rate))))
+            first = loss if first is None else first
+            if (k + 1) % 10 == 0 or k + 1 == steps:
+                _progress(log, k + 1, int(steps), loss, "fine-tune")
+        log(f"fine-tuned the network {steps} steps in {time.perf_counter() - began:.1f} s: training loss "
+            f"{first:.4f} -> {loss:.4f}")
+        yield model
+    finally:
+        for variable, value in zip(model.trainable_variables, saved):
+            variable.assign(value)
+        for variable in optimizer.variables:  # fresh moments and step count for the next pair
+            variable.assign(tf.zeros_like(variable))
+
+
+def _progress(log, done, total, loss, name="refine"):
     width = 20
     filled = int(math.floor(width * done / max(total, 1)))
-    log(f"refine [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.4f}")
+    log(f"{name} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.4f}")
 
 
 # --- The affine search after the initialiser ------------------------------------------------

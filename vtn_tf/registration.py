@@ -106,6 +106,7 @@ moved there together, so an error leaves nothing behind, and existing outputs ar
 unless ``overwrite``.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -538,11 +539,19 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
 
     begin = time.perf_counter()
     inputs = (fixed_net[None, ..., None], moving_net[None, ..., None])
-    if passes > 1:
-        out = model.register(*inputs, passes=passes)
-    else:
-        out = model({"fixed": inputs[0], "moving": inputs[1]})
-    network_flow = np.asarray(out["flow"])[0]
+    with contextlib.ExitStack() as weights:
+        if refine is not None and refine.network_steps:
+            from vtn_tf import refine as refine_lib
+
+            weights.enter_context(refine_lib.finetuned(model, *inputs, refine.network_steps, refine.network_rate,
+                                                       log))
+            seconds["fine-tune"] = time.perf_counter() - begin
+            begin = time.perf_counter()
+        if passes > 1:
+            out = model.register(*inputs, passes=passes)
+        else:
+            out = model({"fixed": inputs[0], "moving": inputs[1]})
+        network_flow = np.asarray(out["flow"])[0]
     seconds["network"] = time.perf_counter() - begin
 
     begin = time.perf_counter()

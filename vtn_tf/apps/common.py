@@ -68,6 +68,10 @@ def define_refine_flags():
     flags.DEFINE_float("refine_smoothness", 2.0, "weight of the smoothness term during refinement")
     flags.DEFINE_float("refine_folding", 0.0, "weight of the penalty on negative Jacobian determinants during "
                        "refinement (0 = none)")
+    flags.DEFINE_integer("refine_network", 0, "fine-tune the network's weights on the pair for this many Adam "
+                         "steps (its training loss, on the network grid) before taking its field; the weights "
+                         "return to the trained ones for the next pair (0 = off)", lower_bound=0)
+    flags.DEFINE_float("refine_network_rate", 1e-4, "Adam learning rate of --refine_network")
     flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (5^3 windows) "
                       "or global correlation")
 
@@ -77,7 +81,7 @@ def refine_settings():
     from absl import flags
 
     values = flags.FLAGS
-    if not values.refine:
+    if not values.refine and not values.refine_network:
         return None
     from vtn_tf.io import InputError
     from vtn_tf.refine import RefineSettings
@@ -90,8 +94,8 @@ def refine_settings():
             raise ValueError(f"--refine_resolution takes numbers; got {','.join(values.refine_resolution)}") from None
         return RefineSettings(steps=values.refine, seconds=values.refine_seconds, learning_rate=values.refine_rate,
                               similarity=values.refine_similarity, smoothness=values.refine_smoothness,
-                              folding=values.refine_folding,
-                              resolution=resolution)
+                              folding=values.refine_folding, resolution=resolution,
+                              network_steps=values.refine_network, network_rate=values.refine_network_rate)
     except ValueError as error:
         raise InputError(f"--refine options: {error}") from None
 
