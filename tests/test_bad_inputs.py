@@ -507,3 +507,23 @@ def test_export_refuses(case, export_results, world):
     check_refusal(export_results, EXPORT_CASES, case, "vtn-export")
     assert not (world / "exports").exists()
     assert bad.snapshot(world / "existing_export") == {"keep.txt": b"mine"}
+
+
+def test_native_evaluation_names_an_unknown_or_empty_split(tmp_path):
+    import nibabel as nib
+
+    from vtn_tf import io, native_evaluation
+
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    subjects = [{"id": n, "image": f"{n}.nii.gz", "labels": None, "landmarks": None} for n in ("a", "b")]
+    manifest = {"format": io.MANIFEST_FORMAT, "name": "toy", "modality": "mri", "grid": [4, 4, 4],
+                "label_values": [1], "subjects": subjects, "splits": {"train": ["a", "b"], "evaluation": ["a"]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(io.InputError, match=r"no split 'training'.*train, evaluation"):
+        native_evaluation.run(tmp_path, tmp_path / "out.csv", ("identity",), split="training",
+                              protocol="consecutive")
+    with pytest.raises(io.InputError, match=r"split 'evaluation' .* gives no consecutive pairs"):
+        native_evaluation.run(tmp_path, tmp_path / "out.csv", ("identity",), split="evaluation",
+                              protocol="consecutive")
+    assert not (tmp_path / "out.csv").exists()

@@ -134,17 +134,23 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
     names = evaluation.parse_methods(methods if isinstance(methods, str) else ",".join(methods))
     if misalign not in (None,) + MISALIGN_MODES:
         raise io.InputError(f"misalign must be one of {', '.join(MISALIGN_MODES)}; got {misalign!r}")
+    where = os.fspath(manifest)
     manifest = io.load_manifest(manifest)
     entries = {s["id"]: s for s in manifest["subjects"]}
-    ids = sorted(manifest["splits"].get(split) or [])
+    if split not in manifest["splits"]:
+        raise io.InputError(f"manifest {where} has no split {split!r}; its splits: "
+                            f"{', '.join(manifest['splits'])}")
+    ids = sorted(manifest["splits"][split])
     atlas = atlas or manifest.get("atlas")
     pairs = data.evaluation_pairs(ids, protocol, atlas=atlas, max_pairs=max_pairs)
+    if not pairs:
+        raise io.InputError(f"split {split!r} of manifest {where} gives no {protocol} pairs")
     for subject in {i for pair in pairs for i in pair}:
         source = entries[subject].get("source") or {}
         for key in ("image", "labels"):
             if not source.get(key) or not os.path.isfile(source[key]):
                 raise io.InputError(f"subject {subject}: original {key} file {source.get(key)} of manifest "
-                                    f"{manifest['path']} is missing; --native needs the original scans")
+                                    f"{where} is missing; --native needs the original scans")
     registrar = None
     if "vtn" in names:
         registrar = registration.Registrar(model_dir, precision, passes, init, refine, "auto", lambda *_: None,
