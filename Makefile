@@ -158,7 +158,7 @@ native-tables:
 	@mkdir -p results
 	$(native_eval) --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native.csv
 	$(native_eval) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-refine.csv
-	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
+	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn$(comma)identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
 	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-misaligned-refine.csv)
 
 evaluate-brain: install $(PREPARED)/lpba40-64/manifest.json
