@@ -146,9 +146,9 @@ def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, 
                 "xla_warp": bool(xla), "passes": int(passes), "network_precision": precision,
                 "preprocessing": contract,
                 "preprocessing_note": "inputs are prepared as vtn_tf.preprocess does with this contract "
-                                      "(crop box, grid, intensity map); the initial alignment, refinement (--refine and "
-                                      "--refine_network fine-tuning) "
-                                      "and native-resolution resampling run outside the served graph"}
+                                      "(crop box, grid, intensity map); the initial alignment, refinement "
+                                      "(--refine, --refine_network) and native-resolution resampling run "
+                                      "outside the served graph"}
     out = save_serving(model, image_shape, out, metadata, overwrite, xla, passes)
     shape = ", ".join(map(str, image_shape))
     log(f"exported {run_dir} ({checkpoint}, spec {model.spec}) to {out}: signature {SIGNATURE!r}, "

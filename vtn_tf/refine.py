@@ -288,7 +288,9 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
     return flow + upsampled, history
 
 
-_FINETUNE_STEPS = {}  # id(model) -> (optimizer, compiled step): traced once per model and grid
+# id(model) -> (optimizer, compiled step), for the life of the process (the step holds the model, so
+# the id stays its own): traced once per model and network grid, reused by every pair of a batch.
+_FINETUNE_STEPS = {}
 
 
 def _finetune_step(model):

@@ -407,8 +407,8 @@ class Result:
     ``flow_voxels``: ``[X, Y, Z, 3]`` float32 numpy; ``warped``: ``[X, Y, Z]`` float32;
     ``warped_labels``: list of ``[X, Y, Z]`` integer arrays; ``affine``: dict
     (:func:`affine_description`); ``network_flow``: ``[Xn, Yn, Zn, 3]`` network voxels;
-    ``seconds``: wall clock per part (``preprocess``, ``network``, ``field``, ``refine``,
-    ``resample``).
+    ``seconds``: wall clock per part (``preprocess``, ``fine-tune`` with
+    ``refine.network_steps``, ``network``, ``field``, ``refine``, ``resample``).
     """
 
     flow_voxels: np.ndarray
