@@ -14,10 +14,12 @@ def blobs(shape, seed):
     return ((noise - noise.min()) / (noise.max() - noise.min())).astype(np.float32)
 
 
-@pytest.mark.parametrize("resolution", [0.5, (0.25, 0.5)], ids=["one-level", "coarse-to-fine"])
-def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution):
-    shape = (40, 36, 32)
-    fixed = blobs(shape, 0)
+@pytest.mark.parametrize("resolution,pad", [(0.5, 0), ((0.25, 0.5), 0), ((0.25, 0.5), 9)],
+                         ids=["one-level", "coarse-to-fine", "in-a-background"])
+def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution, pad):
+    # pad: the textured volume sits in a zero background this wide, which the refinement crops
+    fixed = np.pad(blobs((40, 36, 32), 0), pad)
+    shape = fixed.shape
     # The moving image is the fixed one pulled through a known smooth displacement (scipy).
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
     true = np.stack([2.0 * np.sin(grid[..., 1] / 7.0), 1.5 * np.cos(grid[..., 2] / 6.0),
@@ -28,9 +30,13 @@ def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution):
     labels_moving = (moving > 0.55).astype(np.int32)
     start = np.zeros(shape + (3,), np.float32)
     settings = refine.RefineSettings(steps=80, learning_rate=0.1, resolution=resolution, smoothness=1.0)
-    refined, history = refine.refine_field(fixed, np.eye(4), moving, np.eye(4), start, settings, log=lambda *_: None)
+    lines = []
+    refined, history = refine.refine_field(fixed, np.eye(4), moving, np.eye(4), start, settings, log=lines.append)
     refined = refined.numpy()
     assert history[-1][0] == 80 * len(settings.factors)
+    # the finest level's grid: the foreground box (40x36x32 widened by 4 + 1 voxels), halved
+    box = [min(n + 2 * 5, n + 2 * pad) if pad else n for n in (40, 36, 32)]
+    assert f"1/2 ({'x'.join(str(-(-n // 2)) for n in box)})" in lines[-1], lines[-1]
     if len(settings.factors) == 1:  # the loss went down (levels' losses are on different grids)
         assert history[-1][1] < history[0][1] - 0.05
     def overlap(flow):
@@ -39,9 +45,29 @@ def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution):
     before, after = overlap(start), overlap(refined)
     assert after > before + 0.05, (before, after)
     # The refined field moves towards the true one (error measured independently of the loss).
-    inside = (slice(6, -6),) * 3
+    inside = (slice(6 + pad, -6 - pad),) * 3
     assert np.abs(refined - true)[inside].mean() < 0.7 * np.abs(start - true)[inside].mean()
     assert np.mean(metrics.forward_jacobian_determinant(refined) <= 0) < 0.005
+
+
+def test_steps_per_level():
+    """One step count per level (ANTs' 100x70x50 schedules); a level with 0 steps is skipped."""
+    image = blobs((20, 18, 16), 5)
+    moving = np.roll(image, 1, axis=0)
+    settings = refine.RefineSettings(steps=(0, 7, 3), resolution=(0.25, 0.5, 1.0))
+    assert settings.level_steps == (0, 7, 3) and settings.active
+    lines = []
+    _, history = refine.refine_field(image, np.eye(4), moving, np.eye(4), np.zeros((20, 18, 16, 3), np.float32),
+                                     settings, log=lines.append)
+    assert history[-1][0] == 10 and "1/4" not in lines[-1] and "1/2 (10x9x8) 7 steps" in lines[-1]
+    assert "1/1 (20x18x16) 3 steps" in lines[-1]
+    assert not refine.RefineSettings(steps=(0, 0), resolution=(0.5, 1.0)).active
+    with pytest.raises(ValueError, match="2 levels"):
+        refine.RefineSettings(steps=(5, 5), resolution=(0.25, 0.5, 1.0))
+    # auto levels take the finest counts: 1/2 and 1 on 64^3 crops
+    assert refine.RefineSettings(steps=(60, 60, 20)).resolved([1.0] * 3).level_steps == (60, 20)
+    with pytest.raises(ValueError, match="auto levels"):
+        refine.RefineSettings(steps=(60,)).resolved([2.5, 3.0, 2.5])
 
 
 def test_settings_are_checked():

@@ -11,9 +11,13 @@ Grids and units:
 * ``F``: the fixed grid ``[X, Y, Z]``, affine ``A_f``. The field being refined is
   ``flow_voxels`` (`vtn_tf.registration`): ``[X, Y, Z, 3]``, voxels of ``F``, pulling; fixed
   voxel ``x`` corresponds to moving voxel ``A_m^-1 A_f (x + u(x))``.
-* ``L``: a refinement grid, ``F`` coarsened by ``factor = round(1 / resolution)`` per axis
-  with voxel cells aligned (index ``l`` sits at fixed index ``factor * l + (factor - 1) / 2``).
-  Both images are box-averaged onto ``L`` (the moving one on its own grid, coarsened the
+* ``B``: the box of ``F`` that is refined, the fixed image's foreground (normalised
+  intensity above 0) widened by the coarsest level's factor plus one voxel, low corner ``o``
+  (the whole of ``F`` for an image without background, or with ``crop=False``). Outside
+  ``B`` the change is the one at ``B``'s nearest border voxel (edge-clamped).
+* ``L``: a refinement grid, ``B`` coarsened by ``factor = round(1 / resolution)`` per axis
+  with voxel cells aligned (index ``l`` sits at fixed index ``o + factor * l + (factor - 1) / 2``).
+  Both images are box-averaged onto ``L`` (the moving one on its own whole grid, coarsened the
   same way), and the displacement is optimised there, in voxels of ``F``.
 * Levels, coarse to fine (a pyramid, as the ANTs and elastix multi-resolution schedules):
   each level starts from the network's field at its voxels plus the change the coarser
@@ -35,7 +39,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from vtn_tf import losses, spatial
+from vtn_tf import losses, preprocess, spatial
 
 SIMILARITIES = ("ncc", "cc")
 # "auto" refinement levels, coarse to fine, as multiples of the network grid's spacing, and the
@@ -52,7 +56,8 @@ class RefineSettings:
     """Options of :func:`refine_field` (the ``--refine*`` flags).
 
     Attributes:
-      steps: Adam steps (0: no refinement).
+      steps: Adam steps on each level (0: no refinement), or one count per level, coarse to
+        fine (as ANTs' ``--convergence 100x70x50x20``; as many as the levels).
       seconds: optional time budget; the optimisation stops at whichever of ``steps`` and
         ``seconds`` comes first (checked every 10 steps).
       learning_rate: Adam's rate, in voxels of the fixed grid per step.
@@ -70,9 +75,10 @@ class RefineSettings:
       network_steps: Adam steps fine-tuning the network's weights on the pair before its
         field is taken (:func:`finetuned`, uniGradICON's instance optimisation; 0: none).
       network_rate: Adam's rate for those steps.
+      crop: refine only the fixed image's foreground box ``B`` (the module's notes).
     """
 
-    steps: int = 60
+    steps: int | tuple = 60
     seconds: float | None = None
     learning_rate: float = 0.3
     similarity: str = "ncc"
@@ -82,10 +88,14 @@ class RefineSettings:
     resolution: float | tuple | str = "auto"
     network_steps: int = 0
     network_rate: float = 1e-4
+    crop: bool = True
 
     def __post_init__(self):
-        if int(self.steps) < 0:
+        counts = self.steps if isinstance(self.steps, (tuple, list)) else (self.steps,)
+        if not counts or any(int(n) < 0 for n in counts):
             raise ValueError(f"refine steps must be >= 0; got {self.steps}")
+        if isinstance(self.steps, list):
+            self.steps = tuple(int(n) for n in self.steps)
         if int(self.network_steps) < 0 or float(self.network_rate) <= 0:
             raise ValueError(f"network fine-tuning needs steps >= 0 and a positive rate; got "
                              f"{self.network_steps} steps at {self.network_rate}")
@@ -96,6 +106,9 @@ class RefineSettings:
         if self.resolution == "auto":
             return
         levels = self._levels()
+        if isinstance(self.steps, tuple) and len(self.steps) != len(levels):
+            raise ValueError(f"refine steps {'x'.join(map(str, self.steps))} name {len(self.steps)} levels; "
+                             f"the resolution {self.resolution} has {len(levels)}")
         if not levels or any(not 0.0 < float(r) <= 1.0 for r in levels):
             raise ValueError(f"refine resolution must be in (0, 1]; got {self.resolution}")
         if any(float(a) > float(b) for a, b in zip(levels, levels[1:])):
@@ -119,7 +132,26 @@ class RefineSettings:
             return self
         ratio = float(np.mean(network_spacing))
         factors = sorted({max(1, int(round(c * ratio))) for c in AUTO_LEVELS}, reverse=True)
-        return dataclasses.replace(self, resolution=tuple(1.0 / f for f in factors))
+        steps = self.steps
+        if isinstance(steps, tuple) and len(steps) != len(factors):  # counts for the finest levels
+            if len(steps) < len(factors):
+                raise ValueError(f"refine steps {'x'.join(map(str, steps))} name {len(steps)} levels; the auto "
+                                 f"levels here are {len(factors)} ({', '.join(f'1/{f}' for f in factors)})")
+            steps = steps[len(steps) - len(factors):]
+        return dataclasses.replace(self, resolution=tuple(1.0 / f for f in factors), steps=steps)
+
+    @property
+    def level_steps(self):
+        """The Adam steps of each level, coarse to fine (explicit levels only)."""
+        if isinstance(self.steps, tuple):
+            return self.steps
+        return (int(self.steps),) * len(self.factors)
+
+    @property
+    def active(self):
+        """Whether any level takes a step."""
+        counts = self.steps if isinstance(self.steps, tuple) else (self.steps,)
+        return any(int(n) > 0 for n in counts)
 
     @property
     def factors(self):
@@ -141,12 +173,21 @@ def coarsen(data, factor):
     return (total / count)[0, ..., 0]
 
 
-def coarse_to_fine(factor):
-    """4x4 map from ``L`` indices to ``F`` indices (cells aligned)."""
+def coarse_to_fine(factor, offset=(0, 0, 0)):
+    """4x4 map from ``L`` indices to ``F`` indices (cells aligned; ``L``'s first cell starts at
+    ``F`` index ``offset``)."""
     matrix = np.eye(4) * factor
     matrix[3, 3] = 1.0
-    matrix[:3, 3] = (factor - 1) / 2.0
+    matrix[:3, 3] = (factor - 1) / 2.0 + np.asarray(offset, float)
     return matrix
+
+
+def foreground_box(fixed, margin):
+    """``(low, high)`` int arrays (high exclusive): the box of the voxels of ``fixed``
+    ``[X, Y, Z]`` above 0, widened by ``margin`` voxels and clipped; the whole grid when
+    nothing or everything is above 0."""
+    box = preprocess.bounding_box(np.asarray(fixed) > 0, float(margin), (1.0, 1.0, 1.0))
+    return box if box is not None else preprocess.full_box(np.shape(fixed))
 
 
 def _grid(shape):
@@ -221,9 +262,9 @@ _adam_steps = tf.function(_adam_steps_eager, jit_compile=True)  # one trace per 
 def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print):
     """Optimise ``flow_voxels`` on the pair; returns ``(refined [X, Y, Z, 3] tf float32, history)``.
 
-    Coarse to fine: ``settings.steps`` Adam steps on each level of ``settings.resolution``
-    (explicit: :meth:`RefineSettings.resolved`); Adam restarts on each, and the change found
-    on a coarser grid is interpolated onto the next.
+    Coarse to fine: ``settings.level_steps`` Adam steps on the levels of
+    ``settings.resolution`` (explicit: :meth:`RefineSettings.resolved`); Adam restarts on each,
+    and the change found on a coarser grid is interpolated onto the next.
 
     Args:
       fixed: ``[X, Y, Z]`` normalised fixed image (the network's intensities), grid ``F``.
@@ -239,25 +280,30 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
     """
     flow = tf.convert_to_tensor(flow_voxels, tf.float32)
     began, history, done = time.perf_counter(), [], 0
-    total = int(settings.steps) * len(settings.factors)
+    total = sum(settings.level_steps)
     change, previous, summary = None, None, []
-    for factor in settings.factors:
+    fixed = np.asarray(fixed, np.float32)
+    low, high = foreground_box(fixed, max(settings.factors) + 1) if settings.crop else preprocess.full_box(fixed.shape)
+    box = fixed[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+    for factor, steps in zip(settings.factors, settings.level_steps):
+        if steps == 0:
+            continue
         if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
             break
-        to_fine = coarse_to_fine(factor)
-        fixed_image = coarsen(fixed, factor)[None, ..., None]
+        to_fine = coarse_to_fine(factor, low)
+        fixed_image = coarsen(box, factor)[None, ..., None]
         moving_image = coarsen(moving, factor)[None, ..., None]
         shape = tuple(int(n) for n in fixed_image.shape[1:4])
         if settings.similarity == "ncc":
             fixed_image = losses.local_ncc_fixed_statistics(fixed_image, int(settings.ncc_window))
-        # L index -> moving_low index: L -> F -> world -> M -> moving_low
-        matrix = np.linalg.inv(to_fine) @ np.linalg.inv(moving_affine) @ fixed_affine
+        # F index -> moving_low index: F -> world -> M -> moving_low (the moving grid coarsened from 0)
+        matrix = np.linalg.inv(coarse_to_fine(factor)) @ np.linalg.inv(moving_affine) @ fixed_affine
         matrix = tf.constant(matrix[:3], tf.float32)
         grid_fine = _points(to_fine, _grid(shape))  # [L..., 3] fixed indices of L's voxels
         start = spatial.sample(flow[None], grid_fine[None], "linear", "clamp")[0]
         u = start
         if change is not None:  # the coarser level's change, at this level's voxels
-            u = start + spatial.sample(change[None], _points(np.linalg.inv(coarse_to_fine(previous)) @ to_fine,
+            u = start + spatial.sample(change[None], _points(np.linalg.inv(coarse_to_fine(previous, low)) @ to_fine,
                                                              _grid(shape))[None], "linear", "clamp")[0]
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
         weights = [float(settings.smoothness)] + ([float(settings.folding)] if settings.folding else [])
@@ -266,10 +312,10 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
         first = float(_loss(u, *arguments[1:]))
         history.append((done, first, time.perf_counter() - began))
         level_done, chunk = 0, 10
-        while level_done < int(settings.steps):
+        while level_done < steps:
             if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
                 break
-            count = min(chunk, int(settings.steps) - level_done)
+            count = min(chunk, steps - level_done)
             u, m, v, t, loss = _adam_steps(u, m, v, t, tf.constant(count), *arguments)
             level_done += count
             done += count
@@ -281,7 +327,7 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
         change, previous = u - start, factor
     if change is None:
         return flow, history
-    to_coarse = _points(np.linalg.inv(coarse_to_fine(previous)), _grid(flow.shape[:3]))
+    to_coarse = _points(np.linalg.inv(coarse_to_fine(previous, low)), _grid(flow.shape[:3]))
     upsampled = spatial.sample(change[None], to_coarse[None], "linear", "clamp")[0]
     log(f"refined {done} steps in {time.perf_counter() - began:.1f} s: {'; '.join(summary)}; largest change "
         f"{float(tf.reduce_max(tf.norm(upsampled, axis=-1))):.2f} voxels")

@@ -559,7 +559,7 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
     flow = network_flow_on_fixed(network_flow, G, fixed.data.shape, K)
     seconds["field"] = time.perf_counter() - begin
     refine_log = []
-    if refine is not None and refine.steps != 0:
+    if refine is not None and refine.active:
         from vtn_tf import refine as refine_lib
 
         begin = time.perf_counter()
