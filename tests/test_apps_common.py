@@ -38,3 +38,13 @@ def test_verbose_keeps_the_traceback_of_user_errors():
     with pytest.raises(InputError):
         with user_errors("vtn-tool", verbose=True):
             raise InputError("labels l.nii.gz has 3 non-integer values")
+
+
+def test_refine_steps_take_a_count_or_one_per_level():
+    from vtn_tf.apps.common import refine_steps
+
+    assert refine_steps("60") == 60 and refine_steps("0") == 0
+    assert refine_steps("60x60x60x20") == (60, 60, 60, 20) and refine_steps("100,50") == (100, 50)
+    for text in ("ten", "60x", "-5", "60x-1"):
+        with pytest.raises(InputError, match="--refine"):
+            refine_steps(text)

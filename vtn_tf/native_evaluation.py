@@ -208,7 +208,10 @@ def _refinement(refine):
         return ""
     words = f", network fine-tuned {refine.network_steps} steps at rate {refine.network_rate:g}" \
         if refine.network_steps else ""
-    return words + (f", refine {refine.steps} steps per level ({_levels(refine)})" if refine.steps else "")
+    if not refine.active:
+        return words
+    steps = "x".join(map(str, refine.steps)) if isinstance(refine.steps, tuple) else f"{refine.steps} per level"
+    return words + f", refine {steps} steps ({_levels(refine)}{'' if refine.crop else ', whole grid'})"
 
 
 def _levels(refine):

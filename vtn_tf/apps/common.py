@@ -57,8 +57,10 @@ def define_refine_flags():
                          "the network grid, as the ANTs and elastix affine stages; 0 = the initialiser alone; "
                          "not run with --init none)",
                          lower_bound=0)
-    flags.DEFINE_integer("refine", 0, "instance optimisation: Adam steps on the pair after the network, on "
-                         "each level of --refine_resolution (0 = off; 60 is the measured choice)", lower_bound=0)
+    flags.DEFINE_string("refine", "0", "instance optimisation: Adam steps on the pair after the network, on "
+                        "each level of --refine_resolution, or one count per level, coarse to fine, as ANTs' "
+                        "convergence schedules (e.g. 60x60x60x20; with auto levels the last counts go to the "
+                        "finest levels); 0 = off, 60 is the measured choice")
     flags.DEFINE_float("refine_seconds", None, "time budget for --refine in seconds (stops at whichever "
                        "of steps and seconds comes first)")
     flags.DEFINE_list("refine_resolution", ["auto"], "refinement grid as a fraction of the fixed grid per axis, or "
@@ -76,12 +78,26 @@ def define_refine_flags():
                       "or global correlation")
 
 
+def refine_steps(text):
+    """``--refine``'s steps: ``"60"`` -> 60 (on every level), ``"60x60x20"`` -> (60, 60, 20)."""
+    from vtn_tf.io import InputError
+
+    try:
+        counts = tuple(int(part) for part in str(text).replace(",", "x").split("x"))
+    except ValueError:
+        raise InputError(f"--refine takes a step count or counts per level such as 60x60x20; got {text!r}") from None
+    if any(n < 0 for n in counts):
+        raise InputError(f"--refine steps must be >= 0; got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def refine_settings():
     """The :class:`vtn_tf.refine.RefineSettings` of the flags, or None without ``--refine``."""
     from absl import flags
 
     values = flags.FLAGS
-    if not values.refine and not values.refine_network:
+    steps = refine_steps(values.refine)
+    if not any(steps if isinstance(steps, tuple) else (steps,)) and not values.refine_network:
         return None
     from vtn_tf.io import InputError
     from vtn_tf.refine import RefineSettings
@@ -92,7 +108,7 @@ def refine_settings():
                 float(r) for r in values.refine_resolution)
         except ValueError:
             raise ValueError(f"--refine_resolution takes numbers; got {','.join(values.refine_resolution)}") from None
-        return RefineSettings(steps=values.refine, seconds=values.refine_seconds, learning_rate=values.refine_rate,
+        return RefineSettings(steps=steps, seconds=values.refine_seconds, learning_rate=values.refine_rate,
                               similarity=values.refine_similarity, smoothness=values.refine_smoothness,
                               folding=values.refine_folding, resolution=resolution,
                               network_steps=values.refine_network, network_rate=values.refine_network_rate)

@@ -94,7 +94,7 @@ def evaluate():
             inverse=FLAGS.inverse, init_steps=FLAGS.init_steps)
         print(summary, end="")
         return
-    if FLAGS.misalign or FLAGS.refine or FLAGS.inverse:
+    if FLAGS.misalign or refine_settings() is not None or FLAGS.inverse:
         raise InputError("--misalign, --refine and --inverse need --native (the original files)")
     _, summary = evaluation.run_protocol(
         FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
