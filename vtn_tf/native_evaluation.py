@@ -210,8 +210,9 @@ def _refinement(refine):
         if refine.network_steps else ""
     if not refine.active:
         return words
-    steps = "x".join(map(str, refine.steps)) if isinstance(refine.steps, tuple) else f"{refine.steps} per level"
-    return words + f", refine {steps} steps ({_levels(refine)}{'' if refine.crop else ', whole grid'})"
+    steps = "x".join(map(str, refine.steps)) + " steps" if isinstance(refine.steps, tuple) \
+        else f"{refine.steps} steps per level"
+    return words + f", refine {steps} ({_levels(refine)}{'' if refine.crop else ', whole grid'})"
 
 
 def _levels(refine):
