@@ -130,7 +130,8 @@ accuracy-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 	  --protocol consecutive --passes 5 --methods vtn,identity,$(ACCURACY_BASELINES) \
 	  --out results/hippocampus-accuracy.csv --overwrite
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-accuracy NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
-	  NATIVE_NAME=hippocampus-accuracy NATIVE_PROTOCOL="--protocol consecutive" NATIVE_PASSES=5 NATIVE_MISALIGN=
+	  NATIVE_NAME=hippocampus-accuracy NATIVE_PROTOCOL="--protocol consecutive" NATIVE_PASSES=5 NATIVE_MISALIGN= \
+	  REFINE_FULL=
 
 accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-accuracy.json --run_dir $(RUNS)/brain-accuracy $(SET)
@@ -152,14 +153,19 @@ NATIVE_PASSES ?= 1
 NATIVE_BASELINES ?= ants,elastix
 NATIVE_MISALIGN ?= rigid
 REFINE_STEPS ?= 60
+# A second refinement table, the schedule with a last level at full resolution (slower, higher
+# Dice); empty: none (the hippocampus crops' default levels already end at full resolution).
+REFINE_FULL ?= --refine 60x60x60x20 --refine_resolution 0.25,0.33,0.5,1 --refine_smoothness 1
 native_eval = $(PYTHON) -m vtn_tf.apps.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
 	  $(NATIVE_PROTOCOL) --passes $(NATIVE_PASSES) --overwrite
 native-tables:
 	@mkdir -p results
 	$(native_eval) --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native.csv
 	$(native_eval) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-refine.csv
+	$(if $(REFINE_FULL),$(native_eval) --methods vtn $(REFINE_FULL) --out results/$(NATIVE_NAME)-native-refine-full.csv)
 	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn$(comma)identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
 	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-misaligned-refine.csv)
+	$(if $(NATIVE_MISALIGN),$(if $(REFINE_FULL),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn $(REFINE_FULL) --out results/$(NATIVE_NAME)-native-misaligned-refine-full.csv))
 
 evaluate-brain: install $(PREPARED)/lpba40-64/manifest.json
 	@mkdir -p results
