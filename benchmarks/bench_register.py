@@ -13,7 +13,8 @@ Rows (seconds, median of ``--repeats`` after a warm-up):
   composed), resample (moving image and labels through the field), plus read and write;
 * the network alone (the same call as inside), and ``register_volumes`` / network;
 * batch mode per pair (``vtn-register --pairs``, model loaded once, read + register + write),
-  without and with ``--refine N`` (``--refine``, default 60: the instance optimisation);
+  gzip level 1 (the default), ``.nii`` (``--compression 0``), and gzip with ``--refine N``
+  (``--refine``, default 60: the instance optimisation);
 * one ``vtn-register`` CLI call (a fresh process: Python and TensorFlow start-up, model load);
 * ANTs SyN (``ants.registration`` + ``ants.apply_transforms`` of the labels) and elastix
   (affine + B-spline, then transformix of the labels) on the same files, once each
@@ -92,9 +93,10 @@ def measure_vtn(registrar, paths, folder, repeats):
     return parts, _median(network[1:])
 
 
-def measure_batch(args, model, paths, folder, pairs=3, refine=None):
+def measure_batch(args, model, paths, folder, pairs=3, refine=None, compression=1):
     """Seconds per pair of ``vtn-register --pairs`` (one process, model loaded once), excluding start-up;
-    ``refine``: a `vtn_tf.refine.RefineSettings` (``--refine``) or None."""
+    ``refine``: a `vtn_tf.refine.RefineSettings` (``--refine``) or None; ``compression``: as
+    ``--compression`` (0: ``.nii``)."""
     from vtn_tf import batch, registration
 
     csv_path = os.path.join(folder, "pairs.csv")
@@ -103,9 +105,10 @@ def measure_batch(args, model, paths, folder, pairs=3, refine=None):
         for k in range(pairs):
             stream.write(f"{paths[0]},{paths[1]},{os.path.join(folder, f'batch{k}')},{paths[2]}\n")
     registrar = registration.Registrar(model, log=lambda *_: None, refine=refine)
-    batch.run(registrar, batch.read_pairs(csv_path)[:1], overwrite=True, stream=open(os.devnull, "w"))  # warm-up
+    quiet = open(os.devnull, "w")
+    batch.run(registrar, batch.read_pairs(csv_path)[:1], True, compression, stream=quiet)  # warm-up
     start = time.perf_counter()
-    batch.run(registrar, batch.read_pairs(csv_path), overwrite=True, stream=open(os.devnull, "w"))
+    batch.run(registrar, batch.read_pairs(csv_path), True, compression, stream=quiet)
     return (time.perf_counter() - start) / pairs
 
 
@@ -159,6 +162,7 @@ def main():
             parts, network = measure_vtn(registrar, paths, folder, repeats)
             core = sum(parts[key] for key in ("preprocess", "network", "field", "resample"))
             per_pair = measure_batch(args, model, paths, folder, 1 if args.quick else 3)
+            uncompressed = measure_batch(args, model, paths, folder, 1 if args.quick else 3, compression=0)
             refined = None
             if args.refine:
                 from vtn_tf.refine import RefineSettings
@@ -171,15 +175,19 @@ def main():
             rows.append([shape] + [format_seconds(parts[key]) for key in
                                    ("read", "preprocess", "network", "field", "resample", "write")]
                         + [format_seconds(core), format_seconds(network), ratio(core, network),
-                           format_seconds(per_pair), format_seconds(refined) if refined else "n/a",
+                           format_seconds(per_pair), format_seconds(uncompressed),
+                           format_seconds(refined) if refined else "n/a",
                            format_seconds(cli)]
                         + [format_seconds(classical[n]) if classical.get(n) else "n/a" for n in ("ants", "elastix")]
                         + [ratio(classical[n], per_pair) if classical.get(n) else "n/a" for n in ("ants", "elastix")]
+                        + [ratio(classical["ants"], uncompressed) if classical.get("ants") else "n/a"]
                         + [ratio(classical["ants"], refined) if refined and classical.get("ants") else "n/a"])
         print_table(["fixed grid", "read", "preprocess", "network", "field", "resample", "write",
                      "register_volumes", "network alone", "register / network", "batch, per pair",
+                     "batch, .nii, per pair",
                      f"batch + refine {args.refine}, per pair", "one CLI call", "ANTs SyN", "elastix",
-                     "ANTs / batch", "elastix / batch", "ANTs / (batch + refine)"], rows)
+                     "ANTs / batch", "elastix / batch", "ANTs / (batch, .nii)",
+                     "ANTs / (batch + refine)"], rows)
 
 
 if __name__ == "__main__":
