@@ -11,7 +11,7 @@ LIVER_LAYOUT ?= lits
 SET ?=
 export VTN_DATA
 
-.PHONY: help install demo test test-all demo train-brain train-liver train-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain
+.PHONY: help install demo test test-all demo train-brain train-liver train-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus
 
 help:
 	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
@@ -131,7 +131,7 @@ accuracy-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 	  --out results/hippocampus-accuracy.csv --overwrite
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-accuracy NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
 	  NATIVE_NAME=hippocampus-accuracy NATIVE_PROTOCOL="--protocol consecutive" NATIVE_PASSES=5 NATIVE_MISALIGN= \
-	  REFINE_FULL=
+	  REFINE_FULL="$(HIPPOCAMPUS_REFINE_FULL)"
 
 accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-accuracy.json --run_dir $(RUNS)/brain-accuracy $(SET)
@@ -144,7 +144,8 @@ accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 # The native-resolution tables (the user's path): the original files registered through the
 # vtn-register code, scored on the fixed image's grid, with and without --refine, aligned and
 # moved by known rigid transforms in their headers; ANTs SyN and elastix on the same files.
-# `make evaluate-brain` does this for the `make train-brain` model.
+# `make evaluate-brain` and `make evaluate-hippocampus` do this for the `make train-brain` and
+# `make train-hippocampus` models.
 NATIVE_MODEL ?= $(RUNS)/brain-cpu
 NATIVE_MANIFEST ?= $(PREPARED)/lpba40-64/manifest.json
 NATIVE_NAME ?= brain-cpu
@@ -153,9 +154,11 @@ NATIVE_PASSES ?= 1
 NATIVE_BASELINES ?= ants,elastix
 NATIVE_MISALIGN ?= rigid
 REFINE_STEPS ?= 60
-# A second refinement table, the schedule with a last level at full resolution (slower, higher
-# Dice); empty: none (the hippocampus crops' default levels already end at full resolution).
+# A second refinement table, the schedule chosen on the validation pairs (docs/results.md):
+# on LPBA40 a last level at full resolution; on the hippocampus crops (whose default levels
+# already end at full resolution) a level at 1/4 below them. Empty: none.
 REFINE_FULL ?= --refine 60x60x60x20 --refine_resolution 0.25,0.33,0.5,1 --refine_smoothness 1
+HIPPOCAMPUS_REFINE_FULL = --refine 60x100x60 --refine_resolution 0.25,0.5,1 --refine_smoothness 3
 native_eval = $(PYTHON) -m vtn_tf.apps.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
 	  $(NATIVE_PROTOCOL) --passes $(NATIVE_PASSES) --overwrite
 native-tables:
@@ -166,6 +169,11 @@ native-tables:
 	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn$(comma)identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
 	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-misaligned-refine.csv)
 	$(if $(NATIVE_MISALIGN),$(if $(REFINE_FULL),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn $(REFINE_FULL) --out results/$(NATIVE_NAME)-native-misaligned-refine-full.csv))
+
+evaluate-hippocampus: install $(PREPARED)/hippocampus/manifest.json
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-cpu NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
+	  NATIVE_NAME=hippocampus-cpu NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN= \
+	  REFINE_FULL="$(HIPPOCAMPUS_REFINE_FULL)"
 
 evaluate-brain: install $(PREPARED)/lpba40-64/manifest.json
 	@mkdir -p results
