@@ -1,0 +1,82 @@
+"""Instance optimisation (``--refine``): what one Adam step costs, part by part, per level.
+
+Grids: the refinement levels of an LPBA40 pair at native resolution (the fixed image's
+foreground box, 135x171x130 of 160x192x160, at full and half resolution), a random field and
+random images (speed only). Parts, each its value and gradient with respect to the field in
+one XLA program, as inside `vtn_tf.refine`:
+
+* sampling: trilinear sampling of the moving image at the field's positions;
+* local correlation: 5^3 windows against precomputed fixed-image statistics;
+* smoothness: the total variation of the field;
+* loss: the whole refinement loss (the three together);
+* Adam step: one step of the compiled 10-step loop (loss, gradient and update), with and
+  without XLA.
+
+Milliseconds, median of ``--repeats`` after a warm-up; the ratio columns compare in the same run.
+"""
+
+import numpy as np
+
+from common import base_parser, print_machine, print_table, ratio, setup_tensorflow, time_call
+
+MOVING = (160, 192, 160)
+LEVELS = {"full (1 mm)": (135, 171, 130), "1/2 (2 mm)": (68, 86, 65)}
+QUICK_LEVELS = {"48^3": (48, 48, 48)}
+
+
+def measure(tf, shape, moving_shape, repeats, warmup):
+    from vtn_tf import losses, refine, spatial
+
+    rng = np.random.default_rng(0)
+    fixed = tf.constant(rng.random((1,) + shape + (1,), np.float32))
+    moving = tf.constant(rng.random((1,) + moving_shape + (1,), np.float32))
+    grid = refine._grid(shape)
+    field = tf.constant(rng.normal(0.0, 1.0, shape + (3,)).astype(np.float32))
+    statistics = losses.local_ncc_fixed_statistics(fixed, 5)
+    matrix = tf.constant(np.eye(4)[:3], tf.float32)
+    weights, factor = tf.constant([1.0]), tf.constant(1.0)
+
+    def with_gradient(loss):
+        @tf.function(jit_compile=True)
+        def step(u):
+            with tf.GradientTape() as tape:
+                tape.watch(u)
+                value = loss(u)
+            return value, tape.gradient(value, u)
+        return lambda: step(field)[1].numpy()
+
+    parts = {
+        "sampling": lambda u: tf.reduce_sum(spatial.sample(moving, (grid + u)[None], "linear", "zero")),
+        "local correlation": lambda u: losses.local_ncc_loss_to_fixed(statistics, fixed + u[None, ..., :1], 5)[0],
+        "smoothness": lambda u: losses.total_variation_loss(u[None])[0],
+        "loss": lambda u: refine._loss(u, statistics, moving, grid, matrix, factor, weights, "ncc", 5),
+    }
+    seconds = {name: time_call(with_gradient(loss), repeats, warmup)[0] for name, loss in parts.items()}
+    arguments = (tf.constant(0.3), statistics, moving, grid, matrix, factor, weights, "ncc", 5)
+    zeros = tf.zeros_like(field)
+    plain = tf.function(refine._adam_steps_eager, jit_compile=False)
+    for name, steps in (("Adam step", refine._adam_steps), ("Adam step, no XLA", plain)):
+        run = lambda steps=steps: steps(field, zeros, zeros, tf.constant(0.0), tf.constant(10), *arguments)[0].numpy()
+        seconds[name] = time_call(run, max(1, repeats // 2), warmup)[0] / 10
+    return seconds
+
+
+def main():
+    parser = base_parser(__doc__.splitlines()[0])
+    args = parser.parse_args()
+    tf = setup_tensorflow(args)
+    repeats, warmup = args.repeats or (2 if args.quick else 5), 1 if args.warmup is None else args.warmup
+    print_machine(args)
+    levels = QUICK_LEVELS if args.quick else LEVELS
+    moving = (56, 56, 56) if args.quick else MOVING
+    names = ["sampling", "local correlation", "smoothness", "loss", "Adam step", "Adam step, no XLA"]
+    rows = []
+    for level, shape in levels.items():
+        seconds = measure(tf, shape, moving, repeats, warmup)
+        rows.append([level, "x".join(map(str, shape))] + [f"{1000 * seconds[n]:.0f} ms" for n in names]
+                    + [ratio(seconds["sampling"], seconds["loss"]), ratio(seconds["Adam step, no XLA"], seconds["Adam step"])])
+    print_table(["level", "grid"] + names + ["sampling / loss", "no XLA / XLA"], rows)
+
+
+if __name__ == "__main__":
+    main()
