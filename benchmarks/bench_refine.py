@@ -35,6 +35,7 @@ def measure(tf, shape, moving_shape, repeats, warmup):
     statistics = losses.local_ncc_fixed_statistics(fixed, 5)
     matrix = tf.constant(np.eye(4)[:3], tf.float32)
     weights, factor = tf.constant([1.0]), tf.constant(1.0)
+    zeros = tf.zeros_like(field)  # no initial alignment; also Adam's starting moments
 
     def with_gradient(loss):
         @tf.function(jit_compile=True)
@@ -49,11 +50,10 @@ def measure(tf, shape, moving_shape, repeats, warmup):
         "sampling": lambda u: tf.reduce_sum(spatial.sample(moving, (grid + u)[None], "linear", "zero")),
         "local correlation": lambda u: losses.local_ncc_loss_to_fixed(statistics, fixed + u[None, ..., :1], 5)[0],
         "smoothness": lambda u: losses.total_variation_loss(u[None])[0],
-        "loss": lambda u: refine._loss(u, statistics, moving, grid, matrix, factor, weights, "ncc", 5),
+        "loss": lambda u: refine._loss(u, statistics, moving, grid, zeros, matrix, factor, weights, "ncc", 5),
     }
     seconds = {name: time_call(with_gradient(loss), repeats, warmup)[0] for name, loss in parts.items()}
-    arguments = (tf.constant(0.3), statistics, moving, grid, matrix, factor, weights, "ncc", 5)
-    zeros = tf.zeros_like(field)
+    arguments = (tf.constant(0.3), statistics, moving, grid, zeros, matrix, factor, weights, "ncc", 5)
     plain = tf.function(refine._adam_steps_eager, jit_compile=False)
     for name, steps in (("Adam step", refine._adam_steps), ("Adam step, no XLA", plain)):
         run = lambda steps=steps: steps(field, zeros, zeros, tf.constant(0.0), tf.constant(10), *arguments)[0].numpy()

@@ -213,3 +213,37 @@ def test_network_fine_tuning_fits_the_pair_and_restores_the_weights():
         np.testing.assert_array_equal(variable.numpy(), value)
     again = model({"fixed": inputs[0], "moving": inputs[1]})["flow"].numpy()
     np.testing.assert_allclose(again, before_flow, atol=1e-6)
+
+
+def test_a_header_rotation_absorbed_by_the_alignment_changes_nothing():
+    """The smoothness term spares the initial alignment's own displacement: the moving scan
+    rotated in its header (world space), with the alignment ``K`` that undoes it, refines to
+    the same moving positions as the unrotated pair; penalising the rotation too pulls the
+    field away from the true one."""
+    from scipy.spatial.transform import Rotation
+
+    fixed = np.pad(blobs((40, 36, 32), 0), 6)
+    shape = fixed.shape
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
+    true = np.stack([2.0 * np.sin(grid[..., 1] / 7.0), 1.5 * np.cos(grid[..., 2] / 6.0), np.full(shape, 1.0)], -1)
+    moving = ndimage.map_coordinates(fixed, np.moveaxis(grid - true, -1, 0), order=1, mode="nearest")
+    settings = refine.RefineSettings(steps=60, learning_rate=0.1, resolution=(0.25, 0.5), smoothness=1.0)
+    quiet = lambda *_: None
+    plain, _ = refine.refine_field(fixed, np.eye(4), moving, np.eye(4), np.zeros(shape + (3,), np.float32),
+                                   settings, log=quiet)
+    # about 25 degrees about the volume's centre (voxels = mm: identity fixed affine)
+    R = np.eye(4)
+    R[:3, :3] = Rotation.from_rotvec([0.3, -0.2, 0.25]).as_matrix()
+    centre = (np.array(shape) - 1) / 2
+    R[:3, 3] = centre - R[:3, :3] @ centre
+    start = (grid @ R[:3, :3].T + R[:3, 3] - grid).astype(np.float32)  # the alignment's displacement
+    inside = (slice(8, -8),) * 3
+    errors = {}
+    for alignment in (None, R):
+        refined, _ = refine.refine_field(fixed, np.eye(4), moving, R, start, settings, log=quiet, alignment=alignment)
+        moving_positions = (grid + refined.numpy() - R[:3, 3]) @ np.linalg.inv(R[:3, :3]).T
+        errors[alignment is not None] = np.abs(moving_positions - grid - true)[inside].mean()
+        if alignment is not None:
+            assert np.abs(moving_positions - grid - plain.numpy())[inside].mean() < 0.05
+    assert errors[True] < 1.1 * np.abs(plain.numpy() - true)[inside].mean()
+    assert errors[False] > 1.5 * errors[True], errors

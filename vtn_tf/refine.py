@@ -25,9 +25,11 @@ Grids and units:
 * The change the optimisation made is brought back to ``F`` by trilinear interpolation and
   added to the network's field, which keeps the network field's own fine detail.
 
-Loss per step: ``similarity(fixed_L, moving_L(positions)) + smoothness * TV(u / factor)
+Loss per step: ``similarity(fixed_L, moving_L(positions)) + smoothness * TV((u - a) / factor)
 + folding * mean(relu(-det(I + D(u / factor))))`` (TV in voxels of ``L``, the training loss's
-units; ``D`` forward differences, the folding measure of the results). Deterministic on the
+units; ``a`` the initial alignment's own displacement ``K x - x``, so that a scan moved in its
+header refines as the unmoved one; ``D`` forward differences, the folding measure of the
+results). Deterministic on the
 CPU (no scatter ops).
 """
 
@@ -229,11 +231,13 @@ def forward_determinant(u):
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
-def _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, weights, similarity, window):
+def _loss(u, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights, similarity, window):
     """Refinement loss of the field ``u`` ``[L..., 3]`` (fixed voxels) on the grid ``L``.
 
     ``fixed_image``: for ``"ncc"``, :func:`vtn_tf.losses.local_ncc_fixed_statistics` of the
-    fixed image on ``L`` (computed once per refinement); for ``"cc"`` the image ``[1, L..., 1]``."""
+    fixed image on ``L`` (computed once per refinement); for ``"cc"`` the image ``[1, L..., 1]``.
+    ``aligned``: ``[L..., 3]`` the initial alignment's own displacement at ``L``'s voxels (fixed
+    voxels), which the smoothness term does not penalise."""
     positions = grid_fine + u
     positions = tf.stack([positions[..., 0] * matrix[i, 0] + positions[..., 1] * matrix[i, 1]
                           + positions[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], -1)
@@ -242,24 +246,24 @@ def _loss(u, fixed_image, moving_image, grid_fine, matrix, factor, weights, simi
         value = losses.local_ncc_loss_to_fixed(fixed_image, warped, window)[0]
     else:
         value = losses.correlation_coefficient_loss(fixed_image, warped)[0]
-    value = value + weights[0] * losses.total_variation_loss(u[None] / factor)[0]
+    value = value + weights[0] * losses.total_variation_loss((u - aligned)[None] / factor)[0]
     if weights.shape[0] > 1:  # (smoothness, folding) or (smoothness,): a static choice
         value = value + weights[1] * tf.reduce_mean(tf.nn.relu(-forward_determinant(u / factor)))
     return value
 
 
-def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_fine, matrix, factor, weights,
-                      similarity, window):
+def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_fine, aligned, matrix, factor,
+                      weights, similarity, window):
     """``count`` Adam steps on the field ``u`` (``m``, ``v``: Adam's moments, ``t``: its step);
     returns the new ``(u, m, v, t)`` and the loss before the last step."""
-    return _adam_loop(lambda x: _loss(x, fixed_image, moving_image, grid_fine, matrix, factor, weights,
+    return _adam_loop(lambda x: _loss(x, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights,
                                       similarity, window), u, m, v, t, count, rate)
 
 
 _adam_steps = tf.function(_adam_steps_eager, jit_compile=True)  # one trace per grid size (static shapes)
 
 
-def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print):
+def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print, alignment=None):
     """Optimise ``flow_voxels`` on the pair; returns ``(refined [X, Y, Z, 3] tf float32, history)``.
 
     Coarse to fine: ``settings.level_steps`` Adam steps on the levels of
@@ -273,12 +277,18 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
       flow_voxels: ``[X, Y, Z, 3]`` (tf or numpy) float32, voxels of ``F``, pulling (the start).
       settings: :class:`RefineSettings`.
       log: receives progress bar lines and a summary line.
+      alignment: 4x4 ``K``, the initial alignment as a map of ``F`` indices (``x -> K x``, i.e.
+        ``A_f^-1 T A_f``; None: the identity). The smoothness term penalises the field minus
+        ``K``'s own displacement ``K x - x``, so a rigid or affine move of the moving scan in its
+        header, which ``K`` absorbs, changes nothing (as ANTs regularises SyN after its affine
+        stage).
     Returns:
       the refined field (same shape, units and direction) and a list of
       ``(step, loss, seconds)`` checkpoints (every 10 steps and the last of each level;
       ``step`` counts over all levels, each level's losses on its own grid).
     """
     flow = tf.convert_to_tensor(flow_voxels, tf.float32)
+    alignment = np.eye(4) if alignment is None else np.asarray(alignment, float)
     began, history, done = time.perf_counter(), [], 0
     total = sum(settings.level_steps)
     change, previous, summary = None, None, []
@@ -300,6 +310,7 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
         matrix = np.linalg.inv(coarse_to_fine(factor)) @ np.linalg.inv(moving_affine) @ fixed_affine
         matrix = tf.constant(matrix[:3], tf.float32)
         grid_fine = _points(to_fine, _grid(shape))  # [L..., 3] fixed indices of L's voxels
+        aligned = _points(alignment, grid_fine) - grid_fine  # K's displacement at L's voxels
         start = spatial.sample(flow[None], grid_fine[None], "linear", "clamp")[0]
         u = start
         if change is not None:  # the coarser level's change, at this level's voxels
@@ -307,7 +318,7 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
                                                              _grid(shape))[None], "linear", "clamp")[0]
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
         weights = [float(settings.smoothness)] + ([float(settings.folding)] if settings.folding else [])
-        arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, matrix,
+        arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, aligned, matrix,
                      tf.constant(float(factor)), tf.constant(weights), settings.similarity, int(settings.ncc_window))
         first = float(_loss(u, *arguments[1:]))
         history.append((done, first, time.perf_counter() - began))
