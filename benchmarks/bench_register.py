@@ -105,10 +105,10 @@ def measure_batch(args, model, paths, folder, pairs=3, refine=None, compression=
         for k in range(pairs):
             stream.write(f"{paths[0]},{paths[1]},{os.path.join(folder, f'batch{k}')},{paths[2]}\n")
     registrar = registration.Registrar(model, log=lambda *_: None, refine=refine)
-    quiet = open(os.devnull, "w")
-    batch.run(registrar, batch.read_pairs(csv_path)[:1], True, compression, stream=quiet)  # warm-up
-    start = time.perf_counter()
-    batch.run(registrar, batch.read_pairs(csv_path), True, compression, stream=quiet)
+    with open(os.devnull, "w") as quiet:
+        batch.run(registrar, batch.read_pairs(csv_path)[:1], True, compression, stream=quiet)  # warm-up
+        start = time.perf_counter()
+        batch.run(registrar, batch.read_pairs(csv_path), True, compression, stream=quiet)
     return (time.perf_counter() - start) / pairs
 
 

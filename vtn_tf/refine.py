@@ -29,8 +29,7 @@ Loss per step: ``similarity(fixed_L, moving_L(positions)) + smoothness * TV((u -
 + folding * mean(relu(-det(I + D(u / factor))))`` (TV in voxels of ``L``, the training loss's
 units; ``a`` the initial alignment's own displacement ``K x - x``, so that a scan moved in its
 header refines as the unmoved one; ``D`` forward differences, the folding measure of the
-results). Deterministic on the
-CPU (no scatter ops).
+results). Deterministic on the CPU (no scatter ops).
 """
 
 import contextlib

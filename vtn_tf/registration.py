@@ -564,7 +564,8 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
 
         begin = time.perf_counter()
         flow, refine_log = refine_lib.refine_field(fixed_norm, fixed.affine, moving_norm, moving.affine, flow,
-                                                   refine.resolved(np.linalg.norm(G[:3, :3], axis=0)), log, K)
+                                                   refine.resolved(np.linalg.norm(G[:3, :3], axis=0)), log,
+                                                   alignment=K)
         seconds["refine"] = time.perf_counter() - begin
 
     begin = time.perf_counter()
