@@ -247,3 +247,27 @@ def test_a_header_rotation_absorbed_by_the_alignment_changes_nothing():
             assert np.abs(moving_positions - grid - plain.numpy())[inside].mean() < 0.05
     assert errors[True] < 1.1 * np.abs(plain.numpy() - true)[inside].mean()
     assert errors[False] > 1.5 * errors[True], errors
+
+
+def test_the_smoothness_term_and_its_written_out_gradient_match_numpy():
+    """Value against the squared forward differences in numpy; gradient against central finite
+    differences of that numpy value, at random entries (edges included)."""
+    rng = np.random.default_rng(3)
+    d = rng.normal(size=(7, 5, 6, 3))
+
+    def reference(d):
+        terms = [np.sum(np.diff(d, axis=a) ** 2) / (np.prod(d.shape[:3]) // d.shape[a] * (d.shape[a] - 1))
+                 for a in range(3)]
+        return sum(terms) / 3.0
+
+    x = tf.constant(d, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = refine.smoothness(x)
+    grad = tape.gradient(value, x).numpy()
+    np.testing.assert_allclose(float(value), reference(d), rtol=1e-5)
+    for index in [(0, 0, 0, 0), (6, 4, 5, 2), (3, 2, 0, 1), (1, 4, 3, 0), (6, 0, 2, 1)]:
+        step = np.zeros_like(d)
+        step[index] = 1e-4
+        numeric = (reference(d + step) - reference(d - step)) / 2e-4
+        np.testing.assert_allclose(grad[index], numeric, rtol=1e-3, atol=1e-6)

@@ -153,7 +153,11 @@ def full_box(shape):
 
 def foreground_mask(data, contract):
     """Voxels whose percentile-scaled intensity exceeds the contract's threshold (no labels)."""
-    return percentile_scale(data, *contract.percentiles) > contract.foreground_threshold
+    threshold = contract.foreground_threshold
+    if not 0.0 <= threshold < 1.0:
+        return percentile_scale(data, *contract.percentiles) > threshold
+    low, high = percentile_bounds(data, *contract.percentiles)  # the same test without the clipped copy
+    return (np.asarray(data, np.float32) - low) / (high - low) > threshold
 
 
 def crop_box(data, spacing, contract):

@@ -106,12 +106,15 @@ moved there together, so an error leaves nothing behind, and existing outputs ar
 unless ``overwrite``.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import threading
 import time
+import weakref
 
 import nibabel as nib
 import numpy as np
@@ -137,12 +140,94 @@ def _slabs(shape):
     return [range(start, min(start + rows, int(shape[0]))) for start in range(0, int(shape[0]), rows)]
 
 
+_KERNELS = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def _kernels():
+    """The compiled kernels of this module, built on first use (io-only users never import TF).
+
+    Each builds the voxel grid of a slab inside XLA (``shape``: the slab's static ``(rows, Y, Z)``,
+    ``start``: its first row), so neither the grid nor the mapped positions are materialised
+    apart from what is returned: one fused program per slab shape."""
+    with _KERNELS_LOCK:
+        if not _KERNELS:
+            _KERNELS.update(_build_kernels())
+    return _KERNELS
+
+
+def _build_kernels():
+    tf = _tf()
+    from vtn_tf import spatial
+
+    def grid(start, shape):
+        """Voxel index components ``(x, y, z)``, broadcastable to ``[rows, Y, Z]``."""
+        return (tf.reshape(tf.range(shape[0], dtype=tf.float32) + start, [-1, 1, 1]),
+                tf.reshape(tf.range(shape[1], dtype=tf.float32), [1, -1, 1]),
+                tf.reshape(tf.range(shape[2], dtype=tf.float32), [1, 1, -1]))
+
+    def mapped(matrix, p, shape):
+        """``matrix`` (``[3, 4]``) applied to the point components ``p``: ``[rows, Y, Z, 3]``."""
+        return tf.stack([tf.broadcast_to(p[0] * matrix[i, 0] + p[1] * matrix[i, 1] + p[2] * matrix[i, 2]
+                                         + matrix[i, 3], shape) for i in range(3)], axis=-1)
+
+    def positions(start, matrix, field, shape):
+        """``matrix (x + field(x))`` for the slab's voxels ``x`` (``field`` None: 0)."""
+        p = grid(start, shape)
+        if field is not None:
+            p = tuple(p[c] + field[..., c] for c in range(3))
+        return mapped(matrix, p, shape)
+
+    @tf.function(jit_compile=True)
+    def grid_points(start, shape):
+        return tf.stack([tf.broadcast_to(c, shape) for c in grid(start, shape)], axis=-1)
+
+    @tf.function(jit_compile=True)
+    def resample(image, start, matrix, field, shape, nearest, zero):
+        at = positions(start, matrix, field, shape)[None]
+        if nearest:
+            return spatial._sample_at_nearest(image, at, zero)[0, ..., 0]
+        return spatial._sample_at_linear(image, at, zero)[0, ..., 0]
+
+    @tf.function(jit_compile=True)
+    def lerp_axis(values, lower, upper, weight, axis):
+        """Linear interpolation of ``values`` along ``axis`` between the entries ``lower`` and
+        ``upper`` with the weights ``weight`` of the upper ones (one per output entry)."""
+        shape = [1] * len(values.shape)
+        shape[axis] = -1
+        weight = tf.reshape(weight, shape)
+        return tf.gather(values, lower, axis=axis) * (1.0 - weight) + tf.gather(values, upper, axis=axis) * weight
+
+    @tf.function(jit_compile=True)
+    def flow_on_fixed(flow, lower, upper, weight, linear, offset, start, shape):
+        """``linear f + offset (x)``: ``f`` the network flow interpolated along axis 0 (already
+        along axes 1 and 2), ``offset`` a [3, 4] affine map of the slab's voxels."""
+        f = lerp_axis(flow, lower, upper, weight, 0)
+        x = grid(start, shape)
+        return tf.stack([f[..., 0] * linear[c, 0] + f[..., 1] * linear[c, 1] + f[..., 2] * linear[c, 2]
+                         + x[0] * offset[c, 0] + x[1] * offset[c, 1] + x[2] * offset[c, 2] + offset[c, 3]
+                         for c in range(3)], axis=-1)
+
+    @tf.function(jit_compile=True)
+    def length_stats(flow, spacing):
+        millimetres = tf.norm(flow * spacing, axis=-1)
+        return tf.reduce_mean(millimetres), tf.reduce_max(millimetres)
+
+    return dict(grid_points=grid_points, resample=resample, lerp_axis=lerp_axis, flow_on_fixed=flow_on_fixed,
+                length_stats=length_stats)
+
+
+def _rows_shape(shape, rows):
+    return (len(rows), int(shape[1]), int(shape[2]))
+
+
 def _grid_rows(shape, rows):
     """Voxel indices ``[len(rows), Y, Z, 3]`` float32 (tf) of slices ``rows`` of a grid."""
-    tf = _tf()
-    axes = [tf.range(rows.start, rows.stop, dtype=tf.float32),
-            tf.range(int(shape[1]), dtype=tf.float32), tf.range(int(shape[2]), dtype=tf.float32)]
-    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
+    return _kernels()["grid_points"](_tf().constant(float(rows.start)), _rows_shape(shape, rows))
+
+
+def _matrix34(matrix):
+    return _tf().constant(np.asarray(matrix, np.float64)[:3], _tf().float32)
 
 
 _MAP_POINTS = None
@@ -158,7 +243,7 @@ def _affine_points(matrix, points):
             return tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1]
                              + points[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], axis=-1)
         _MAP_POINTS = map_points
-    return _MAP_POINTS(points, tf.constant(np.asarray(matrix, np.float64)[:3], tf.float32))
+    return _MAP_POINTS(points, _matrix34(matrix))
 
 
 def _as_image(data):
@@ -170,6 +255,10 @@ def _as_image(data):
     elif data.dtype.kind in "iub" and data.dtype != np.int32:
         data = data.astype(np.int64 if data.dtype.itemsize > 4 or data.dtype == np.uint32 else np.int32)
     return tf.convert_to_tensor(data[None, ..., None])
+
+
+def _joined(parts):
+    return parts[0] if len(parts) == 1 else _tf().concat(parts, axis=0)
 
 
 def resample_through(data, matrix, shape, interpolation="linear", outside="zero", field=None):
@@ -185,19 +274,31 @@ def resample_through(data, matrix, shape, interpolation="linear", outside="zero"
     Returns:
       ``[X, Y, Z]`` numpy array (float32 for linear, ``data``'s dtype for nearest).
     """
-    from vtn_tf import spatial
-
     tf = _tf()
+    if interpolation not in ("linear", "nearest") or outside not in ("zero", "clamp"):
+        raise ValueError(f"unknown interpolation {interpolation!r} or outside mode {outside!r}")
     image = _as_image(np.asarray(data, np.float32) if interpolation == "linear" else data)
-    parts = []
-    for rows in _slabs(shape):
-        points = _grid_rows(shape, rows)
-        if field is not None:
-            points = points + tf.convert_to_tensor(field[rows.start:rows.stop], tf.float32)
-        positions = _affine_points(matrix, points)[None]
-        parts.append(spatial.sample(image, positions, interpolation, outside)[0, ..., 0])
-    out = tf.concat(parts, axis=0).numpy()
+    if field is not None:
+        field = tf.convert_to_tensor(field, tf.float32)
+    parts = [_kernels()["resample"](image, tf.constant(float(rows.start)), _matrix34(matrix),
+                                    None if field is None else field[rows.start:rows.stop],
+                                    _rows_shape(shape, rows), interpolation == "nearest", outside == "zero")
+             for rows in _slabs(shape)]
+    out = _joined(parts).numpy()
     return out.astype(np.asarray(data).dtype, copy=False) if interpolation == "nearest" else out
+
+
+def _axis_weights(G, axis, size, network_size, rows=None):
+    """Where fixed index ``x`` along ``axis`` reads the network grid: ``(lower, upper, weight)``
+    (tf int32, int32, float32; ``[len(rows)]`` or ``[size]``) of the network position
+    ``G^-1 x`` clamped to ``[0, network_size - 1]``, as trilinear sampling with edge clamping."""
+    tf = _tf()
+    x = np.arange(size, dtype=np.float64) if rows is None else np.arange(rows.start, rows.stop, dtype=np.float64)
+    position = np.clip((x - G[axis, 3]) / G[axis, axis], 0.0, network_size - 1)
+    lower = np.clip(np.floor(position), 0, max(network_size - 2, 0))
+    upper = np.minimum(lower + 1, network_size - 1)
+    return (tf.constant(lower, tf.int32), tf.constant(upper, tf.int32),
+            tf.constant(position - lower, tf.float32))
 
 
 def network_flow_on_fixed(network_flow, G, fixed_shape, K=None):
@@ -205,7 +306,8 @@ def network_flow_on_fixed(network_flow, G, fixed_shape, K=None):
 
     Args:
       network_flow: ``[Xn, Yn, Zn, 3]`` voxels of the network grid, pulling.
-      G: 4x4 network index -> fixed index (a scaling and a shift).
+      G: 4x4 network index -> fixed index (a scaling and a shift per axis, as
+        `vtn_tf.preprocess.grid_map` makes).
       fixed_shape: ``(X, Y, Z)`` of the fixed grid.
       K: optional 4x4 fixed voxel position -> fixed voxel position applied after the flow
         (the initial alignment ``A_f^-1 T A_f``); None: the identity.
@@ -213,21 +315,34 @@ def network_flow_on_fixed(network_flow, G, fixed_shape, K=None):
       ``[X, Y, Z, 3]`` float32 tf tensor, voxels of the fixed grid, pulling: fixed voxel ``x``
       goes to the fixed-grid position ``K (x + S f_N(G^-1 x))``, trilinear in between network
       voxels and edge-clamped beyond them.
-    """
-    from vtn_tf import spatial
 
+    ``G`` is axis-aligned, so the trilinear interpolation is separable: the flow is
+    interpolated along z, then y, then x (in slabs of the fixed grid), and the result is
+    ``K_lin S f + (K - I) x``.
+    """
     tf = _tf()
-    flow = tf.convert_to_tensor(np.asarray(network_flow, np.float32)[None])
-    scale = tf.constant(np.diag(G)[:3], tf.float32)
-    to_network = np.linalg.inv(G)
-    parts = []
-    for rows in _slabs(fixed_shape):
-        x = _grid_rows(fixed_shape, rows)
-        target = x + spatial.sample(flow, _affine_points(to_network, x)[None], "linear", "clamp")[0] * scale
-        if K is not None:
-            target = _affine_points(K, target)
-        parts.append(target - x)
-    return tf.concat(parts, axis=0)
+    G = np.asarray(G, np.float64)
+    if np.count_nonzero(G[:3, :3] - np.diag(np.diag(G[:3, :3]))):
+        raise ValueError("network_flow_on_fixed needs an axis-aligned G (a scaling and a shift)")
+    K = np.eye(4) if K is None else np.asarray(K, np.float64)
+    kernels = _kernels()
+    flow = tf.convert_to_tensor(np.asarray(network_flow, np.float32))
+    network_shape = flow.shape[:3]
+    for axis in (2, 1):
+        flow = kernels["lerp_axis"](flow, *_axis_weights(G, axis, int(fixed_shape[axis]), network_shape[axis]), axis)
+    linear = tf.constant(K[:3, :3] @ np.diag(np.diag(G)[:3]), tf.float32)
+    offset = _matrix34(K - np.eye(4))
+    return _joined([kernels["flow_on_fixed"](flow, *_axis_weights(G, 0, int(fixed_shape[0]), network_shape[0], rows),
+                                             linear, offset, tf.constant(float(rows.start)),
+                                             _rows_shape(fixed_shape, rows)) for rows in _slabs(fixed_shape)])
+
+
+def displacement_lengths(flow_voxels, spacing):
+    """Mean and largest length (mm) of a displacement ``[X, Y, Z, 3]`` in voxels of ``spacing`` mm."""
+    tf = _tf()
+    mean, largest = _kernels()["length_stats"](tf.convert_to_tensor(flow_voxels, tf.float32),
+                                               tf.constant(np.asarray(spacing, np.float32)))
+    return float(mean), float(largest)
 
 
 def inverse_field(flow_voxels, fixed_affine, moving_affine, initial, moving_shape, iterations=30):
@@ -461,19 +576,28 @@ def default_contract(network_shape, intensity="mri"):
     return preprocess.InputContract(modality=modality, grid=tuple(int(n) for n in network_shape), crop="none")
 
 
+ALIGNMENT_STRIDE = 2  # the initialiser's moments use every second voxel per axis
 INIT_STEPS = 100  # the affine search after the initialiser (`vtn_tf.refine.search_affine`)
 
 
 def _network_inputs(contract, fixed, moving, init, log, init_steps=INIT_STEPS):
-    """Both images on the network grid (numpy ``[X, Y, Z]``), ``G``, ``T`` and the normalised
-    full-resolution images (for the initial alignment and refinement).
+    """Both images on the network grid (numpy ``[X, Y, Z]``), ``G``, ``T``, the fixed image's
+    :class:`~vtn_tf.preprocess.IntensityMap` and the normalised full-resolution moving image
+    (for the affine search and refinement).
 
     ``T`` is the initialiser's (``init``, `vtn_tf.alignment`), then refined by ``init_steps``
     steps of the affine search on the network grid (global correlation); ``init="none"``
     trusts the headers: the identity, no search."""
-    fixed_net, G, fixed_map = prepare_image(fixed, contract, "fixed image")
-    _, _, moving_map = prepare_image(moving, contract, "moving image")
-    fixed_norm, moving_norm = fixed_map(fixed.data), moving_map(moving.data)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # numpy's percentiles and TF release the GIL
+        moving_job = pool.submit(prepare_image, moving, contract, "moving image")
+        fixed_net, G, fixed_map = prepare_image(fixed, contract, "fixed image")
+        moving_map = moving_job.result()[2]
+    moving_norm = moving_map(moving.data)
+    # The initialiser reads every second voxel per axis: only those are normalised here.
+    stride = np.diag([ALIGNMENT_STRIDE] * 3 + [1])
+    fixed_sub = (fixed_map(fixed.data[::ALIGNMENT_STRIDE, ::ALIGNMENT_STRIDE, ::ALIGNMENT_STRIDE]),
+                 fixed.affine @ stride)
+    moving_sub = (moving_norm[::ALIGNMENT_STRIDE, ::ALIGNMENT_STRIDE, ::ALIGNMENT_STRIDE], moving.affine @ stride)
 
     def on_grid(T):
         net_to_moving = np.linalg.inv(moving.affine) @ T @ fixed.affine @ G
@@ -482,7 +606,7 @@ def _network_inputs(contract, fixed, moving, init, log, init_steps=INIT_STEPS):
     candidates = ("moments", "com") if init == "best" else (init,)
     best = None
     for mode in candidates:
-        T, note = alignment.initial_alignment(fixed_norm, fixed.affine, moving_norm, moving.affine, mode)
+        T, note = alignment.initial_alignment(*fixed_sub, *moving_sub, mode, stride=1)
         moving_net = on_grid(T)
         score = float(np.corrcoef(fixed_net.ravel(), moving_net.ravel())[0, 1]) if len(candidates) > 1 else 0.0
         if best is None or score > best[0]:
@@ -497,7 +621,33 @@ def _network_inputs(contract, fixed, moving, init, log, init_steps=INIT_STEPS):
         log(f"affine search ({init_steps} steps, global correlation on the network grid): "
             f"r {before:.3f} -> {after:.3f}")
         moving_net = on_grid(T)
-    return fixed_net, moving_net, G, T, fixed_norm, moving_norm
+    return fixed_net, moving_net, G, T, fixed_map, moving_norm
+
+
+_GRAPHS = weakref.WeakKeyDictionary()
+
+
+def network_outputs(model, fixed, moving, passes=1):
+    """The network's outputs for ``fixed``, ``moving`` ``[1, X, Y, Z, 1]`` (network grid).
+
+    A Keras model runs as one TensorFlow graph, traced once per model, grid and ``passes``
+    (without the per-layer Python overhead of eager calls); any other callable is called as
+    it is. ``passes > 1``: :meth:`vtn_tf.model.VTN.register`. Returns the model's dict
+    (``flow`` ``[1, X, Y, Z, 3]``, network voxels, pulling; ``affine_*`` for an affine stage).
+    """
+    tf = _tf()
+    import keras
+
+    if not isinstance(model, keras.Model):
+        return model.register(fixed, moving, passes=passes) if passes > 1 else model({"fixed": fixed, "moving": moving})
+    graph = _GRAPHS.get(model)
+    if graph is None:
+        @tf.function(reduce_retracing=True)
+        def graph(fixed, moving, passes):
+            out = model.register(fixed, moving, passes=passes) if passes > 1 else model({"fixed": fixed, "moving": moving})
+            return {key: value for key, value in out.items() if key in ("flow", "affine_matrix", "affine_translation")}
+        _GRAPHS[model] = graph
+    return graph(tf.convert_to_tensor(fixed, tf.float32), tf.convert_to_tensor(moving, tf.float32), int(passes))
 
 
 def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="auto", log=print,
@@ -521,7 +671,6 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
     Returns:
       :class:`Result`.
     """
-    tf = _tf()
     seconds = {}
     begin = time.perf_counter()
     contract = contract or default_contract(network_shape, "mri" if intensity == "auto" else intensity)
@@ -530,7 +679,7 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
     if tuple(contract.grid) != tuple(network_shape):
         raise io.InputError(f"the input contract's grid {_shape(contract.grid)} is not the model's "
                             f"{_shape(network_shape)}")
-    fixed_net, moving_net, G, T, fixed_norm, moving_norm = _network_inputs(contract, fixed, moving, init, log,
+    fixed_net, moving_net, G, T, fixed_map, moving_norm = _network_inputs(contract, fixed, moving, init, log,
                                                                               init_steps)
     log(f"network grid {_shape(network_shape)} over a {_mm(np.asarray(fixed.spacing) * np.diag(G)[:3] * network_shape)} mm "
         f"box of the fixed image ({contract.crop} crop, {contract.modality} intensities"
@@ -547,10 +696,7 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
                                                        log))
             seconds["fine-tune"] = time.perf_counter() - begin
             begin = time.perf_counter()
-        if passes > 1:
-            out = model.register(*inputs, passes=passes)
-        else:
-            out = model({"fixed": inputs[0], "moving": inputs[1]})
+        out = network_outputs(model, *inputs, passes)
         network_flow = np.asarray(out["flow"])[0]
     seconds["network"] = time.perf_counter() - begin
 
@@ -563,7 +709,7 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
         from vtn_tf import refine as refine_lib
 
         begin = time.perf_counter()
-        flow, refine_log = refine_lib.refine_field(fixed_norm, fixed.affine, moving_norm, moving.affine, flow,
+        flow, refine_log = refine_lib.refine_field(fixed_map(fixed.data), fixed.affine, moving_norm, moving.affine, flow,
                                                    refine.resolved(np.linalg.norm(G[:3, :3], axis=0)), log,
                                                    alignment=K)
         seconds["refine"] = time.perf_counter() - begin
@@ -573,9 +719,8 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
     shape = fixed.data.shape
     warped = resample_through(moving.data, fixed_to_moving, shape, "linear", "zero", flow)
     labels = [resample_through(v.data, fixed_to_moving, shape, "nearest", "zero", flow) for v in moving_labels]
-    millimetres = tf.norm(flow * tf.constant(np.asarray(fixed.spacing, np.float32)), axis=-1)
-    log(f"displacement on the fixed grid: mean {float(tf.reduce_mean(millimetres)):.2f} mm, "
-        f"max {float(tf.reduce_max(millimetres)):.2f} mm")
+    mean, largest = displacement_lengths(flow, fixed.spacing)
+    log(f"displacement on the fixed grid: mean {mean:.2f} mm, max {largest:.2f} mm")
     flow = flow.numpy() if hasattr(flow, "numpy") else np.asarray(flow, np.float32)
     seconds["resample"] = time.perf_counter() - begin
 
