@@ -505,3 +505,58 @@ def test_resampling_through_a_field_matches_scipy_in_slabs(monkeypatch, dtype):
     expected_labels = ndimage.map_coordinates(labels, coords, order=0)
     assert warped.dtype == dtype
     np.testing.assert_array_equal(warped[inside], expected_labels[inside])
+
+
+def test_network_flow_on_fixed_matches_scipy_with_a_crop_and_an_alignment(monkeypatch):
+    """The separable upsampling (in slabs) against scipy's trilinear map_coordinates with edge
+    clamping: ``K (x + S f(G^-1 x)) - x`` for a random flow, a crop box and an affine ``K``."""
+    from scipy import ndimage
+
+    monkeypatch.setattr(registration, "SLAB_VOXELS", 9 * 40 * 30)  # several slabs, a ragged last one
+    rng = np.random.default_rng(11)
+    network = rng.normal(size=(12, 10, 9, 3)).astype(np.float32)
+    shape = (37, 40, 30)
+    G = preprocess.grid_map((np.array([3, 0, 2]), np.array([33, 38, 30])), network.shape[:3])
+    K = np.eye(4)
+    K[:3, :3] = alignment.rotation_about([0.3, 1, 0.2], 9.0) * 1.05
+    K[:3, 3] = [1.5, -2.0, 0.5]
+    flow = registration.network_flow_on_fixed(network, G, shape, K).numpy()
+    x = _grid(shape).reshape(-1, 3)
+    n = (x - G[:3, 3]) / np.diag(G)[:3]  # network positions; beyond the edges map_coordinates clamps
+    f = np.stack([ndimage.map_coordinates(network[..., c], n.T, order=1, mode="nearest") for c in range(3)], -1)
+    expected = ((x + f * np.diag(G)[:3]) @ K[:3, :3].T + K[:3, 3] - x).reshape(shape + (3,))
+    assert flow.shape == shape + (3,) and flow.dtype == np.float32
+    np.testing.assert_allclose(flow, expected, atol=2e-5)
+
+
+def test_the_compiled_intensity_map_matches_numpy():
+    """`registration.normalised` (XLA, float32, binary search of the segments) against the
+    numpy `IntensityMap` (np.interp, float64), with tied knots and values beyond the bounds."""
+    rng = np.random.default_rng(2)
+    data = rng.normal(100.0, 40.0, size=(30, 20, 25)).astype(np.float32)
+    data[0, 0, :5] = [-500, 1e4, 100, 0, 60]
+    reference = np.sort(rng.uniform(0.05, 0.95, 101))
+    reference[40:45] = reference[40]  # tied target quantiles
+    contract = preprocess.InputContract(modality="MRI", grid=(8, 8, 8), crop="none",
+                                        reference_quantiles=tuple(reference))
+    intensity_map, _ = preprocess.fit_intensity(np.round(data / 10) * 10, contract)  # tied source quantiles
+    assert intensity_map.curve is not None
+    for volume in (data, data.astype(np.int16)):
+        np.testing.assert_allclose(registration.normalised(volume, intensity_map), intensity_map(volume),
+                                   atol=1e-7, rtol=0)
+    plain = preprocess.IntensityMap(20.0, 180.0)
+    np.testing.assert_allclose(registration.normalised(data, plain), plain(data), atol=1e-6)
+
+
+def test_the_network_runs_as_one_graph_with_the_eager_outputs():
+    from vtn_tf.model import VTN
+
+    model = VTN("AD", width=0.25, flow_head_initializer="small")
+    rng = np.random.default_rng(0)
+    fixed, moving = (rng.random((1, 64, 64, 64, 1)).astype(np.float32) for _ in range(2))
+    eager = model({"fixed": fixed, "moving": moving})
+    for passes in (1, 2):
+        graph = registration.network_outputs(model, fixed, moving, passes)
+        reference = eager if passes == 1 else model.register(fixed, moving, passes=2)
+        for key in ("flow", "affine_matrix", "affine_translation"):
+            np.testing.assert_allclose(np.asarray(graph[key]), np.asarray(reference[key]), atol=1e-5)

@@ -47,14 +47,16 @@ def define_refine_flags():
     """``--init`` and the ``--refine*`` flags (`vtn_tf.alignment`, `vtn_tf.refine`)."""
     from absl import flags
 
+    from vtn_tf.registration import INIT_STEPS
+
     if "refine" in flags.FLAGS:
         return
     flags.DEFINE_enum("init", "best", ["best", "moments", "com", "none"],
                       "initial world-space alignment before the network: moments = centres of mass and "
                       "principal axes, com = centres of mass only, best = whichever of the two correlates "
                       "better on the network grid, none = trust the headers")
-    flags.DEFINE_integer("init_steps", 100, "steps of the affine search after --init (global correlation on "
-                         "the network grid, as the ANTs and elastix affine stages; 0 = the initialiser alone; "
+    flags.DEFINE_integer("init_steps", INIT_STEPS, "steps of the affine search after --init (global correlation "
+                         "on the network grid, as the ANTs and elastix affine stages; 0 = the initialiser alone; "
                          "not run with --init none)",
                          lower_bound=0)
     flags.DEFINE_string("refine", "0", "instance optimisation: Adam steps on the pair after the network, on "
