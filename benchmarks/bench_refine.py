@@ -7,7 +7,8 @@ one XLA program, as inside `vtn_tf.refine`:
 
 * sampling: trilinear sampling of the moving image at the field's positions;
 * local correlation: 5^3 windows against precomputed fixed-image statistics;
-* smoothness: the total variation of the field;
+* smoothness: the total variation of the field (`vtn_tf.refine.smoothness`, its gradient
+  written out), and the same by automatic differentiation (`vtn_tf.losses.total_variation_loss`);
 * loss: the whole refinement loss (the three together);
 * Adam step: one step of the compiled 10-step loop (loss, gradient and update), with and
   without XLA.
@@ -49,7 +50,8 @@ def measure(tf, shape, moving_shape, repeats, warmup):
     parts = {
         "sampling": lambda u: tf.reduce_sum(spatial.sample(moving, (grid + u)[None], "linear", "zero")),
         "local correlation": lambda u: losses.local_ncc_loss_to_fixed(statistics, fixed + u[None, ..., :1], 5)[0],
-        "smoothness": lambda u: losses.total_variation_loss(u[None])[0],
+        "smoothness": refine.smoothness,
+        "smoothness, automatic gradient": lambda u: losses.total_variation_loss(u[None])[0],
         "loss": lambda u: refine._loss(u, statistics, moving, grid, zeros, matrix, factor, weights, "ncc", 5),
     }
     seconds = {name: time_call(with_gradient(loss), repeats, warmup)[0] for name, loss in parts.items()}
@@ -69,13 +71,15 @@ def main():
     print_machine(args)
     levels = QUICK_LEVELS if args.quick else LEVELS
     moving = (56, 56, 56) if args.quick else MOVING
-    names = ["sampling", "local correlation", "smoothness", "loss", "Adam step", "Adam step, no XLA"]
+    names = ["sampling", "local correlation", "smoothness", "smoothness, automatic gradient", "loss", "Adam step",
+             "Adam step, no XLA"]
     rows = []
     for level, shape in levels.items():
         seconds = measure(tf, shape, moving, repeats, warmup)
         rows.append([level, "x".join(map(str, shape))] + [f"{1000 * seconds[n]:.0f} ms" for n in names]
-                    + [ratio(seconds["sampling"], seconds["loss"]), ratio(seconds["Adam step, no XLA"], seconds["Adam step"])])
-    print_table(["level", "grid"] + names + ["sampling / loss", "no XLA / XLA"], rows)
+                    + [ratio(seconds["sampling"], seconds["loss"]), ratio(seconds["Adam step, no XLA"], seconds["Adam step"]),
+                       ratio(seconds["smoothness, automatic gradient"], seconds["smoothness"])])
+    print_table(["level", "grid"] + names + ["sampling / loss", "no XLA / XLA", "automatic / written gradient"], rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Rows (seconds, median of ``--repeats`` after a warm-up):
 * ``register_volumes`` parts: preprocess (crop, intensity maps, initial alignment, both images
   onto the network grid), network, field (network flow onto the fixed grid, the alignment
   composed), resample (moving image and labels through the field), plus read and write;
-* the network alone (the same call as inside), and ``register_volumes`` / network;
+* the network alone (the same call as inside: `vtn_tf.registration.network_outputs`, one
+  TensorFlow graph), and ``register_volumes`` / network; ``register_volumes`` again without
+  the affine search (``--init_steps 0``: the initialiser alone) and its ratio;
 * batch mode per pair (``vtn-register --pairs``, model loaded once, read + register + write),
   gzip level 1 (the default), ``.nii`` (``--compression 0``), and gzip with ``--refine N``
   (``--refine``, default 60: the instance optimisation);
@@ -84,13 +86,19 @@ def measure_vtn(registrar, paths, folder, repeats):
     fixed, moving, labels = registration.read_inputs(*paths[:2], [paths[2]])
     inputs = registration._network_inputs(registrar.contract or registration.default_contract(
         registrar.network_shape), fixed, moving, registrar.init, lambda *_: None)
-    feed = {"fixed": inputs[0][None, ..., None], "moving": inputs[1][None, ..., None]}
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        registrar.model(feed)["flow"].numpy()
+        pair = (inputs[0][None, ..., None], inputs[1][None, ..., None])
+        registration.network_outputs(registrar.model, *pair, registrar.passes)["flow"].numpy()
         network.append(time.perf_counter() - start)
+    no_search = []
+    steps, registrar.init_steps = registrar.init_steps, 0
+    for _ in range(repeats + 1):
+        result = registrar.register(fixed, moving, labels)
+        no_search.append(sum(result.seconds[key] for key in ("preprocess", "network", "field", "resample")))
+    registrar.init_steps = steps
     parts = {key: _median([run[key] for run in parts_runs]) for key in parts_runs[0]}
-    return parts, _median(network[1:])
+    return parts, _median(network[1:]), _median(no_search[1:])
 
 
 def measure_batch(args, model, paths, folder, pairs=3, refine=None, compression=1):
@@ -159,7 +167,7 @@ def main():
         for size in (["lpba40"] if args.quick else args.sizes):
             paths = _brain_pair(folder, size)
             shape = "x".join(map(str, __import__("nibabel").load(paths[0]).shape))
-            parts, network = measure_vtn(registrar, paths, folder, repeats)
+            parts, network, no_search = measure_vtn(registrar, paths, folder, repeats)
             core = sum(parts[key] for key in ("preprocess", "network", "field", "resample"))
             per_pair = measure_batch(args, model, paths, folder, 1 if args.quick else 3)
             uncompressed = measure_batch(args, model, paths, folder, 1 if args.quick else 3, compression=0)
@@ -175,6 +183,7 @@ def main():
             rows.append([shape] + [format_seconds(parts[key]) for key in
                                    ("read", "preprocess", "network", "field", "resample", "write")]
                         + [format_seconds(core), format_seconds(network), ratio(core, network),
+                           format_seconds(no_search), ratio(no_search, network),
                            format_seconds(per_pair), format_seconds(uncompressed),
                            format_seconds(refined) if refined else "n/a",
                            format_seconds(cli)]
@@ -183,7 +192,8 @@ def main():
                         + [ratio(classical["ants"], uncompressed) if classical.get("ants") else "n/a"]
                         + [ratio(classical["ants"], refined) if refined and classical.get("ants") else "n/a"])
         print_table(["fixed grid", "read", "preprocess", "network", "field", "resample", "write",
-                     "register_volumes", "network alone", "register / network", "batch, per pair",
+                     "register_volumes", "network alone", "register / network",
+                     "register_volumes, --init_steps 0", "(--init_steps 0) / network", "batch, per pair",
                      "batch, .nii, per pair",
                      f"batch + refine {args.refine}, per pair", "one CLI call", "ANTs SyN", "elastix",
                      "ANTs / batch", "elastix / batch", "ANTs / (batch, .nii)",
