@@ -77,7 +77,8 @@ def main():
     for level, shape in levels.items():
         seconds = measure(tf, shape, moving, repeats, warmup)
         rows.append([level, "x".join(map(str, shape))] + [f"{1000 * seconds[n]:.0f} ms" for n in names]
-                    + [ratio(seconds["sampling"], seconds["loss"]), ratio(seconds["Adam step, no XLA"], seconds["Adam step"]),
+                    + [ratio(seconds["sampling"], seconds["loss"]),
+                       ratio(seconds["Adam step, no XLA"], seconds["Adam step"]),
                        ratio(seconds["smoothness, automatic gradient"], seconds["smoothness"])])
     print_table(["level", "grid"] + names + ["sampling / loss", "no XLA / XLA", "automatic / written gradient"], rows)
 
