@@ -1,6 +1,7 @@
 """What every command-line tool shares: one-line errors and a non-zero exit."""
 
 import contextlib
+import logging
 import os
 import sys
 
@@ -14,6 +15,15 @@ from vtn_tf.io import InputError, error_line
 # raises about user files. Anything else (a bare ValueError, KeyError or OSError) is a bug
 # and keeps its traceback.
 USER_ERRORS = (InputError, ConfigError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def _expected_retracing(record):
+    """False for TensorFlow's retracing warning: the compiled resampling and refinement
+    kernels trace once per grid size and mode by design (XLA needs static shapes)."""
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
+logging.getLogger("tensorflow").addFilter(_expected_retracing)
 
 
 def define_passes_flag():
