@@ -178,6 +178,11 @@ def _build_kernels():
             p = tuple(p[c] + field[..., c] for c in range(3))
         return mapped(matrix, p, shape)
 
+    @tf.function(jit_compile=True, reduce_retracing=True)
+    def map_points(points, matrix):
+        return tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1]
+                         + points[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], axis=-1)
+
     @tf.function(jit_compile=True)
     def grid_points(start, shape):
         return tf.stack([tf.broadcast_to(c, shape) for c in grid(start, shape)], axis=-1)
@@ -232,8 +237,8 @@ def _build_kernels():
         millimetres = tf.norm(flow * spacing, axis=-1)
         return tf.reduce_mean(millimetres), tf.reduce_max(millimetres)
 
-    return dict(grid_points=grid_points, resample=resample, lerp_axis=lerp_axis, flow_on_fixed=flow_on_fixed,
-                intensity=intensity, length_stats=length_stats)
+    return dict(map_points=map_points, grid_points=grid_points, resample=resample, lerp_axis=lerp_axis,
+                flow_on_fixed=flow_on_fixed, intensity=intensity, length_stats=length_stats)
 
 
 def _rows_shape(shape, rows):
@@ -249,20 +254,9 @@ def _matrix34(matrix):
     return _tf().constant(np.asarray(matrix, np.float64)[:3], _tf().float32)
 
 
-_MAP_POINTS = None
-
-
 def _affine_points(matrix, points):
     """``matrix`` (4x4 numpy) applied to points ``[..., 3]`` (tf float32), one fused XLA kernel."""
-    global _MAP_POINTS
-    tf = _tf()
-    if _MAP_POINTS is None:
-        @tf.function(jit_compile=True, reduce_retracing=True)
-        def map_points(points, matrix):
-            return tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1]
-                             + points[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], axis=-1)
-        _MAP_POINTS = map_points
-    return _MAP_POINTS(points, _matrix34(matrix))
+    return _kernels()["map_points"](points, _matrix34(matrix))
 
 
 def _as_image(data):
@@ -685,16 +679,16 @@ def network_outputs(model, fixed, moving, passes=1):
     tf = _tf()
     import keras
 
-    if not isinstance(model, keras.Model):
+    def forward(fixed, moving, passes):
         return model.register(fixed, moving, passes=passes) if passes > 1 else model({"fixed": fixed, "moving": moving})
+
+    if not isinstance(model, keras.Model):
+        return forward(fixed, moving, passes)
     graph = _GRAPHS.get(model)
     if graph is None:
         @tf.function(reduce_retracing=True)
         def graph(fixed, moving, passes):
-            if passes > 1:
-                out = model.register(fixed, moving, passes=passes)
-            else:
-                out = model({"fixed": fixed, "moving": moving})
+            out = forward(fixed, moving, passes)
             return {key: value for key, value in out.items() if key in ("flow", "affine_matrix", "affine_translation")}
         _GRAPHS[model] = graph
     return graph(tf.convert_to_tensor(fixed, tf.float32), tf.convert_to_tensor(moving, tf.float32), int(passes))
