@@ -127,6 +127,22 @@ def test_affine_search_recovers_a_known_header_move():
     assert np.sqrt(np.mean(error ** 2)) < 0.5, (np.sqrt(np.mean(error ** 2)), np.sqrt(np.mean(start ** 2)))
 
 
+def test_sublattices_read_every_voxel_once_with_its_own_point():
+    """The search's strided level: the s^3 interleaved sub-lattices of a grid whose sides s
+    divides hold every voxel exactly once, each beside its own world point (numpy indexing)."""
+    shape, stride = (6, 4, 8), 2
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
+    points = grid * [2.0, 3.0, 1.5] + [10.0, -5.0, 1.0]
+    images, lattice_points = refine._sublattices(tf.constant(image[None, ..., None]), tf.constant(points), stride)
+    assert images.shape == (8, 1, 3, 2, 4, 1) and lattice_points.shape == (8, 3, 2, 4, 3)
+    np.testing.assert_array_equal(np.sort(images.numpy().ravel()), image.ravel())
+    for k, offset in enumerate(np.ndindex(2, 2, 2)):
+        expected = image[offset[0]::2, offset[1]::2, offset[2]::2]
+        np.testing.assert_array_equal(images[k, 0, ..., 0].numpy(), expected)
+        np.testing.assert_allclose(lattice_points[k].numpy(), points[offset[0]::2, offset[1]::2, offset[2]::2])
+
+
 def test_affine_search_with_no_steps_keeps_the_start():
     image = blobs((16, 16, 16), 1)
     start = np.eye(4)

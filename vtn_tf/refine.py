@@ -204,14 +204,15 @@ ADAM = (0.9, 0.999, 1e-7)  # beta1, beta2, epsilon (Keras' defaults)
 
 
 def _adam_loop(loss_of, x, m, v, t, count, rate):
-    """``count`` Adam steps on ``x`` minimising ``loss_of(x)`` (``m``, ``v``: Adam's moments,
-    ``t``: its step count; ``rate``: a scalar or one rate per entry of ``x``). Returns the new
-    ``(x, m, v, t)`` and the loss before the last step. Functional, for one XLA loop."""
+    """``count`` Adam steps on ``x`` minimising ``loss_of(x, t)`` (``m``, ``v``: Adam's moments,
+    ``t``: its step count, float, 0 before the first step; ``rate``: a scalar or one rate per
+    entry of ``x``). Returns the new ``(x, m, v, t)`` and the loss before the last step.
+    Functional, for one XLA loop."""
     loss = tf.constant(0.0)
     for _ in tf.range(count):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            loss = loss_of(x)
+            loss = loss_of(x, t)
         grad = tape.gradient(loss, x)
         t = t + 1.0
         m = ADAM[0] * m + (1 - ADAM[0]) * grad
@@ -284,7 +285,7 @@ def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_f
                       weights, similarity, window):
     """``count`` Adam steps on the field ``u`` (``m``, ``v``: Adam's moments, ``t``: its step);
     returns the new ``(u, m, v, t)`` and the loss before the last step."""
-    return _adam_loop(lambda x: _loss(x, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights,
+    return _adam_loop(lambda x, _: _loss(x, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights,
                                       similarity, window), u, m, v, t, count, rate)
 
 
@@ -446,13 +447,22 @@ def _progress(log, done, total, loss, name="refine"):
 # run, brings both pre-aligned and arbitrarily placed scans to the same optimum, so that the
 # network sees the same input either way.
 
-AFFINE_LEVELS = ((2, 0.7, 1.0), (1, 0.3, 0.25))  # (network-grid coarsening, share of the steps, rate scale)
+# (network-grid coarsening, share of the steps, rate scale, point stride). A point stride s > 1
+# reads, at each step, one of the s^3 interleaved sub-lattices of the level's grid (every s-th
+# voxel per axis, the offset cycling with the step count): each step costs 1/s^3 of the full
+# grid's and every voxel is read once in s^3 steps, as the random sampling of elastix's
+# optimisers; `docs/results.md` has the validation of the choice.
+AFFINE_LEVELS = ((2, 0.7, 1.0, 1), (1, 0.3, 0.25, 2))
 AFFINE_RATES = (0.004, 0.4)  # Adam rates: linear part (unitless per step), translation (mm per step)
 
 
 def _affine_loss(params, fixed_image, world_points, centre, world_to_moving, moving_image):
     """``1 - r`` of the fixed network-grid image and the moving image read through the world
-    transform ``W(p) = c + (I + D)(p - c) + t`` (``params`` = 9 entries of ``D``, then ``t`` mm)."""
+    transform ``W(p) = c + (I + D)(p - c) + t`` (``params`` = 9 entries of ``D``, then ``t`` mm).
+
+    ``fixed_image`` ``[1, X, Y, Z, 1]`` and ``world_points`` ``[X, Y, Z, 3]`` (fixed RAS mm of
+    its voxels); or, stacked over sub-lattices, ``[S, 1, x, y, z, 1]`` and ``[S, x, y, z, 3]``
+    with the sub-lattice ``step mod S`` read (``step`` given)."""
     D = tf.reshape(params[:9], (3, 3))
     mapped = centre + tf.tensordot(world_points - centre, tf.transpose(tf.eye(3) + D), 1) + params[9:]
     positions = tf.tensordot(mapped, tf.transpose(world_to_moving[:3, :3]), 1) + world_to_moving[:3, 3]
@@ -460,13 +470,34 @@ def _affine_loss(params, fixed_image, world_points, centre, world_to_moving, mov
     return losses.correlation_coefficient_loss(fixed_image, warped)[0]
 
 
+def _sublattice(fixed_stack, points_stack, step):
+    k = tf.cast(tf.math.floormod(step, float(fixed_stack.shape[0])), tf.int32)
+    return fixed_stack[k], points_stack[k]
+
+
 def _affine_steps_eager(params, m, v, t, count, rates, fixed_image, world_points, centre, world_to_moving,
                         moving_image):
-    return _adam_loop(lambda x: _affine_loss(x, fixed_image, world_points, centre, world_to_moving, moving_image),
+    if len(fixed_image.shape) == 6:  # stacked sub-lattices
+        return _adam_loop(lambda x, step: _affine_loss(x, *_sublattice(fixed_image, world_points, step), centre,
+                                                       world_to_moving, moving_image), params, m, v, t, count, rates)
+    return _adam_loop(lambda x, _: _affine_loss(x, fixed_image, world_points, centre, world_to_moving, moving_image),
                       params, m, v, t, count, rates)
 
 
 _affine_steps = tf.function(_affine_steps_eager, jit_compile=True)  # one trace per grid size
+
+
+def _sublattices(fixed_image, world_points, stride):
+    """``fixed_image`` ``[1, X, Y, Z, 1]`` and ``world_points`` ``[X, Y, Z, 3]`` split into the
+    ``stride^3`` sub-lattices ``[o0::s, o1::s, o2::s]`` (each cropped to the smallest one's
+    shape), stacked: ``[S, 1, x, y, z, 1]``, ``[S, x, y, z, 3]``."""
+    shape = [int(n) // stride for n in world_points.shape[:3]]
+    images, points = [], []
+    for o in np.ndindex(stride, stride, stride):
+        index = tuple(slice(o[a], o[a] + stride * shape[a], stride) for a in range(3))
+        images.append(fixed_image[(slice(None),) + index])
+        points.append(world_points[index])
+    return tf.stack(images), tf.stack(points)
 
 
 def search_affine(fixed_net, net_to_world, moving, moving_affine, initial, steps=100, moving_spacing_factor=None):
@@ -511,11 +542,13 @@ def search_affine(fixed_net, net_to_world, moving, moving_affine, initial, steps
     if steps <= 0:
         return initial, before, before
     rates = tf.constant([AFFINE_RATES[0]] * 9 + [AFFINE_RATES[1]] * 3, tf.float32)
-    for factor, share, scale in AFFINE_LEVELS:
+    for factor, share, scale, stride in AFFINE_LEVELS:
         count = int(round(steps * share))
         if count <= 0:
             continue
         inputs = full if factor == 1 else level_inputs(factor)
+        if stride > 1:
+            inputs = (*_sublattices(inputs[0], inputs[1], stride), *inputs[2:])
         params = _affine_steps(params, tf.zeros(12), tf.zeros(12), tf.constant(0.0), tf.constant(count),
                                rates * scale, *inputs)[0]  # Adam restarts at each level
     after = 1.0 - float(_affine_loss(params, *full))
