@@ -165,13 +165,21 @@ class RefineSettings:
 def coarsen(data, factor):
     """Box average of ``[X, Y, Z]`` over ``factor``^3 cells (edge cells averaged over what
     exists). Returns ``[ceil(X/f), ceil(Y/f), ceil(Z/f)]`` float32 (tf)."""
-    volume = tf.convert_to_tensor(np.asarray(data, np.float32))[None, ..., None]
+    return _coarsened(tf.convert_to_tensor(np.asarray(data, np.float32)), factor)
+
+
+def _coarsened(volume, factor):
+    """:func:`coarsen` of a tf ``[X, Y, Z]`` float32 (graph and XLA friendly: cell sums by a
+    reshape; the cell counts are an outer product of three short vectors)."""
     if factor == 1:
-        return volume[0, ..., 0]
-    pad = [[0, 0]] + [[0, (-n) % factor] for n in data.shape] + [[0, 0]]
-    total = tf.nn.avg_pool3d(tf.pad(volume, pad), factor, factor, "VALID")
-    count = tf.nn.avg_pool3d(tf.pad(tf.ones_like(volume), pad), factor, factor, "VALID")
-    return (total / count)[0, ..., 0]
+        return volume
+    sizes = [int(n) for n in volume.shape]
+    cells = [-(-n // factor) for n in sizes]
+    padded = tf.pad(volume, [[0, c * factor - n] for c, n in zip(cells, sizes)])
+    sums = tf.reduce_sum(tf.reshape(padded, [cells[0], factor, cells[1], factor, cells[2], factor]), axis=(1, 3, 5))
+    counts = [np.minimum(factor, n - factor * np.arange(c)).astype(np.float32) for c, n in zip(cells, sizes)]
+    count = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+    return sums / tf.constant(count)
 
 
 def coarse_to_fine(factor, offset=(0, 0, 0)):
@@ -197,7 +205,9 @@ def _grid(shape):
 
 
 def _points(matrix, points):
-    return tf.tensordot(points, tf.constant(matrix[:3, :3].T, tf.float32), 1) + tf.constant(matrix[:3, 3], tf.float32)
+    """``matrix`` (4x4 numpy or tf float32) applied to ``points`` ``[..., 3]``."""
+    matrix = tf.cast(matrix, tf.float32)
+    return tf.tensordot(points, tf.transpose(matrix[:3, :3]), 1) + matrix[:3, 3]
 
 
 ADAM = (0.9, 0.999, 1e-7)  # beta1, beta2, epsilon (Keras' defaults)
@@ -206,19 +216,20 @@ ADAM = (0.9, 0.999, 1e-7)  # beta1, beta2, epsilon (Keras' defaults)
 def _adam_loop(loss_of, x, m, v, t, count, rate):
     """``count`` Adam steps on ``x`` minimising ``loss_of(x, t)`` (``m``, ``v``: Adam's moments,
     ``t``: its step count, float, 0 before the first step; ``rate``: a scalar or one rate per
-    entry of ``x``). Returns the new ``(x, m, v, t)`` and the loss before the last step.
-    Functional, for one XLA loop."""
-    loss = tf.constant(0.0)
-    for _ in tf.range(count):
+    entry of ``x``). Returns the new ``(x, m, v, t)``, the loss at the first step and the
+    loss before the last step (both before their steps' updates). Functional, for one XLA loop."""
+    loss, first = tf.constant(0.0), tf.constant(0.0)
+    for k in tf.range(count):
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = loss_of(x, t)
+        first = tf.where(tf.equal(k, 0), loss, first)
         grad = tape.gradient(loss, x)
         t = t + 1.0
         m = ADAM[0] * m + (1 - ADAM[0]) * grad
         v = ADAM[1] * v + (1 - ADAM[1]) * tf.square(grad)
         x = x - rate * tf.sqrt(1 - ADAM[1] ** t) / (1 - ADAM[0] ** t) * m / (tf.sqrt(v) + ADAM[2])
-    return x, m, v, t, loss
+    return x, m, v, t, first, loss
 
 
 def forward_determinant(u):
@@ -284,12 +295,45 @@ def _loss(u, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weig
 def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_fine, aligned, matrix, factor,
                       weights, similarity, window):
     """``count`` Adam steps on the field ``u`` (``m``, ``v``: Adam's moments, ``t``: its step);
-    returns the new ``(u, m, v, t)`` and the loss before the last step."""
+    returns the new ``(u, m, v, t)``, the loss at the first step and before the last."""
     return _adam_loop(lambda x, _: _loss(x, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights,
                                       similarity, window), u, m, v, t, count, rate)
 
 
 _adam_steps = tf.function(_adam_steps_eager, jit_compile=True)  # one trace per grid size (static shapes)
+
+
+@tf.function(jit_compile=True)
+def _level_start(box, moving, flow, change, to_fine, to_previous, alignment, factor, similarity, window):
+    """One level's inputs, in one compiled call (one trace per level and grid size).
+
+    ``box``: ``[bx, by, bz]`` the fixed image's box ``B``; ``moving`` ``[X', Y', Z']``; ``flow``
+    ``[X, Y, Z, 3]`` the network's field on ``F``; ``change``: the coarser level's change on its
+    own grid ``[l..., 3]`` (None on the first level); ``to_fine``: 4x4 ``L`` -> ``F`` indices;
+    ``to_previous``: 4x4 ``L`` -> the coarser level's indices; ``alignment``: ``K``; ``factor``:
+    the level's (Python int).
+    Returns ``(fixed statistics or image, moving image [1, l..., 1], L's voxels as F indices,
+    K's displacement there, the network's field there, the start u)``."""
+    fixed_image = _coarsened(box, factor)[None, ..., None]
+    moving_image = _coarsened(moving, factor)[None, ..., None]
+    if similarity == "ncc":
+        fixed_image = losses.local_ncc_fixed_statistics(fixed_image, window)
+    grid = _grid([-(-int(n) // factor) for n in box.shape])  # L: ceil(B / factor) per axis
+    grid_fine = _points(to_fine, grid)
+    aligned = _points(alignment, grid_fine) - grid_fine
+    start = spatial.sample(flow[None], grid_fine[None], "linear", "clamp")[0]
+    u = start
+    if change is not None:
+        u = start + spatial.sample(change[None], _points(to_previous, grid)[None], "linear", "clamp")[0]
+    return fixed_image, moving_image, grid_fine, aligned, start, u
+
+
+@tf.function(jit_compile=True)
+def _finish(flow, change, to_coarse):
+    """``flow`` ``[X, Y, Z, 3]`` plus the last level's ``change`` brought onto ``F`` (``to_coarse``:
+    4x4 ``F`` -> that level's indices, edge-clamped trilinear), and the largest change (voxels)."""
+    upsampled = spatial.sample(change[None], _points(to_coarse, _grid(flow.shape[:3]))[None], "linear", "clamp")[0]
+    return flow + upsampled, tf.sqrt(tf.reduce_max(tf.reduce_sum(tf.square(upsampled), -1)))
 
 
 def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print, alignment=None):
@@ -313,8 +357,9 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
         stage).
     Returns:
       the refined field (same shape, units and direction) and a list of
-      ``(step, loss, seconds)`` checkpoints (every 10 steps and the last of each level;
-      ``step`` counts over all levels, each level's losses on its own grid).
+      ``(step, loss, seconds)`` checkpoints: each level's loss at its start, then after every
+      10 steps and the level's last (the loss before the last of those steps); ``step``
+      counts over all levels, each level's losses on its own grid.
     """
     flow = tf.convert_to_tensor(flow_voxels, tf.float32)
     alignment = np.eye(4) if alignment is None else np.asarray(alignment, float)
@@ -323,55 +368,51 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
     change, previous, summary = None, None, []
     fixed = np.asarray(fixed, np.float32)
     low, high = foreground_box(fixed, max(settings.factors) + 1) if settings.crop else preprocess.full_box(fixed.shape)
-    box = fixed[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+    box = tf.constant(fixed[low[0]:high[0], low[1]:high[1], low[2]:high[2]])
+    moving = tf.convert_to_tensor(np.asarray(moving, np.float32))
+    weights = tf.constant([float(settings.smoothness)] + ([float(settings.folding)] if settings.folding else []))
     for factor, steps in zip(settings.factors, settings.level_steps):
         if steps == 0:
             continue
         if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
             break
         to_fine = coarse_to_fine(factor, low)
-        fixed_image = coarsen(box, factor)[None, ..., None]
-        moving_image = coarsen(moving, factor)[None, ..., None]
-        shape = tuple(int(n) for n in fixed_image.shape[1:4])
-        if settings.similarity == "ncc":
-            fixed_image = losses.local_ncc_fixed_statistics(fixed_image, int(settings.ncc_window))
+        to_previous = np.eye(4) if change is None else np.linalg.inv(coarse_to_fine(previous, low)) @ to_fine
         # F index -> moving_low index: F -> world -> M -> moving_low (the moving grid coarsened from 0)
         matrix = np.linalg.inv(coarse_to_fine(factor)) @ np.linalg.inv(moving_affine) @ fixed_affine
         matrix = tf.constant(matrix[:3], tf.float32)
-        grid_fine = _points(to_fine, _grid(shape))  # [L..., 3] fixed indices of L's voxels
-        aligned = _points(alignment, grid_fine) - grid_fine  # K's displacement at L's voxels
-        start = spatial.sample(flow[None], grid_fine[None], "linear", "clamp")[0]
-        u = start
-        if change is not None:  # the coarser level's change, at this level's voxels
-            u = start + spatial.sample(change[None], _points(np.linalg.inv(coarse_to_fine(previous, low)) @ to_fine,
-                                                             _grid(shape))[None], "linear", "clamp")[0]
+        fixed_image, moving_image, grid_fine, aligned, start, u = _level_start(
+            box, moving, flow, change, tf.constant(to_fine, tf.float32), tf.constant(to_previous, tf.float32),
+            tf.constant(alignment, tf.float32), factor, settings.similarity, int(settings.ncc_window))
+        shape = tuple(int(n) for n in grid_fine.shape[:3])
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
-        weights = [float(settings.smoothness)] + ([float(settings.folding)] if settings.folding else [])
         arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, aligned, matrix,
-                     tf.constant(float(factor)), tf.constant(weights), settings.similarity, int(settings.ncc_window))
-        first = float(_loss(u, *arguments[1:]))
-        history.append((done, first, time.perf_counter() - began))
-        level_done, chunk = 0, 10
+                     tf.constant(float(factor)), weights, settings.similarity, int(settings.ncc_window))
+        level_done, chunk, first, last = 0, 10, None, None
         while level_done < steps:
             if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
                 break
             count = min(chunk, steps - level_done)
-            u, m, v, t, loss = _adam_steps(u, m, v, t, tf.constant(count), *arguments)
+            u, m, v, t, loss_first, loss = _adam_steps(u, m, v, t, tf.constant(count), *arguments)
+            if first is None:
+                first = float(loss_first)
+                history.append((done, first, time.perf_counter() - began))
             level_done += count
             done += count
-            history.append((done, float(loss), time.perf_counter() - began))
-            _progress(log, done, total, float(loss))
-        last = float(_loss(u, *arguments[1:]))
-        history.append((done, last, time.perf_counter() - began))
-        summary.append(f"1/{factor} ({'x'.join(map(str, shape))}) {level_done} steps, loss {first:.4f} -> {last:.4f}")
+            last = float(loss)
+            history.append((done, last, time.perf_counter() - began))
+            _progress(log, done, total, last)
+        if first is None:  # the time budget ran out before this level's first step
+            break
+        summary.append(f"1/{factor} ({'x'.join(map(str, shape))}) {level_done} steps, loss {first:.4f} -> {last:.4f} "
+                       "(before the last step)")
         change, previous = u - start, factor
     if change is None:
         return flow, history
-    to_coarse = _points(np.linalg.inv(coarse_to_fine(previous, low)), _grid(flow.shape[:3]))
-    upsampled = spatial.sample(change[None], to_coarse[None], "linear", "clamp")[0]
+    refined, largest = _finish(flow, change, tf.constant(np.linalg.inv(coarse_to_fine(previous, low)), tf.float32))
     log(f"refined {done} steps in {time.perf_counter() - began:.1f} s: {'; '.join(summary)}; largest change "
-        f"{float(tf.reduce_max(tf.norm(upsampled, axis=-1))):.2f} voxels")
-    return flow + upsampled, history
+        f"{float(largest):.2f} voxels")
+    return refined, history
 
 
 # id(model) -> (optimizer, compiled step), for the life of the process (the step holds the model, so
