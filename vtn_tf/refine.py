@@ -526,6 +526,7 @@ def _affine_steps_eager(params, m, v, t, count, rates, fixed_image, world_points
 
 
 _affine_steps = tf.function(_affine_steps_eager, jit_compile=True)  # one trace per grid size
+_affine_loss_compiled = tf.function(_affine_loss, jit_compile=True)  # before and after the search
 
 
 def _sublattices(fixed_image, world_points, stride):
@@ -579,7 +580,7 @@ def search_affine(fixed_net, net_to_world, moving, moving_affine, initial, steps
                 tf.constant(world_to_moving, tf.float32), moving_image)
 
     full = level_inputs(1)
-    before = 1.0 - float(_affine_loss(params, *full))
+    before = 1.0 - float(_affine_loss_compiled(params, *full))
     if steps <= 0:
         return initial, before, before
     rates = tf.constant([AFFINE_RATES[0]] * 9 + [AFFINE_RATES[1]] * 3, tf.float32)
@@ -592,7 +593,7 @@ def search_affine(fixed_net, net_to_world, moving, moving_affine, initial, steps
             inputs = (*_sublattices(inputs[0], inputs[1], stride), *inputs[2:])
         params = _affine_steps(params, tf.zeros(12), tf.zeros(12), tf.constant(0.0), tf.constant(count),
                                rates * scale, *inputs)[0]  # Adam restarts at each level
-    after = 1.0 - float(_affine_loss(params, *full))
+    after = 1.0 - float(_affine_loss_compiled(params, *full))
     if after <= before:  # never worse than the initialiser
         return initial, before, before
     p = params.numpy().astype(float)
