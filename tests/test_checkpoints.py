@@ -46,7 +46,13 @@ def test_restore_refuses_a_mismatched_checkpoint(tmp_path):
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_restore_model_in_reduced_precision(tmp_path, precision):
     """The network computes in the named type (its convolutions say so), the flow comes
-    back float32 and near the float32 model's, and the global Keras policy is untouched."""
+    back float32 and near the float32 model's, and the global Keras policy is untouched.
+
+    Near: an RMS difference within 3 % of the RMS flow (bfloat16's 8-bit significand gave
+    1.0-1.3 % over four initialisations, float16 0.13-0.16 %) and no voxel off by a tenth of
+    the largest flow (single voxels reach 2-5 % in bfloat16, by machine: oneDNN's bfloat16
+    kernels or Eigen's)."""
+    keras.utils.set_random_seed(0)
     model = VTN("AD", width=0.25)  # the paper's flow-head init: flows of a few voxels
     model.build((None, 64, 64, 64, 1))
     run_dir = checkpoints.save_model_dir(model, (64, 64, 64), tmp_path / "run")
@@ -62,7 +68,9 @@ def test_restore_model_in_reduced_precision(tmp_path, precision):
     assert flow.dtype == tf.float32
     scale = np.abs(expected).max()
     assert scale > 0.5  # the comparison below means something
-    assert np.abs(flow.numpy() - expected).max() < 0.05 * scale
+    error = flow.numpy() - expected
+    assert np.sqrt(np.mean(error ** 2)) < 0.03 * np.sqrt(np.mean(expected ** 2))
+    assert np.abs(error).max() < 0.1 * scale
     with pytest.raises(ValueError, match="precision must be one of"):
         checkpoints.restore_model(run_dir, "int8")
 
