@@ -502,8 +502,7 @@ def _affine_loss(params, fixed_image, world_points, centre, world_to_moving, mov
     transform ``W(p) = c + (I + D)(p - c) + t`` (``params`` = 9 entries of ``D``, then ``t`` mm).
 
     ``fixed_image`` ``[1, X, Y, Z, 1]`` and ``world_points`` ``[X, Y, Z, 3]`` (fixed RAS mm of
-    its voxels); or, stacked over sub-lattices, ``[S, 1, x, y, z, 1]`` and ``[S, x, y, z, 3]``
-    with the sub-lattice ``step mod S`` read (``step`` given)."""
+    its voxels)."""
     D = tf.reshape(params[:9], (3, 3))
     mapped = centre + tf.tensordot(world_points - centre, tf.transpose(tf.eye(3) + D), 1) + params[9:]
     positions = tf.tensordot(mapped, tf.transpose(world_to_moving[:3, :3]), 1) + world_to_moving[:3, 3]
@@ -511,18 +510,15 @@ def _affine_loss(params, fixed_image, world_points, centre, world_to_moving, mov
     return losses.correlation_coefficient_loss(fixed_image, warped)[0]
 
 
-def _sublattice(fixed_stack, points_stack, step):
-    k = tf.cast(tf.math.floormod(step, float(fixed_stack.shape[0])), tf.int32)
-    return fixed_stack[k], points_stack[k]
-
-
-def _affine_steps_eager(params, m, v, t, count, rates, fixed_image, world_points, centre, world_to_moving,
+def _affine_steps_eager(params, m, v, t, count, rates, fixed_images, points, centre, world_to_moving,
                         moving_image):
-    if len(fixed_image.shape) == 6:  # stacked sub-lattices
-        return _adam_loop(lambda x, step: _affine_loss(x, *_sublattice(fixed_image, world_points, step), centre,
-                                                       world_to_moving, moving_image), params, m, v, t, count, rates)
-    return _adam_loop(lambda x, _: _affine_loss(x, fixed_image, world_points, centre, world_to_moving, moving_image),
-                      params, m, v, t, count, rates)
+    """``count`` Adam steps of :func:`_affine_loss`; ``fixed_images`` ``[S, 1, x, y, z, 1]`` and
+    ``points`` ``[S, x, y, z, 3]`` are :func:`_sublattices`, step ``t`` reading ``t mod S``."""
+    def loss_of(x, step):
+        k = tf.cast(tf.math.floormod(step, float(fixed_images.shape[0])), tf.int32)
+        return _affine_loss(x, fixed_images[k], points[k], centre, world_to_moving, moving_image)
+
+    return _adam_loop(loss_of, params, m, v, t, count, rates)
 
 
 _affine_steps = tf.function(_affine_steps_eager, jit_compile=True)  # one trace per grid size
@@ -532,7 +528,7 @@ _affine_loss_compiled = tf.function(_affine_loss, jit_compile=True)  # before an
 def _sublattices(fixed_image, world_points, stride):
     """``fixed_image`` ``[1, X, Y, Z, 1]`` and ``world_points`` ``[X, Y, Z, 3]`` split into the
     ``stride^3`` sub-lattices ``[o0::s, o1::s, o2::s]`` (each cropped to the smallest one's
-    shape), stacked: ``[S, 1, x, y, z, 1]``, ``[S, x, y, z, 3]``."""
+    shape), stacked: ``[S, 1, x, y, z, 1]``, ``[S, x, y, z, 3]`` (stride 1: the whole grid, S = 1)."""
     shape = [int(n) // stride for n in world_points.shape[:3]]
     images, points = [], []
     for o in np.ndindex(stride, stride, stride):
@@ -589,8 +585,7 @@ def search_affine(fixed_net, net_to_world, moving, moving_affine, initial, steps
         if count <= 0:
             continue
         inputs = full if factor == 1 else level_inputs(factor)
-        if stride > 1:
-            inputs = (*_sublattices(inputs[0], inputs[1], stride), *inputs[2:])
+        inputs = (*_sublattices(inputs[0], inputs[1], stride), *inputs[2:])
         params = _affine_steps(params, tf.zeros(12), tf.zeros(12), tf.constant(0.0), tf.constant(count),
                                rates * scale, *inputs)[0]  # Adam restarts at each level
     after = 1.0 - float(_affine_loss_compiled(params, *full))
