@@ -493,7 +493,7 @@ def _progress(log, done, total, loss, name="refine"):
 # voxel per axis, the offset cycling with the step count): each step costs 1/s^3 of the full
 # grid's and every voxel is read once in s^3 steps, as the random sampling of elastix's
 # optimisers; `docs/results.md` has the validation of the choice.
-AFFINE_LEVELS = ((2, 0.7, 1.0, 1), (1, 0.3, 0.25, 2))
+AFFINE_LEVELS = ((2, 0.7, 1.0, 2), (1, 0.3, 0.25, 2))
 AFFINE_RATES = (0.004, 0.4)  # Adam rates: linear part (unitless per step), translation (mm per step)
 
 
