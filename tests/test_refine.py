@@ -99,6 +99,42 @@ def test_coarsen_is_the_cell_average():
     np.testing.assert_allclose(low[2, 1, 1], data[4:, 2:, 2:].mean())  # edge cell: what exists
 
 
+def scipy_read(values, matrix, out_shape):
+    """``values`` ``[a, b, c, C]`` at ``matrix`` (4x4) of each output index, order-1 with the
+    positions clamped to the grid (edge clamping)."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in out_shape], indexing="ij"), 0).reshape(3, -1).astype(float)
+    positions = np.clip(matrix[:3, :3] @ index + matrix[:3, 3:], 0, np.array(values.shape[:3])[:, None] - 1)
+    return np.stack([ndimage.map_coordinates(values[..., c].astype(float), positions, order=1, mode="nearest")
+                     for c in range(values.shape[-1])], -1).reshape(tuple(out_shape) + (values.shape[-1],))
+
+
+@pytest.mark.parametrize("factor,previous", [(1, 2), (2, 3), (3, 6), (None, 2), (None, 1)],
+                         ids=["1/2->1", "1/3->1/2", "1/6->1/3", "1/2->F", "1->F"])
+def test_level_maps_read_the_coarser_grid_as_scipy_does(factor, previous):
+    # A level's voxels in the coarser level's grid (cells aligned on the box's corner low), or
+    # (factor None) every voxel of the fixed grid F in the last level's: one linear
+    # interpolation per axis against scipy's order-1 map_coordinates at the same positions.
+    rng = np.random.default_rng(previous)
+    box, low, full = np.array([17, 12, 9]), np.array([3, 1, 2]), (22, 15, 13)
+    coarse = [-(-int(n) // previous) for n in box]
+    values = rng.normal(size=coarse + [3]).astype(np.float32)
+    if factor is None:
+        matrix, out_shape = np.linalg.inv(refine.coarse_to_fine(previous, low)), full
+    else:
+        matrix = np.linalg.inv(refine.coarse_to_fine(previous, low)) @ refine.coarse_to_fine(factor, low)
+        out_shape = [-(-int(n) // factor) for n in box]
+    got = refine._separable_resample(tf.constant(values), refine._axis_reads(matrix, out_shape, coarse)).numpy()
+    assert got.shape == tuple(out_shape) + (3,)
+    np.testing.assert_allclose(got, scipy_read(values, matrix, out_shape), atol=1e-5)
+
+
+def test_axis_reads_refuse_a_rotation():
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[0, -1], [1, 0]]
+    with pytest.raises(ValueError, match="axis-aligned"):
+        refine._axis_reads(rotation, (4, 4, 4), (4, 4, 4))
+
+
 def test_affine_search_recovers_a_known_header_move():
     """The moving file holds the fixed image's voxels under a header moved by a known rigid
     transform M (world): fixed point p shows the same anatomy as moving point M p, so the
