@@ -157,7 +157,7 @@ REFINE_STEPS ?= 60
 # A second refinement table, the schedule chosen on the validation pairs (docs/results.md):
 # on LPBA40 a last level at full resolution; on the hippocampus crops (whose default levels
 # already end at full resolution) a level at 1/4 below them and 10 full-resolution steps. Empty: none.
-REFINE_FULL ?= --refine 60x60x60x60x10 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1
+REFINE_FULL ?= --refine 60x60x60x60x10 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1 --refine_rate 0.5
 HIPPOCAMPUS_REFINE_FULL = --refine 30x30x10 --refine_resolution 0.25,0.5,1
 native_eval = $(PYTHON) -m vtn_tf.apps.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
 	  $(NATIVE_PROTOCOL) --passes $(NATIVE_PASSES) --overwrite
