@@ -304,37 +304,24 @@ _adam_steps = tf.function(_adam_steps_eager, jit_compile=True)  # one trace per 
 
 
 def _axis_reads(matrix, out_shape, in_shape):
-    """Where an axis-aligned map reads a grid, one axis at a time.
+    """`vtn_tf.spatial.axis_reads` of each axis for an axis-aligned map.
 
-    ``matrix``: 4x4 numpy, output index -> input index, a scaling and a shift per axis.
-    Returns per axis ``(lower, upper, weight)`` (tf int32, int32, float32, ``[out_shape[a]]``):
-    output index ``i`` reads the input at ``matrix[a, a] i + matrix[a, 3]`` clamped to
-    ``[0, in_shape[a] - 1]``, between the entries ``lower`` and ``upper`` with the weight
-    ``weight`` of the upper one (trilinear sampling with edge clamping, as
-    `vtn_tf.spatial.sample`'s ``"clamp"``)."""
+    ``matrix``: 4x4 numpy, output index -> input index, a scaling and a shift per axis; output
+    index ``i`` along axis ``a`` reads the input at ``matrix[a, a] i + matrix[a, 3]``.
+    Returns three ``(lower, upper, weight)``, for ``out_shape`` from ``in_shape``."""
     matrix = np.asarray(matrix, np.float64)
     if np.count_nonzero(matrix[:3, :3] - np.diag(np.diag(matrix[:3, :3]))):
         raise ValueError("_axis_reads needs an axis-aligned map (a scaling and a shift per axis)")
-    reads = []
-    for a in range(3):
-        n = int(in_shape[a])
-        position = np.clip(matrix[a, a] * np.arange(int(out_shape[a])) + matrix[a, 3], 0.0, n - 1)
-        lower = np.clip(np.floor(position), 0, max(n - 2, 0))
-        upper = np.minimum(lower + 1, n - 1)
-        reads.append((tf.constant(lower, tf.int32), tf.constant(upper, tf.int32),
-                      tf.constant(position - lower, tf.float32)))
-    return tuple(reads)
+    return tuple(spatial.axis_reads(matrix[a, a] * np.arange(int(out_shape[a])) + matrix[a, 3], int(in_shape[a]))
+                 for a in range(3))
 
 
 def _separable_resample(values, reads):
     """``values`` ``[a, b, c, C]`` read where :func:`_axis_reads` says: a linear interpolation
     along each axis in turn (the trilinear weights of an axis-aligned map are a product of
     per-axis ones), ``[X, Y, Z, C]``; about a tenth of the work of 8-corner sampling."""
-    for axis, (lower, upper, weight) in enumerate(reads):
-        shape = [1, 1, 1, 1]
-        shape[axis] = -1
-        weight = tf.reshape(weight, shape)
-        values = tf.gather(values, lower, axis=axis) * (1.0 - weight) + tf.gather(values, upper, axis=axis) * weight
+    for axis, read in enumerate(reads):
+        values = spatial.lerp_axis(values, *read, axis)
     return values
 
 

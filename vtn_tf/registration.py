@@ -194,14 +194,7 @@ def _build_kernels():
             return spatial._sample_at_nearest(image, at, zero)[0, ..., 0]
         return spatial._sample_at_linear(image, at, zero)[0, ..., 0]
 
-    @tf.function(jit_compile=True)
-    def lerp_axis(values, lower, upper, weight, axis):
-        """Linear interpolation of ``values`` along ``axis`` between the entries ``lower`` and
-        ``upper`` with the weights ``weight`` of the upper ones (one per output entry)."""
-        shape = [1] * len(values.shape)
-        shape[axis] = -1
-        weight = tf.reshape(weight, shape)
-        return tf.gather(values, lower, axis=axis) * (1.0 - weight) + tf.gather(values, upper, axis=axis) * weight
+    lerp_axis = tf.function(spatial.lerp_axis, jit_compile=True)
 
     @tf.function(jit_compile=True)
     def flow_on_fixed(flow, lower, upper, weight, linear, offset, start, shape):
@@ -307,16 +300,13 @@ def resample_through(data, matrix, shape, interpolation="linear", outside="zero"
 
 
 def _axis_weights(G, axis, size, network_size, rows=None):
-    """Where fixed index ``x`` along ``axis`` reads the network grid: ``(lower, upper, weight)``
-    (tf int32, int32, float32; ``[len(rows)]`` or ``[size]``) of the network position
-    ``G^-1 x`` clamped to ``[0, network_size - 1]``, as trilinear sampling with edge clamping."""
-    tf = _tf()
+    """Where fixed index ``x`` along ``axis`` reads the network grid: `vtn_tf.spatial.axis_reads`
+    (``[len(rows)]`` or ``[size]``) of the network position ``G^-1 x``, trilinear sampling
+    with edge clamping."""
+    from vtn_tf import spatial
+
     x = np.arange(size, dtype=np.float64) if rows is None else np.arange(rows.start, rows.stop, dtype=np.float64)
-    position = np.clip((x - G[axis, 3]) / G[axis, axis], 0.0, network_size - 1)
-    lower = np.clip(np.floor(position), 0, max(network_size - 2, 0))
-    upper = np.minimum(lower + 1, network_size - 1)
-    return (tf.constant(lower, tf.int32), tf.constant(upper, tf.int32),
-            tf.constant(position - lower, tf.float32))
+    return spatial.axis_reads((x - G[axis, 3]) / G[axis, axis], network_size)
 
 
 def network_flow_on_fixed(network_flow, G, fixed_shape, K=None):

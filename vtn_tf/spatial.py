@@ -14,6 +14,7 @@ Conventions, used everywhere in vtn_tf (paper §III-A):
 This module is the bottom floor of the package: pure tensor maths, no Keras, no I/O.
 """
 
+import numpy as np
 import tensorflow as tf
 
 INTERPOLATIONS = ("linear", "nearest")
@@ -346,6 +347,34 @@ def sample(image, positions, interpolation="linear", outside="clamp"):
         return _sample_at_linear(image, positions, zero), gradient
 
     return linear(positions)
+
+
+def axis_reads(position, size):
+    """Where positions along one axis read it, for a linear interpolation with edge clamping.
+
+    Args:
+      position: ``[n]`` numpy float, continuous indices into an axis of ``size`` entries.
+    Returns:
+      ``(lower, upper, weight)`` tf int32, int32, float32 ``[n]``: each position clamped to
+      ``[0, size - 1]`` lies between entries ``lower`` and ``upper`` with the weight ``weight``
+      of the upper one. An axis-aligned map (a scaling and a shift per axis) reads a grid as
+      these per axis: trilinear sampling with ``"clamp"`` (:func:`sample`), one axis at a time
+      (:func:`lerp_axis`).
+    """
+    position = np.clip(np.asarray(position, np.float64), 0.0, size - 1)
+    lower = np.clip(np.floor(position), 0, max(size - 2, 0))
+    upper = np.minimum(lower + 1, size - 1)
+    return tf.constant(lower, tf.int32), tf.constant(upper, tf.int32), tf.constant(position - lower, tf.float32)
+
+
+def lerp_axis(values, lower, upper, weight, axis):
+    """Linear interpolation of ``values`` along ``axis`` between the entries ``lower`` and
+    ``upper`` with the weights ``weight`` of the upper ones (one per output entry,
+    :func:`axis_reads`)."""
+    shape = [1] * len(values.shape)
+    shape[axis] = -1
+    weight = tf.reshape(weight, shape)
+    return tf.gather(values, lower, axis=axis) * (1.0 - weight) + tf.gather(values, upper, axis=axis) * weight
 
 
 def compose(g1, g2):
