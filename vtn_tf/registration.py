@@ -992,12 +992,28 @@ def _save_all(images, compression):
             future.result()
 
 
-def _save(image, path, compression):
-    """nibabel save with a chosen gzip level (0: uncompressed .nii)."""
-    if int(compression) == 0:
-        nib.save(image, str(path))
-        return
+def _gzip_module(level):
+    """The module that writes gzip ``level``: ISA-L's ``isal.igzip`` for levels 1-3 (its own
+    levels 1-3; the same gzip format, about 20x faster than zlib at level 1 on a float32 field
+    and within 3 % of its size, `docs/performance.md`), the standard ``gzip`` (zlib) for 4-9
+    or where ``isal`` is not installed."""
+    if level <= 3:
+        try:
+            from isal import igzip
+
+            return igzip
+        except ImportError:
+            pass
     import gzip
 
-    with gzip.open(path, "wb", compresslevel=int(compression)) as stream:
+    return gzip
+
+
+def _save(image, path, compression):
+    """nibabel save with a chosen gzip level (0: uncompressed .nii)."""
+    level = int(compression)
+    if level == 0:
+        nib.save(image, str(path))
+        return
+    with _gzip_module(level).open(path, "wb", compresslevel=level) as stream:
         stream.write(image.to_bytes())
