@@ -401,7 +401,7 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
         if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
             break
         to_fine = coarse_to_fine(factor, low)
-        shape = [-(-int(n) // factor) for n in box.shape]  # L
+        shape = tuple(-(-int(n) // factor) for n in box.shape)  # L: ceil(B / factor) per axis
         change_reads = None if change is None else _axis_reads(
             np.linalg.inv(coarse_to_fine(previous, low)) @ to_fine, shape, change.shape[:3])
         # F index -> moving_low index: F -> world -> M -> moving_low (the moving grid coarsened from 0)
@@ -411,7 +411,6 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
             box, moving, flow, change, tf.constant(to_fine, tf.float32), _axis_reads(to_fine, shape, flow.shape[:3]),
             change_reads,
             tf.constant(alignment, tf.float32), factor, settings.similarity, int(settings.ncc_window))
-        shape = tuple(int(n) for n in grid_fine.shape[:3])
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
         arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, aligned, matrix,
                      tf.constant(float(factor)), weights, settings.similarity, int(settings.ncc_window))
@@ -607,24 +606,29 @@ def search_affine(fixed_net, net_to_world, moving, moving_affine, initial, steps
     fixed_tf, moving_tf = tf.constant(fixed_net), tf.convert_to_tensor(np.asarray(moving, np.float32))
     centre_tf = tf.constant(centre[:3], tf.float32)
 
-    def level_inputs(factor, stride):
-        m_factor = moving_spacing_factor * factor
-        world_to_moving = np.linalg.inv(coarse_to_fine(m_factor)) @ np.linalg.inv(moving_affine) @ initial
-        parts = _search_level(fixed_tf, moving_tf, tf.constant(net_to_world @ coarse_to_fine(factor), tf.float32),
-                              factor, m_factor, stride)
-        return parts, tf.constant(world_to_moving, tf.float32)
+    strides, levels = {factor: stride for factor, _, _, stride in AFFINE_LEVELS}, {}
 
-    (fixed_image, world_points, moving_full, *_), to_moving = level_inputs(1, 1)
+    def level_inputs(factor):  # built once per level (the full grid's also scores before and after)
+        if factor not in levels:
+            m_factor = moving_spacing_factor * factor
+            world_to_moving = np.linalg.inv(coarse_to_fine(m_factor)) @ np.linalg.inv(moving_affine) @ initial
+            levels[factor] = (_search_level(fixed_tf, moving_tf,
+                                            tf.constant(net_to_world @ coarse_to_fine(factor), tf.float32),
+                                            factor, m_factor, strides.get(factor, 1)),
+                              tf.constant(world_to_moving, tf.float32))
+        return levels[factor]
+
+    (fixed_image, world_points, moving_full, *_), to_moving = level_inputs(1)
     full = (fixed_image, world_points, centre_tf, to_moving, moving_full)
     before = 1.0 - float(_affine_loss_compiled(params, *full))
     if steps <= 0:
         return initial, before, before
     rates = tf.constant([AFFINE_RATES[0]] * 9 + [AFFINE_RATES[1]] * 3, tf.float32)
-    for factor, share, scale, stride in AFFINE_LEVELS:
+    for factor, share, scale, _ in AFFINE_LEVELS:
         count = int(round(steps * share))
         if count <= 0:
             continue
-        (_, _, moving_image, images, points), to_moving = level_inputs(factor, stride)
+        (_, _, moving_image, images, points), to_moving = level_inputs(factor)
         # Adam restarts at each level
         params = _affine_steps(params, tf.zeros(12), tf.zeros(12), tf.constant(0.0), tf.constant(count),
                                rates * scale, images, points, centre_tf, to_moving, moving_image)[0]
