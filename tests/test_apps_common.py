@@ -1,7 +1,11 @@
 """vtn_tf.apps.common: which errors become one-line messages (exit 2) and which keep their traceback."""
 
 import errno
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from vtn_tf.apps.common import user_errors
@@ -48,3 +52,74 @@ def test_refine_steps_take_a_count_or_one_per_level():
     for text in ("ten", "60x", "-5", "60x-1"):
         with pytest.raises(InputError, match="--refine"):
             refine_steps(text)
+
+
+# ---- the compiled-kernel cache ---------------------------------------------------------------
+
+def test_compile_cache_folder_is_keyed_by_tensorflow_and_cpu(tmp_path):
+    from importlib.metadata import version
+
+    from vtn_tf.apps import common
+
+    folder = common.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
+    parent, name = os.path.split(folder)
+    assert parent == str(tmp_path)
+    assert name == f"tf{version('tensorflow')}-{common._machine_key()}"
+    assert len(common._machine_key()) == 12 and common._machine_key() == common._machine_key()
+    default = common.compile_cache_folder({"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert os.path.dirname(default) == str(tmp_path / "xdg" / "vtn-tf" / "xla")
+
+
+@pytest.mark.parametrize("environ", [{"VTN_XLA_CACHE": "off"}, {"VTN_XLA_CACHE": "0"}, {"VTN_XLA_CACHE": ""},
+                                     {"TF_XLA_FLAGS": "--tf_xla_persistent_cache_directory=/elsewhere"}])
+def test_compile_cache_off_or_left_to_the_user(environ):
+    from vtn_tf.apps import common
+
+    before = dict(environ)
+    assert common.compile_cache_folder(environ) is None
+    assert common.configure_compile_cache(environ) is None and environ == before
+
+
+def test_configure_compile_cache_appends_to_the_users_xla_flags(tmp_path):
+    from vtn_tf.apps import common
+
+    environ = {"VTN_XLA_CACHE": str(tmp_path), "TF_XLA_FLAGS": "--tf_xla_auto_jit=0"}
+    folder = common.configure_compile_cache(environ)
+    assert os.path.isdir(folder)
+    assert environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={folder}"
+    assert environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert common.configure_compile_cache({"VTN_XLA_CACHE": str(blocked)}) is None  # cannot be created
+
+
+def test_prune_compile_cache_deletes_the_oldest_first(tmp_path):
+    from vtn_tf.apps import common
+
+    for k in range(5):  # 5 files of 0.4 MiB, k = 0 the oldest
+        path = tmp_path / f"entry{k}.pb"
+        path.write_bytes(b"x" * (400 << 10))
+        os.utime(path, (1000 + k, 1000 + k))
+    assert common.prune_compile_cache(tmp_path, 1.0) == 3  # 2.0 MiB down to 0.8 MiB
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry3.pb", "entry4.pb"]
+    assert common.prune_compile_cache(tmp_path, 1.0) == 0
+
+
+def test_compiled_kernels_are_stored_and_reused_by_a_new_process(tmp_path):
+    """TensorFlow honours the folder: a first process writes the compiled kernel, a second
+    computes the same value and leaves the entry untouched (read, not compiled again)."""
+    script = ("from vtn_tf.apps import common\n"
+              "import tensorflow as tf\n"
+              "f = tf.function(lambda x: tf.sin(x) * 2.0 + 1.0, jit_compile=True)\n"
+              "print(repr(float(f(tf.constant(0.5)))))\n")
+    env = {**os.environ, "VTN_XLA_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_XLA_FLAGS", None)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        entries = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+        runs.append((float(done.stdout.strip().splitlines()[-1]), entries))
+    assert runs[0][0] == pytest.approx(np.sin(0.5) * 2 + 1, rel=1e-6) and runs[1][0] == runs[0][0]
+    assert runs[0][1] and all(name.endswith(".pb") for name in runs[0][1])
+    assert runs[1][1] == runs[0][1]

@@ -576,3 +576,38 @@ def test_the_network_runs_as_one_graph_with_the_eager_outputs():
         reference = eager if passes == 1 else model.register(fixed, moving, passes=2)
         for key in ("flow", "affine_matrix", "affine_translation"):
             np.testing.assert_allclose(np.asarray(graph[key]), np.asarray(reference[key]), atol=1e-5)
+
+
+def test_retracing_warnings_are_quiet_only_inside_the_registration_calls():
+    """The compiled kernels retrace per grid size by design: inside `register_volumes` and
+    `invert` TensorFlow's retracing warning is dropped, other warnings pass, and outside
+    them the caller's own retracing warnings still reach the log."""
+    import logging
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger, handler = logging.getLogger("tensorflow"), Keep()
+    retracing = "5 out of the last 7 calls to <function f at 0x1> triggered tf.function retracing."
+    tools_filter = registration.expected_retracing in logger.filters  # the command-line tools' own, for good
+    logger.removeFilter(registration.expected_retracing)
+    logger.addHandler(handler)
+    try:
+        @registration._quiet_retracing
+        def inside():
+            logger.warning(retracing)
+            logger.warning("another warning")
+
+        inside()
+        assert seen == ["another warning"]
+        logger.warning(retracing)
+        assert seen == ["another warning", retracing]
+    finally:
+        logger.removeHandler(handler)
+        if tools_filter:
+            logger.addFilter(registration.expected_retracing)
+    for function in (registration.register_volumes, registration.invert):
+        assert function.__wrapped__.__name__ == function.__name__  # wrapped by _quiet_retracing

@@ -102,7 +102,7 @@ class VTNMethod:
         self.passes = int(passes)
         self.warmed_up = False
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def register(fixed, moving, moving_labels):
             flow = model.register(fixed, moving, self.passes)["flow"]
             return spatial.warp(moving_labels, flow, "nearest"), flow

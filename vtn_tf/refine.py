@@ -218,8 +218,7 @@ def _adam_loop(loss_of, x, m, v, t, count, rate):
     ``t``: its step count, float, 0 before the first step; ``rate``: a scalar or one rate per
     entry of ``x``). Returns the new ``(x, m, v, t)``, the loss at the first step and the
     loss before the last step (both before their steps' updates). Functional, for one XLA loop."""
-    loss, first = tf.constant(0.0), tf.constant(0.0)
-    for k in tf.range(count):
+    def step(k, x, m, v, t, first, _):
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = loss_of(x, t)
@@ -229,6 +228,11 @@ def _adam_loop(loss_of, x, m, v, t, count, rate):
         m = ADAM[0] * m + (1 - ADAM[0]) * grad
         v = ADAM[1] * v + (1 - ADAM[1]) * tf.square(grad)
         x = x - rate * tf.sqrt(1 - ADAM[1] ** t) / (1 - ADAM[0] ** t) * m / (tf.sqrt(v) + ADAM[2])
+        return k + 1, x, m, v, t, first, loss
+
+    # an explicit loop: the compiled callers skip AutoGraph's source conversion (seconds per process)
+    start = (tf.constant(0, tf.int32), x, m, v, t, tf.constant(0.0), tf.constant(0.0))
+    _, x, m, v, t, first, loss = tf.while_loop(lambda k, *_: k < tf.cast(count, tf.int32), step, start)
     return x, m, v, t, first, loss
 
 
@@ -300,7 +304,7 @@ def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_f
                                       similarity, window), u, m, v, t, count, rate)
 
 
-_adam_steps = tf.function(_adam_steps_eager, jit_compile=True)  # one trace per grid size (static shapes)
+_adam_steps = tf.function(_adam_steps_eager, jit_compile=True, autograph=False)  # one trace per grid size (static shapes)
 
 
 def _axis_reads(matrix, out_shape, in_shape):
@@ -326,7 +330,7 @@ def _separable_resample(values, reads):
     return values
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _level_start(box, moving, flow, change, to_fine, start_reads, change_reads, alignment, factor, similarity,
                  window):
     """One level's inputs, in one compiled call (one trace per level and grid size).
@@ -351,7 +355,7 @@ def _level_start(box, moving, flow, change, to_fine, start_reads, change_reads, 
     return fixed_image, moving_image, grid_fine, aligned, start, u
 
 
-@tf.function  # graph mode: 1.3x faster than XLA here (memory-bound gathers of whole rows)
+@tf.function(autograph=False)  # graph mode: 1.3x faster than XLA here (memory-bound gathers of whole rows)
 def _finish(flow, change, reads):
     """``flow`` ``[X, Y, Z, 3]`` plus the last level's ``change`` brought onto ``F`` (``reads``:
     :func:`_axis_reads` of ``F`` -> that level's indices, edge-clamped trilinear), and the
@@ -455,7 +459,7 @@ def _finetune_step(model):
     if key not in _FINETUNE_STEPS:
         optimizer = keras.optimizers.Adam(1e-4)
 
-        @tf.function
+        @tf.function(autograph=False)
         def step(fixed, moving, rate):
             optimizer.learning_rate.assign(rate)
             with tf.GradientTape() as tape:
@@ -548,8 +552,8 @@ def _affine_steps_eager(params, m, v, t, count, rates, fixed_images, points, cen
     return _adam_loop(loss_of, params, m, v, t, count, rates)
 
 
-_affine_steps = tf.function(_affine_steps_eager, jit_compile=True)  # one trace per grid size
-_affine_loss_compiled = tf.function(_affine_loss, jit_compile=True)  # before and after the search
+_affine_steps = tf.function(_affine_steps_eager, jit_compile=True, autograph=False)  # one trace per grid size
+_affine_loss_compiled = tf.function(_affine_loss, jit_compile=True, autograph=False)  # before and after the search
 
 
 def _sublattices(fixed_image, world_points, stride):
@@ -565,7 +569,7 @@ def _sublattices(fixed_image, world_points, stride):
     return tf.stack(images), tf.stack(points)
 
 
-@tf.function
+@tf.function(autograph=False)
 def _search_level(fixed_net, moving, to_world, factor, moving_factor, stride):
     """One level's inputs to the affine search, in one graph call: the fixed network-grid image
     coarsened by ``factor`` ``[1, x, y, z, 1]``, its voxels in RAS mm (``to_world``: 4x4 coarse

@@ -109,7 +109,9 @@ unless ``overwrite``.
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
+import logging
 import os
 import pathlib
 import threading
@@ -128,6 +130,32 @@ COMPRESSION_LEVELS = tuple(range(10))  # gzip level; 0 writes uncompressed .nii
 
 
 # ----- TensorFlow resampling -----------------------------------------------------------------
+def expected_retracing(record):
+    """A `logging` filter: False for TensorFlow's retracing warning. The compiled resampling,
+    search and refinement kernels trace once per grid size and mode by design (XLA needs
+    static shapes), so a run over scans of several sizes retraces them as it should."""
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
+class _RetracingFilter(logging.Filter):
+    def filter(self, record):
+        return expected_retracing(record)
+
+
+def _quiet_retracing(function):
+    """Run ``function`` with :func:`expected_retracing` on the ``tensorflow`` logger (only
+    while it runs: the caller's own functions keep their warnings outside these calls)."""
+    @functools.wraps(function)
+    def quiet(*args, **kwargs):
+        logger, only = logging.getLogger("tensorflow"), _RetracingFilter()
+        logger.addFilter(only)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            logger.removeFilter(only)
+    return quiet
+
+
 def _tf():
     import tensorflow as tf  # only when registering: io-only users do not pay the start-up
 
@@ -178,25 +206,25 @@ def _build_kernels():
             p = tuple(p[c] + field[..., c] for c in range(3))
         return mapped(matrix, p, shape)
 
-    @tf.function(jit_compile=True, reduce_retracing=True)
+    @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
     def map_points(points, matrix):
         return tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1]
                          + points[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], axis=-1)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def grid_points(start, shape):
         return tf.stack([tf.broadcast_to(c, shape) for c in grid(start, shape)], axis=-1)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def resample(image, start, matrix, field, shape, nearest, zero):
         at = positions(start, matrix, field, shape)[None]
         if nearest:
             return spatial._sample_at_nearest(image, at, zero)[0, ..., 0]
         return spatial._sample_at_linear(image, at, zero)[0, ..., 0]
 
-    lerp_axis = tf.function(spatial.lerp_axis, jit_compile=True)
+    lerp_axis = tf.function(spatial.lerp_axis, jit_compile=True, autograph=False)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def flow_on_fixed(flow, lower, upper, weight, linear, offset, start, shape):
         """``linear f + offset (x)``: ``f`` the network flow interpolated along axis 0 (already
         along axes 1 and 2), ``offset`` a [3, 4] affine map of the slab's voxels."""
@@ -206,7 +234,7 @@ def _build_kernels():
                          + x[0] * offset[c, 0] + x[1] * offset[c, 1] + x[2] * offset[c, 2] + offset[c, 3]
                          for c in range(3)], axis=-1)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def intensity(data, low, scale, source, target, steps):
         """``clip((data - low) / scale)`` (float32, as numpy computes it) through the curve of
         knots ``source`` -> ``target`` (float64, as ``np.interp``): the segment by a binary
@@ -225,7 +253,7 @@ def _build_kernels():
         value = (high_value - low_value) / (high_knot - low_knot) * (x - low_knot) + low_value
         return tf.cast(tf.clip_by_value(value, 0.0, 1.0), tf.float32)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def length_stats(flow, spacing):
         millimetres = tf.norm(flow * spacing, axis=-1)
         return tf.reduce_mean(millimetres), tf.reduce_max(millimetres)
@@ -582,6 +610,7 @@ class Inverse:
     residual_max: float
 
 
+@_quiet_retracing
 def invert(result, fixed, moving, fixed_labels=(), log=print):
     """Fill ``result.inverse`` (see :class:`Inverse` and :func:`inverse_field`)."""
     begin = time.perf_counter()
@@ -676,7 +705,7 @@ def network_outputs(model, fixed, moving, passes=1):
         return forward(fixed, moving, passes)
     graph = _GRAPHS.get(model)
     if graph is None:
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def graph(fixed, moving, passes):
             out = forward(fixed, moving, passes)
             return {key: value for key, value in out.items() if key in ("flow", "affine_matrix", "affine_translation")}
@@ -684,6 +713,7 @@ def network_outputs(model, fixed, moving, passes=1):
     return graph(tf.convert_to_tensor(fixed, tf.float32), tf.convert_to_tensor(moving, tf.float32), int(passes))
 
 
+@_quiet_retracing
 def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="auto", log=print,
                      passes=1, contract=None, init="best", refine=None, init_steps=INIT_STEPS):
     """Register ``moving`` to ``fixed`` (both :class:`vtn_tf.io.Volume`) with ``model``.

@@ -126,7 +126,7 @@ def _trilinear(image, raw):
     return _lerp(along_y(0), along_y(step[0]), weight[0])
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _sample_linear_forward(image, flow):
     """Trilinear sampling with edge clamping (XLA-compiled). Shapes as in `warp`."""
     return _trilinear(image, identity_grid_dynamic(tf.shape(image)[1:4], flow.dtype) + flow)
@@ -154,14 +154,14 @@ def _trilinear_position_gradient(image, raw, upstream):
     return tf.cast(grad, raw.dtype) * inside
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _linear_flow_gradient(image, flow, upstream):
     """d loss / d flow, ``[B, X, Y, Z, 3]``, given ``upstream`` = d loss / d warped image."""
     raw = identity_grid_dynamic(tf.shape(image)[1:4], flow.dtype) + flow
     return _trilinear_position_gradient(image, raw, upstream)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _linear_image_gradient(image, flow, upstream):
     """d loss / d image, ``[B, X, Y, Z, C]``: each output voxel's upstream value, times its 8
     trilinear weights, added back onto the corners it read.
@@ -197,7 +197,7 @@ def _sample_linear(image, flow):
     return _sample_linear_forward(image, flow), gradient
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _sample_nearest(image, flow):
     """Nearest-neighbour sampling with edge clamping; works on integer images too."""
     shape = tf.shape(image)
@@ -268,7 +268,7 @@ def _outside_mask(image_shape, raw):
     return inside
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _sample_at_linear(image, positions, zero_outside):
     values = _trilinear(image, positions)
     if zero_outside:
@@ -276,14 +276,14 @@ def _sample_at_linear(image, positions, zero_outside):
     return values
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _sample_at_linear_gradient(image, positions, upstream, zero_outside):
     if zero_outside:
         upstream = tf.where(_outside_mask(tf.shape(image), positions), upstream, tf.zeros_like(upstream))
     return _trilinear_position_gradient(image, positions, upstream)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _sample_at_nearest(image, positions, zero_outside):
     shape = tf.shape(image)
     size = shape[1:4]

@@ -1,14 +1,113 @@
 """What every command-line tool shares: one-line errors and a non-zero exit."""
 
 import contextlib
+import hashlib
 import logging
 import os
+import platform
 import sys
 
+# ---- the compiled-kernel cache ---------------------------------------------------------------
+# The resampling, affine search and refinement kernels are XLA-compiled per grid size: a fresh
+# `vtn-register` process spends about half its time compiling them. TensorFlow can keep the
+# compiled executables on disk (TF_XLA_FLAGS=--tf_xla_persistent_cache_directory); the tools
+# turn that on in a folder keyed by the TensorFlow version and this CPU's instruction set
+# (an executable built for one CPU may not run on another, e.g. on a cluster sharing $HOME).
+COMPILE_CACHE_ENV = "VTN_XLA_CACHE"  # a folder, or "off"; default: $XDG_CACHE_HOME/vtn-tf/xla
+COMPILE_CACHE_MB_ENV = "VTN_XLA_CACHE_MB"  # size bound; the oldest entries go first
+COMPILE_CACHE_MB = 1024
+_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
+def _machine_key():
+    """A short key of this CPU's instruction set (the ``flags`` of /proc/cpuinfo) and architecture."""
+    features = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            features = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    text = f"{platform.machine()} {platform.processor()} {' '.join(sorted(features.split(':')[-1].split()))}"
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def compile_cache_folder(environ=None):
+    """The folder the XLA kernel cache goes in, or None when off.
+
+    ``VTN_XLA_CACHE=off`` (or ``0``, or empty) turns it off; a path puts it there; by default
+    ``$XDG_CACHE_HOME/vtn-tf/xla`` (``~/.cache/vtn-tf/xla``). Either way a sub-folder named
+    by the TensorFlow version and :func:`_machine_key` holds the entries. None also when
+    ``TF_XLA_FLAGS`` already names a cache folder (the user's choice stands).
+    """
+    environ = os.environ if environ is None else environ
+    if _CACHE_FLAG in environ.get("TF_XLA_FLAGS", ""):
+        return None
+    root = environ.get(COMPILE_CACHE_ENV)
+    if root is not None and root.strip().lower() in ("", "0", "off", "false", "no"):
+        return None
+    if root is None:
+        base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "vtn-tf", "xla")
+    try:
+        from importlib.metadata import version
+
+        tensorflow = version("tensorflow")
+    except Exception:  # noqa: BLE001 - any metadata trouble: key the folder without it
+        tensorflow = "unknown"
+    return os.path.join(os.path.expanduser(root), f"tf{tensorflow}-{_machine_key()}")
+
+
+def prune_compile_cache(folder, limit_mb):
+    """Delete the oldest files of ``folder`` (by modification time) until it holds at most
+    ``limit_mb`` MiB; returns the number deleted. Files that vanish meanwhile are skipped."""
+    entries = []
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            try:
+                if entry.is_file():
+                    stat = entry.stat()
+                    entries.append((stat.st_mtime, stat.st_size, entry.path))
+            except OSError:
+                continue
+    total, limit, deleted = sum(size for _, size, _ in entries), limit_mb * (1 << 20), 0
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        try:
+            os.remove(path)
+        except OSError:
+            continue
+        total, deleted = total - size, deleted + 1
+    return deleted
+
+
+def configure_compile_cache(environ=None):
+    """Point TensorFlow's XLA kernel cache at :func:`compile_cache_folder` (before TensorFlow
+    first compiles) and keep it within ``VTN_XLA_CACHE_MB``; returns the folder or None.
+    A folder that cannot be created leaves the cache off (nothing else changes)."""
+    environ = os.environ if environ is None else environ
+    folder = compile_cache_folder(environ)
+    if folder is None:
+        return None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        limit = float(environ.get(COMPILE_CACHE_MB_ENV, COMPILE_CACHE_MB))
+        prune_compile_cache(folder, limit)
+    except (OSError, ValueError):
+        return None
+    environ["TF_XLA_FLAGS"] = f"{environ.get('TF_XLA_FLAGS', '')} {_CACHE_FLAG}={folder}".strip()
+    # Loading a cached kernel logs spurious C++ errors (a text-format parse attempt, tuning
+    # flags read as CPU features); errors a user can act on reach Python as exceptions.
+    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return folder
+
+
+configure_compile_cache()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from vtn_tf.config import ConfigError
 from vtn_tf.io import InputError, error_line
+from vtn_tf.registration import expected_retracing
 
 # Errors a user can fix: the library's InputError (a file, flag or setting that cannot be
 # used) and ConfigError, and the FileNotFoundError / FileExistsError / PermissionError it
@@ -17,13 +116,7 @@ from vtn_tf.io import InputError, error_line
 USER_ERRORS = (InputError, ConfigError, FileNotFoundError, FileExistsError, PermissionError)
 
 
-def _expected_retracing(record):
-    """False for TensorFlow's retracing warning: the compiled resampling and refinement
-    kernels trace once per grid size and mode by design (XLA needs static shapes)."""
-    return "triggered tf.function retracing" not in record.getMessage()
-
-
-logging.getLogger("tensorflow").addFilter(_expected_retracing)
+logging.getLogger("tensorflow").addFilter(expected_retracing)
 
 
 def define_passes_flag():
