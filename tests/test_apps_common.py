@@ -2,6 +2,7 @@
 
 import errno
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -80,17 +81,73 @@ def test_compile_cache_off_or_left_to_the_user(environ):
     assert common.configure_compile_cache(environ) is None and environ == before
 
 
+def _entry_bytes(fields):
+    """A protocol buffer of length-delimited ``fields`` {number: bytes}, encoded by hand."""
+    def varint(n):
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+    return b"".join(varint(number << 3 | 2) + varint(len(value)) + value for number, value in fields.items())
+
+
+def test_complete_entry_reads_the_fields_to_the_end(tmp_path):
+    from vtn_tf.apps import common
+
+    whole = _entry_bytes({1: b"k" * 53, 2: b"h" * 300, 3: b"e" * 70000})
+    cases = {"whole": (whole, True), "cut": (whole[:-1], False), "cut_in_a_header": (whole[:56], False),
+             "no_executable": (_entry_bytes({1: b"k", 2: b"h"}), False), "empty": (b"", False),
+             "varint_field": (b"\x08\x01" + whole, False), "trailing": (whole + b"\x00", False)}
+    for name, (data, expected) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert common.complete_entry(tmp_path / name) is expected, name
+    assert common.complete_entry(tmp_path / "missing") is False
+
+
 def test_configure_compile_cache_appends_to_the_users_xla_flags(tmp_path):
     from vtn_tf.apps import common
 
     environ = {"VTN_XLA_CACHE": str(tmp_path), "TF_XLA_FLAGS": "--tf_xla_auto_jit=0"}
-    folder = common.configure_compile_cache(environ)
-    assert os.path.isdir(folder)
-    assert environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={folder}"
+    workspace = common.configure_compile_cache(environ)
+    folder = common.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
+    assert os.path.dirname(workspace) == folder and os.path.basename(workspace).startswith(".process-")
+    assert environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={workspace}"
     assert environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    common._publish(workspace, folder)
+    assert not os.path.exists(workspace)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     assert common.configure_compile_cache({"VTN_XLA_CACHE": str(blocked)}) is None  # cannot be created
+
+
+def test_workspaces_link_complete_entries_publish_new_ones_and_stale_ones_go(tmp_path):
+    import socket
+
+    from vtn_tf.apps import common
+
+    folder = common.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
+    os.makedirs(folder)
+    good, cut = _entry_bytes({1: b"k", 2: b"h", 3: b"e" * 100}), _entry_bytes({1: b"k", 2: b"h", 3: b"e" * 100})[:-3]
+    (pathlib.Path(folder) / "good.pb").write_bytes(good)
+    (pathlib.Path(folder) / "cut.pb").write_bytes(cut)
+    host = socket.gethostname().replace("-", "_")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = (pathlib.Path(folder) / f".process-{host}-{int(gone.stdout)}-abc",
+                  pathlib.Path(folder) / f".process-{host}-{os.getpid()}-def")
+    dead.mkdir()
+    live.mkdir()
+    workspace = pathlib.Path(common.configure_compile_cache({"VTN_XLA_CACHE": str(tmp_path)}))
+    assert not dead.exists() and live.exists()  # the dead process's workspace removed, ours kept
+    assert not (pathlib.Path(folder) / "cut.pb").exists()  # an incomplete entry is deleted
+    assert sorted(p.name for p in workspace.iterdir()) == ["good.pb"]
+    assert (workspace / "good.pb").read_bytes() == good
+    (workspace / "new.pb").write_bytes(good)  # compiled by this process
+    (workspace / "partial.pb").write_bytes(cut)  # cut short: never published
+    common._publish(workspace, folder)
+    assert not workspace.exists()
+    assert sorted(p.name for p in pathlib.Path(folder).iterdir() if p.is_file()) == ["good.pb", "new.pb"]
 
 
 def test_prune_compile_cache_deletes_the_oldest_first(tmp_path):
@@ -107,19 +164,32 @@ def test_prune_compile_cache_deletes_the_oldest_first(tmp_path):
 
 def test_compiled_kernels_are_stored_and_reused_by_a_new_process(tmp_path):
     """TensorFlow honours the folder: a first process writes the compiled kernel, a second
-    computes the same value and leaves the entry untouched (read, not compiled again)."""
+    computes the same value and leaves the entry untouched (read, not compiled again); an entry
+    cut short is replaced by a new compile instead of failing the kernel."""
+    from vtn_tf.apps import common
+
     script = ("from vtn_tf.apps import common\n"
               "import tensorflow as tf\n"
               "f = tf.function(lambda x: tf.sin(x) * 2.0 + 1.0, jit_compile=True)\n"
               "print(repr(float(f(tf.constant(0.5)))))\n")
     env = {**os.environ, "VTN_XLA_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("TF_XLA_FLAGS", None)
-    runs = []
-    for _ in range(2):
+    folder = pathlib.Path(common.compile_cache_folder(env))
+
+    def run():
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        entries = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-        runs.append((float(done.stdout.strip().splitlines()[-1]), entries))
-    assert runs[0][0] == pytest.approx(np.sin(0.5) * 2 + 1, rel=1e-6) and runs[1][0] == runs[0][0]
-    assert runs[0][1] and all(name.endswith(".pb") for name in runs[0][1])
-    assert runs[1][1] == runs[0][1]
+        assert not [p for p in folder.iterdir() if p.is_dir()]  # the workspace is gone
+        entries = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+        return float(done.stdout.strip().splitlines()[-1]), entries
+
+    first, second = run(), run()
+    assert first[0] == pytest.approx(np.sin(0.5) * 2 + 1, rel=1e-6) and second[0] == first[0]
+    assert first[1] and all(name.endswith(".pb") for name in first[1])
+    assert second[1] == first[1]
+    for name in first[1]:
+        path = folder / name
+        path.write_bytes(path.read_bytes()[:-100])
+    third = run()
+    assert third[0] == first[0] and set(third[1]) == set(first[1])
+    assert all(common.complete_entry(folder / name) for name in third[1])

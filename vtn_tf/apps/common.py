@@ -1,11 +1,17 @@
-"""What every command-line tool shares: one-line errors and a non-zero exit."""
+"""What every command-line tool shares: one-line errors and a non-zero exit, the shared flags,
+and the cache of compiled kernels between runs."""
 
+import atexit
 import contextlib
 import hashlib
 import logging
 import os
 import platform
+import shutil
+import socket
 import sys
+import tempfile
+import time
 
 # ---- the compiled-kernel cache ---------------------------------------------------------------
 # The resampling, affine search and refinement kernels are XLA-compiled per grid size: a fresh
@@ -81,10 +87,92 @@ def prune_compile_cache(folder, limit_mb):
     return deleted
 
 
+def complete_entry(path):
+    """Whether ``path`` is a whole cache entry: TensorFlow's ``XlaSerializedCacheEntry``
+    protocol buffer, read field by field (its key 1, HLO 2 and executable 3, each
+    length-delimited) to exactly the file's end. A file cut short (a process killed while
+    writing it, a full disk) is not: TensorFlow would fail every later compile of that kernel
+    on it instead of compiling afresh."""
+    def varint(data, pos):
+        value = shift = 0
+        while pos < len(data):
+            byte = data[pos]
+            value, shift, pos = value | (byte & 0x7F) << shift, shift + 7, pos + 1
+            if not byte & 0x80:
+                return value, pos
+        return None, pos
+
+    fields = set()
+    try:
+        with open(path, "rb") as entry:
+            size, pos = os.fstat(entry.fileno()).st_size, 0
+            while pos < size:
+                entry.seek(pos)
+                head = entry.read(20)
+                tag, at = varint(head, 0)
+                if tag is None or tag & 7 != 2:
+                    return False
+                length, at = varint(head, at)
+                if length is None:
+                    return False
+                fields.add(tag >> 3)
+                pos += at + length
+    except OSError:
+        return False
+    return pos == size and {1, 2, 3} <= fields
+
+
+_WORKSPACE = ".process-"  # a process's own folder inside the cache: <host>-<pid>-<random>
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _remove_stale_workspaces(folder, host, days=7):
+    """Delete the workspaces of processes that are gone: this host's by their pid, other
+    hosts' (a shared home folder) after ``days`` without change."""
+    for entry in os.scandir(folder):
+        if not (entry.name.startswith(_WORKSPACE) and entry.is_dir(follow_symlinks=False)):
+            continue
+        owner, pid, _ = (entry.name[len(_WORKSPACE):].rsplit("-", 2) + ["", ""])[:3]
+        if owner == host:
+            stale = not (pid.isdigit() and _alive(int(pid)))
+        else:
+            stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > days * 86400
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _publish(workspace, folder):
+    """At exit: move the entries this process compiled (complete ones only) from its
+    workspace into the shared folder (an atomic rename each), then delete the workspace."""
+    try:
+        for entry in os.scandir(workspace):
+            if entry.is_symlink() or not entry.name.endswith(".pb"):
+                continue
+            if entry.stat().st_nlink == 1 and complete_entry(entry.path):  # new here, not linked in
+                os.replace(entry.path, os.path.join(folder, entry.name))
+    except OSError:
+        pass
+    shutil.rmtree(workspace, ignore_errors=True)
+
+
 def configure_compile_cache(environ=None):
     """Point TensorFlow's XLA kernel cache at :func:`compile_cache_folder` (before TensorFlow
-    first compiles) and keep it within ``VTN_XLA_CACHE_MB``; returns the folder or None.
-    A folder that cannot be created leaves the cache off (nothing else changes)."""
+    first compiles); returns the folder TensorFlow reads and writes, or None when off.
+
+    Each process works in a workspace of its own inside the folder: the complete shared
+    entries hard-linked in at start, its new entries renamed into the shared folder when it
+    exits, so no process reads an entry another is still writing and a process killed
+    mid-write leaves nothing behind. Entries that are not complete are deleted; the folder is
+    kept within ``VTN_XLA_CACHE_MB``. A folder that cannot be used leaves the cache off."""
     environ = os.environ if environ is None else environ
     folder = compile_cache_folder(environ)
     if folder is None:
@@ -92,14 +180,30 @@ def configure_compile_cache(environ=None):
     try:
         os.makedirs(folder, exist_ok=True)
         limit = float(environ.get(COMPILE_CACHE_MB_ENV, COMPILE_CACHE_MB))
+        host = socket.gethostname().replace("-", "_") or "host"
+        _remove_stale_workspaces(folder, host)
         prune_compile_cache(folder, limit)
+        workspace = tempfile.mkdtemp(prefix=f"{_WORKSPACE}{host}-{os.getpid()}-", dir=folder)
+        for entry in os.scandir(folder):
+            if not entry.name.endswith(".pb") or not entry.is_file(follow_symlinks=False):
+                continue
+            if not complete_entry(entry.path):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+                continue
+            target = os.path.join(workspace, entry.name)
+            try:
+                os.link(entry.path, target)
+            except OSError:  # a file system without hard links
+                os.symlink(entry.path, target)
     except (OSError, ValueError):
         return None
-    environ["TF_XLA_FLAGS"] = f"{environ.get('TF_XLA_FLAGS', '')} {_CACHE_FLAG}={folder}".strip()
+    atexit.register(_publish, workspace, folder)
+    environ["TF_XLA_FLAGS"] = f"{environ.get('TF_XLA_FLAGS', '')} {_CACHE_FLAG}={workspace}".strip()
     # Loading a cached kernel logs spurious C++ errors (a text-format parse attempt, tuning
     # flags read as CPU features); errors a user can act on reach Python as exceptions.
     environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return folder
+    return workspace
 
 
 configure_compile_cache()
