@@ -194,8 +194,11 @@ def configure_compile_cache(environ=None):
             target = os.path.join(workspace, entry.name)
             try:
                 os.link(entry.path, target)
+            except FileNotFoundError:  # pruned by another process meanwhile
+                continue
             except OSError:  # a file system without hard links
-                os.symlink(entry.path, target)
+                with contextlib.suppress(OSError):
+                    os.symlink(entry.path, target)
     except (OSError, ValueError):
         return None
     atexit.register(_publish, workspace, folder)
