@@ -15,7 +15,7 @@ import time
 
 # ---- the compiled-kernel cache ---------------------------------------------------------------
 # The resampling, affine search and refinement kernels are XLA-compiled per grid size: a fresh
-# `vtn-register` process spends about half its time compiling them. TensorFlow can keep the
+# `vtn-register` process spends seconds compiling them. TensorFlow can keep the
 # compiled executables on disk (TF_XLA_FLAGS=--tf_xla_persistent_cache_directory); the tools
 # turn that on in a folder keyed by the TensorFlow version and this CPU's instruction set
 # (an executable built for one CPU may not run on another, e.g. on a cluster sharing $HOME).
