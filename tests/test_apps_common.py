@@ -117,6 +117,11 @@ def test_configure_compile_cache_appends_to_the_users_xla_flags(tmp_path):
     assert environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
     common._publish(workspace, folder)
     assert not os.path.exists(workspace)
+    child = {key: environ[key] for key in ("VTN_XLA_CACHE", "TF_XLA_FLAGS", "VTN_XLA_WORKSPACE")}
+    own = common.configure_compile_cache(child)  # a tool started by this one: a workspace of its own
+    assert own != workspace and os.path.dirname(own) == folder
+    assert child["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={own}"
+    common._publish(own, folder)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     assert common.configure_compile_cache({"VTN_XLA_CACHE": str(blocked)}) is None  # cannot be created

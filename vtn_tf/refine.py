@@ -231,8 +231,9 @@ def _adam_loop(loss_of, x, m, v, t, count, rate):
         return k + 1, x, m, v, t, first, loss
 
     # an explicit loop: the compiled callers skip AutoGraph's source conversion (seconds per process)
+    count = tf.cast(count, tf.int32)
     start = (tf.constant(0, tf.int32), x, m, v, t, tf.constant(0.0), tf.constant(0.0))
-    _, x, m, v, t, first, loss = tf.while_loop(lambda k, *_: k < tf.cast(count, tf.int32), step, start)
+    _, x, m, v, t, first, loss = tf.while_loop(lambda k, *_: k < count, step, start)
     return x, m, v, t, first, loss
 
 

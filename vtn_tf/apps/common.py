@@ -123,6 +123,7 @@ def complete_entry(path):
 
 
 _WORKSPACE = ".process-"  # a process's own folder inside the cache: <host>-<pid>-<random>
+_WORKSPACE_ENV = "VTN_XLA_WORKSPACE"  # set by configure_compile_cache; inherited by child processes
 
 
 def _alive(pid):
@@ -174,6 +175,10 @@ def configure_compile_cache(environ=None):
     mid-write leaves nothing behind. Entries that are not complete are deleted; the folder is
     kept within ``VTN_XLA_CACHE_MB``. A folder that cannot be used leaves the cache off."""
     environ = os.environ if environ is None else environ
+    inherited = environ.pop(_WORKSPACE_ENV, None)  # a parent tool's workspace: never shared with it
+    if inherited:
+        flags = environ.get("TF_XLA_FLAGS", "").split()
+        environ["TF_XLA_FLAGS"] = " ".join(f for f in flags if f != f"{_CACHE_FLAG}={inherited}")
     folder = compile_cache_folder(environ)
     if folder is None:
         return None
@@ -203,6 +208,7 @@ def configure_compile_cache(environ=None):
         return None
     atexit.register(_publish, workspace, folder)
     environ["TF_XLA_FLAGS"] = f"{environ.get('TF_XLA_FLAGS', '')} {_CACHE_FLAG}={workspace}".strip()
+    environ[_WORKSPACE_ENV] = workspace  # so that a tool this process starts makes its own
     # Loading a cached kernel logs spurious C++ errors (a text-format parse attempt, tuning
     # flags read as CPU features); errors a user can act on reach Python as exceptions.
     environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
