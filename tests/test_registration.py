@@ -545,9 +545,11 @@ def test_network_flow_on_fixed_matches_scipy_with_a_crop_and_an_alignment(monkey
     np.testing.assert_allclose(flow, expected, atol=2e-5)
 
 
-def test_the_compiled_intensity_map_matches_numpy():
-    """`registration.normalised` (XLA, float32, binary search of the segments) against the
-    numpy `IntensityMap` (np.interp, float64), with tied knots and values beyond the bounds."""
+def test_the_compiled_intensity_map_matches_numpy(monkeypatch):
+    """`registration.normalised` (XLA, float32, binary search of the segments, in slabs)
+    against the numpy `IntensityMap` (np.interp, float64), with tied knots and values beyond
+    the bounds."""
+    monkeypatch.setattr(registration, "SLAB_VOXELS", 7 * 20 * 25)  # 5 slabs, a ragged last one
     rng = np.random.default_rng(2)
     data = rng.normal(100.0, 40.0, size=(30, 20, 25)).astype(np.float32)
     data[0, 0, :5] = [-500, 1e4, 100, 0, 60]
@@ -563,6 +565,21 @@ def test_the_compiled_intensity_map_matches_numpy():
     plain = preprocess.IntensityMap(20.0, 180.0)
     np.testing.assert_allclose(registration.normalised(data, plain), plain(data), atol=1e-6)
 
+
+
+def test_itk_displacement_in_slabs_is_the_voxel_field_in_lps_millimetres(monkeypatch):
+    """`itk_displacement` (slabs of the grid) against the field mapped by the fixed affine in
+    numpy: ``d = diag(-1, -1, 1) A_f[:3, :3] u``, float32, ``[X, Y, Z, 1, 3]``."""
+    monkeypatch.setattr(registration, "SLAB_VOXELS", 4 * 6 * 5)  # several slabs, a ragged last one
+    rng = np.random.default_rng(12)
+    flow = rng.normal(size=(11, 6, 5, 3)).astype(np.float32)
+    affine = np.eye(4)
+    affine[:3, :3] = alignment.rotation_about([1, 0.5, 2], 25.0) @ np.diag([0.8, 1.2, 2.0])
+    affine[:3, 3] = [10, -20, 5]
+    expected = np.einsum("ij,xyzj->xyzi", np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3], flow.astype(np.float64))
+    got = registration.itk_displacement(flow, affine)
+    assert got.shape == (11, 6, 5, 1, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got[:, :, :, 0], expected, atol=1e-5)
 
 def test_the_network_runs_as_one_graph_with_the_eager_outputs():
     from vtn_tf.model import VTN
