@@ -23,6 +23,11 @@ Rows (seconds, median of ``--repeats`` after a warm-up):
 * ANTs SyN (``ants.registration`` + ``ants.apply_transforms`` of the labels) and elastix
   (affine + B-spline, then transformix of the labels) on the same files, once each
   (``--no-classical`` skips them), and the ratios.
+
+A second table: the peak resident memory of one ``vtn-register`` CLI call (a fresh process;
+its own ``ru_maxrss``), with and without ``--refine``, for the pairs of ``--memory-sizes``:
+``lpba40``, ``256`` and ``512`` (a 512x512x400-class pair, the LPBA40 pair resampled to
+0.31 x 0.375 x 0.4 mm).
 """
 
 import os
@@ -49,11 +54,13 @@ def _brain_pair(folder, size):
     for path, order in zip(paths, (1, 1, 0)):
         image = nib.load(path)
         data = np.asanyarray(image.dataobj)
-        zoom = np.array([256 / 160, 256 / 192, 1.0])
+        zoom = np.array([256 / 160, 256 / 192, 1.0]) if size == "256" else np.array([512 / 160, 512 / 192, 400 / 160])
         resampled = ndimage.zoom(data, zoom, order=order)
         affine = image.affine.copy()
         affine[:3, :3] = affine[:3, :3] / zoom
-        target = os.path.join(folder, "big_" + path.name.replace(".nii.gz", "") + ("_lab" if order == 0 else "") + ".nii.gz")
+        suffix = ".nii.gz" if size == "256" else ".nii"  # uncompressed: quicker to make at 512
+        target = os.path.join(folder, f"big{size}_" + path.name.replace(".nii.gz", "")
+                              + ("_lab" if order == 0 else "") + suffix)
         nib.save(nib.Nifti1Image(resampled.astype(data.dtype), affine), target)
         out.append(target)
     return out
@@ -137,6 +144,20 @@ def measure_cli(model, paths, folder):
     return seconds
 
 
+def measure_memory(model, paths, folder, extra=()):
+    """Peak resident memory (GB) and seconds of one fresh ``vtn-register`` process."""
+    command = [sys.executable, "-m", "vtn_tf.apps.register", "--model", model, paths[0], paths[1],
+               "--moving_labels", paths[2], "--out", os.path.join(folder, "memory"), "--overwrite", *extra]
+    start = time.perf_counter()
+    with open(os.path.join(folder, "memory.log"), "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"vtn-register failed ({process.returncode}): see {log.name}")
+    return usage.ru_maxrss / 1e6, time.perf_counter() - start  # ru_maxrss: KiB on Linux
+
+
 def measure_classical(name, paths):
     from vtn_tf import baselines
 
@@ -155,7 +176,9 @@ def measure_classical(name, paths):
 def main():
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", help="run directory (default: an untrained ADD, width 0.5, 64^3)")
-    parser.add_argument("--sizes", nargs="+", default=["lpba40", "256"], choices=["lpba40", "256"])
+    parser.add_argument("--sizes", nargs="+", default=["lpba40", "256"], choices=["lpba40", "256", "512"])
+    parser.add_argument("--memory-sizes", nargs="*", default=["lpba40", "512"], choices=["lpba40", "256", "512"],
+                        help="pairs of the peak-memory table (none: skip it)")
     parser.add_argument("--no-classical", action="store_true", help="skip ANTs SyN and elastix")
     parser.add_argument("--refine", type=int, default=60,
                         help="also time batch mode with --refine N (default 60, the make targets'; 0: skip)")
@@ -206,6 +229,23 @@ def main():
                      f"batch + refine {args.refine}, per pair", "one CLI call, cold cache", "one CLI call, warm cache", "ANTs SyN", "elastix",
                      "ANTs / batch", "elastix / batch", "ANTs / (batch, .nii)",
                      "ANTs / (batch + refine)"], rows)
+        memory_rows = []
+        for size in (["lpba40"] if args.quick else args.memory_sizes):
+            import nibabel as nib
+            import numpy as np
+
+            paths = _brain_pair(folder, size)
+            shape = nib.load(paths[0]).shape
+            input_gb = 4 * int(np.prod(shape)) / 1e9  # one image as float32 (about as read)
+            plain, seconds = measure_memory(model, paths, folder)
+            refined, refined_seconds = measure_memory(model, paths, folder, ["--refine", str(args.refine or 60)])
+            memory_rows.append(["x".join(map(str, shape)), f"{1000 * input_gb:.0f} MB", f"{plain:.2f} GB",
+                                ratio(plain, input_gb), format_seconds(seconds), f"{refined:.2f} GB",
+                                ratio(refined, input_gb), format_seconds(refined_seconds)])
+        if memory_rows:
+            print_table(["fixed grid (both images)", "one image, float32", "peak memory, one CLI call",
+                         "peak / image", "seconds", f"peak, --refine {args.refine or 60}", "peak / image",
+                         "seconds"], memory_rows)
 
 
 if __name__ == "__main__":
