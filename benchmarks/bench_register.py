@@ -176,7 +176,8 @@ def measure_classical(name, paths):
 def main():
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", help="run directory (default: an untrained ADD, width 0.5, 64^3)")
-    parser.add_argument("--sizes", nargs="+", default=["lpba40", "256"], choices=["lpba40", "256", "512"])
+    parser.add_argument("--sizes", nargs="*", default=["lpba40", "256"], choices=["lpba40", "256", "512"],
+                        help="pairs of the speed table (none: skip it)")
     parser.add_argument("--memory-sizes", nargs="*", default=["lpba40", "512"], choices=["lpba40", "256", "512"],
                         help="pairs of the peak-memory table (none: skip it)")
     parser.add_argument("--no-classical", action="store_true", help="skip ANTs SyN and elastix")
@@ -222,13 +223,14 @@ def main():
                         + [ratio(classical[n], per_pair) if classical.get(n) else "n/a" for n in ("ants", "elastix")]
                         + [ratio(classical["ants"], uncompressed) if classical.get("ants") else "n/a"]
                         + [ratio(classical["ants"], refined) if refined and classical.get("ants") else "n/a"])
-        print_table(["fixed grid", "read", "preprocess", "network", "field", "resample", "write",
-                     "register_volumes", "network alone", "register / network",
-                     "register_volumes, --init_steps 0", "(--init_steps 0) / network", "batch, per pair",
-                     "batch, .nii, per pair",
-                     f"batch + refine {args.refine}, per pair", "one CLI call, cold cache", "one CLI call, warm cache", "ANTs SyN", "elastix",
-                     "ANTs / batch", "elastix / batch", "ANTs / (batch, .nii)",
-                     "ANTs / (batch + refine)"], rows)
+        if rows:
+            print_table(["fixed grid", "read", "preprocess", "network", "field", "resample", "write",
+                         "register_volumes", "network alone", "register / network",
+                         "register_volumes, --init_steps 0", "(--init_steps 0) / network", "batch, per pair",
+                         "batch, .nii, per pair",
+                         f"batch + refine {args.refine}, per pair", "one CLI call, cold cache", "one CLI call, warm cache", "ANTs SyN", "elastix",
+                         "ANTs / batch", "elastix / batch", "ANTs / (batch, .nii)",
+                         "ANTs / (batch + refine)"], rows)
         memory_rows = []
         for size in (["lpba40"] if args.quick else args.memory_sizes):
             import nibabel as nib
