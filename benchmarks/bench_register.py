@@ -188,6 +188,9 @@ def main():
         print(f"LPBA40 not found under {data_dir()} (set VTN_DATA): nothing to measure")
         return
     setup_tensorflow(args)
+    import nibabel as nib
+    import numpy as np
+
     from vtn_tf import registration
 
     repeats = args.repeats or (1 if args.quick else 3)
@@ -198,7 +201,7 @@ def main():
         rows = []
         for size in (["lpba40"] if args.quick else args.sizes):
             paths = _brain_pair(folder, size)
-            shape = "x".join(map(str, __import__("nibabel").load(paths[0]).shape))
+            shape = "x".join(map(str, nib.load(paths[0]).shape))
             parts, network, no_search = measure_vtn(registrar, paths, folder, repeats)
             core = sum(parts[key] for key in ("preprocess", "network", "field", "resample"))
             per_pair = measure_batch(args, model, paths, folder, 1 if args.quick else 3)
@@ -231,22 +234,19 @@ def main():
                          f"batch + refine {args.refine}, per pair", "one CLI call, cold cache", "one CLI call, warm cache", "ANTs SyN", "elastix",
                          "ANTs / batch", "elastix / batch", "ANTs / (batch, .nii)",
                          "ANTs / (batch + refine)"], rows)
-        memory_rows = []
+        memory_rows, steps = [], args.refine or 60
         for size in (["lpba40"] if args.quick else args.memory_sizes):
-            import nibabel as nib
-            import numpy as np
-
             paths = _brain_pair(folder, size)
             shape = nib.load(paths[0]).shape
             input_gb = 4 * int(np.prod(shape)) / 1e9  # one image as float32 (about as read)
             plain, seconds = measure_memory(model, paths, folder)
-            refined, refined_seconds = measure_memory(model, paths, folder, ["--refine", str(args.refine or 60)])
+            refined, refined_seconds = measure_memory(model, paths, folder, ["--refine", str(steps)])
             memory_rows.append(["x".join(map(str, shape)), f"{1000 * input_gb:.0f} MB", f"{plain:.2f} GB",
                                 ratio(plain, input_gb), format_seconds(seconds), f"{refined:.2f} GB",
                                 ratio(refined, input_gb), format_seconds(refined_seconds)])
         if memory_rows:
             print_table(["fixed grid (both images)", "one image, float32", "peak memory, one CLI call",
-                         "peak / image", "seconds", f"peak, --refine {args.refine or 60}", "peak / image",
+                         "peak / image", "seconds", f"peak, --refine {steps}", "peak / image",
                          "seconds"], memory_rows)
 
 

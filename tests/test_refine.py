@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from vtn_tf import metrics, refine
+from vtn_tf import metrics, refine, registration
 
 
 def blobs(shape, seed):
@@ -128,12 +128,11 @@ def test_level_maps_read_the_coarser_grid_as_scipy_does(factor, previous):
     np.testing.assert_allclose(got, scipy_read(values, matrix, out_shape), atol=1e-5)
 
 
-
 def test_the_finish_in_slabs_adds_the_change_read_as_scipy_does(monkeypatch):
     """The last level's change brought onto F and added to the field, in slabs of F's rows
     (a ragged last one): scipy's order-1 map_coordinates of the change plus the field, and the
     largest change's length."""
-    monkeypatch.setattr(refine, "SLAB_VOXELS", 4 * 15 * 13)
+    monkeypatch.setattr(registration, "SLAB_VOXELS", 4 * 15 * 13)
     rng = np.random.default_rng(7)
     low, full, previous = np.array([3, 1, 2]), (22, 15, 13), 2
     coarse = [-(-int(n) // previous) for n in (17, 12, 9)]
@@ -144,6 +143,7 @@ def test_the_finish_in_slabs_adds_the_change_read_as_scipy_does(monkeypatch):
     expected = scipy_read(change, matrix, full)
     np.testing.assert_allclose(refined.numpy(), flow + expected, atol=1e-5)
     np.testing.assert_allclose(float(largest), np.linalg.norm(expected, axis=-1).max(), rtol=1e-5)
+
 
 def test_axis_reads_refuse_a_rotation():
     rotation = np.eye(4)

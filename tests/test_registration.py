@@ -566,7 +566,6 @@ def test_the_compiled_intensity_map_matches_numpy(monkeypatch):
     np.testing.assert_allclose(registration.normalised(data, plain), plain(data), atol=1e-6)
 
 
-
 def test_itk_displacement_in_slabs_is_the_voxel_field_in_lps_millimetres(monkeypatch):
     """`itk_displacement` (slabs of the grid) against the field mapped by the fixed affine in
     numpy: ``d = diag(-1, -1, 1) A_f[:3, :3] u``, float32, ``[X, Y, Z, 1, 3]``."""
@@ -580,6 +579,7 @@ def test_itk_displacement_in_slabs_is_the_voxel_field_in_lps_millimetres(monkeyp
     got = registration.itk_displacement(flow, affine)
     assert got.shape == (11, 6, 5, 1, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got[:, :, :, 0], expected, atol=1e-5)
+
 
 def test_the_network_runs_as_one_graph_with_the_eager_outputs():
     from vtn_tf.model import VTN

@@ -365,23 +365,19 @@ def _finish_slab(flow, change, reads):
     return flow + upsampled, tf.sqrt(tf.reduce_max(tf.reduce_sum(tf.square(upsampled), -1)))
 
 
-# Rows of F finished at a time: each axis's interpolation holds a few slab-sized temporaries;
-# the whole 512x512x400 grid at once took 4.2 GB beside the field.
-SLAB_VOXELS = 1 << 23
-
-
 def _finish(flow, change, reads):
-    """:func:`_finish_slab` over slabs of ``F``'s rows: the refined ``[X, Y, Z, 3]`` and the
-    largest change (voxels)."""
-    rows = max(1, SLAB_VOXELS // (int(flow.shape[1]) * int(flow.shape[2])))
+    """:func:`_finish_slab` over `vtn_tf.registration`'s slabs of ``F``'s rows (at once, a
+    512x512x400 grid's temporaries took 4.2 GB beside the field): the refined ``[X, Y, Z, 3]``
+    and the largest change (voxels)."""
+    from vtn_tf import registration  # registration imports this module lazily, as here
+
     parts, largest = [], []
-    for start in range(0, int(flow.shape[0]), rows):
-        stop = min(start + rows, int(flow.shape[0]))
-        along_x = tuple(read[start:stop] for read in reads[0])
-        part, big = _finish_slab(flow[start:stop], change, (along_x,) + tuple(reads[1:]))
+    for rows in registration._slabs(flow.shape[:3]):
+        along_x = tuple(read[rows.start:rows.stop] for read in reads[0])
+        part, big = _finish_slab(flow[rows.start:rows.stop], change, (along_x,) + tuple(reads[1:]))
         parts.append(part)
         largest.append(big)
-    return (parts[0] if len(parts) == 1 else tf.concat(parts, 0)), tf.reduce_max(tf.stack(largest))
+    return registration._joined(parts), tf.reduce_max(tf.stack(largest))
 
 
 def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settings, log=print, alignment=None):

@@ -390,7 +390,8 @@ def normalised(data, intensity_map):
         steps = tuple(1 << i for i in range(int(np.ceil(np.log2(max(segments, 1)))) - 1, -1, -1))
     data = np.asarray(data)
     data = data if data.dtype.kind in "fiu" and data.dtype.itemsize <= 4 else data.astype(np.float32)
-    low, scale = tf.constant(np.float32(intensity_map.low)), tf.constant(np.float32(intensity_map.high - intensity_map.low))
+    low = tf.constant(np.float32(intensity_map.low))
+    scale = tf.constant(np.float32(intensity_map.high - intensity_map.low))
     out = np.empty(data.shape, np.float32)
     for rows in _slabs(data.shape):
         out[rows.start:rows.stop] = _kernels()["intensity"](tf.convert_to_tensor(data[rows.start:rows.stop]), low,
