@@ -14,10 +14,14 @@ def blobs(shape, seed):
     return ((noise - noise.min()) / (noise.max() - noise.min())).astype(np.float32)
 
 
-@pytest.mark.parametrize("resolution,pad", [(0.5, 0), ((0.25, 0.5), 0), ((0.25, 0.5), 9)],
-                         ids=["one-level", "coarse-to-fine", "in-a-background"])
-def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution, pad):
-    # pad: the textured volume sits in a zero background this wide, which the refinement crops
+@pytest.mark.parametrize("resolution,pad,table", [(0.5, 0, True), ((0.25, 0.5), 0, True), ((0.25, 0.5), 9, True),
+                                                 (0.5, 0, False)],
+                         ids=["one-level", "coarse-to-fine", "in-a-background", "no-corner-table"])
+def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution, pad, table, monkeypatch):
+    # pad: the textured volume sits in a zero background this wide, which the refinement crops;
+    # table: whether the moving image is read through its corner table (else sampled itself)
+    if not table:
+        monkeypatch.setattr(refine, "TABLE_BYTES", 0)
     fixed = np.pad(blobs((40, 36, 32), 0), pad)
     shape = fixed.shape
     # The moving image is the fixed one pulled through a known smooth displacement (scipy).

@@ -50,6 +50,10 @@ SIMILARITIES = ("ncc", "cc")
 # pairs (`make train-hippocampus` model), where smoothness 1 folded 2 % of the voxels and 2 kept
 # it to 0.3 % (LPBA40: 0.704, folding 0.001 %). docs/results.md has the tables.
 AUTO_LEVELS = (1.5, 1.0, 0.75)
+# The largest moving-image corner table (`vtn_tf.spatial.corner_table`, 32 bytes a voxel of the
+# level's moving grid) a level builds; beyond it (a full-resolution level of a 256^3 or larger
+# scan) the level samples the image itself, 1.5x slower a step.
+TABLE_BYTES = 2 ** 29
 
 
 @dataclasses.dataclass
@@ -281,12 +285,17 @@ def _loss(u, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weig
 
     ``fixed_image``: for ``"ncc"``, :func:`vtn_tf.losses.local_ncc_fixed_statistics` of the
     fixed image on ``L`` (computed once per refinement); for ``"cc"`` the image ``[1, L..., 1]``.
+    ``moving_image``: the moving image on its level grid, ``[1, X', Y', Z', 1]``, or its
+    `vtn_tf.spatial.corner_table` ``[X', Y', Z', 8]`` (:data:`TABLE_BYTES`).
     ``aligned``: ``[L..., 3]`` the initial alignment's own displacement at ``L``'s voxels (fixed
     voxels), which the smoothness term does not penalise."""
-    positions = grid_fine + u
-    positions = tf.stack([positions[..., 0] * matrix[i, 0] + positions[..., 1] * matrix[i, 1]
-                          + positions[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], -1)
-    warped = spatial.sample(moving_image, positions[None], "linear", "zero")
+    if len(moving_image.shape) == 4:  # a corner table
+        warped = spatial.sample_mapped(moving_image, grid_fine + u, matrix)[None, ..., None]
+    else:
+        positions = grid_fine + u
+        positions = tf.stack([positions[..., 0] * matrix[i, 0] + positions[..., 1] * matrix[i, 1]
+                              + positions[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], -1)
+        warped = spatial.sample(moving_image, positions[None], "linear", "zero")
     if similarity == "ncc":
         value = losses.local_ncc_loss_to_fixed(fixed_image, warped, window)[0]
     else:
@@ -333,7 +342,7 @@ def _separable_resample(values, reads):
 
 @tf.function(jit_compile=True, autograph=False)
 def _level_start(box, moving, flow, change, to_fine, start_reads, change_reads, alignment, factor, similarity,
-                 window):
+                 window, table):
     """One level's inputs, in one compiled call (one trace per level and grid size).
 
     ``box``: ``[bx, by, bz]`` the fixed image's box ``B``; ``moving`` ``[X', Y', Z']``; ``flow``
@@ -341,11 +350,12 @@ def _level_start(box, moving, flow, change, to_fine, start_reads, change_reads, 
     own grid ``[l..., 3]`` (None on the first level); ``to_fine``: 4x4 ``L`` -> ``F`` indices;
     ``start_reads``, ``change_reads``: :func:`_axis_reads` of ``to_fine`` on ``F`` and of ``L``
     -> the coarser level's indices on its grid; ``alignment``: ``K``; ``factor``: the level's
-    (Python int).
-    Returns ``(fixed statistics or image, moving image [1, l..., 1], L's voxels as F indices,
-    K's displacement there, the network's field there, the start u)``."""
+    (Python int); ``table``: whether to give the moving image as its corner table.
+    Returns ``(fixed statistics or image, moving image [1, m..., 1] or its table [m..., 8],
+    L's voxels as F indices, K's displacement there, the network's field there, the start u)``."""
     fixed_image = _coarsened(box, factor)[None, ..., None]
-    moving_image = _coarsened(moving, factor)[None, ..., None]
+    moving_image = _coarsened(moving, factor)
+    moving_image = spatial.corner_table(moving_image) if table else moving_image[None, ..., None]
     if similarity == "ncc":
         fixed_image = losses.local_ncc_fixed_statistics(fixed_image, window)
     grid = _grid([-(-int(n) // factor) for n in box.shape])  # L: ceil(B / factor) per axis
@@ -427,10 +437,11 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
         # F index -> moving_low index: F -> world -> M -> moving_low (the moving grid coarsened from 0)
         matrix = np.linalg.inv(coarse_to_fine(factor)) @ np.linalg.inv(moving_affine) @ fixed_affine
         matrix = tf.constant(matrix[:3], tf.float32)
+        table = 32 * np.prod([-(-int(n) // factor) for n in moving.shape]) <= TABLE_BYTES
         fixed_image, moving_image, grid_fine, aligned, start, u = _level_start(
             box, moving, flow, change, tf.constant(to_fine, tf.float32), _axis_reads(to_fine, shape, flow.shape[:3]),
             change_reads,
-            tf.constant(alignment, tf.float32), factor, settings.similarity, int(settings.ncc_window))
+            tf.constant(alignment, tf.float32), factor, settings.similarity, int(settings.ncc_window), bool(table))
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
         arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, aligned, matrix,
                      tf.constant(float(factor)), weights, settings.similarity, int(settings.ncc_window))

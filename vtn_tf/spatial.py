@@ -349,6 +349,71 @@ def sample(image, positions, interpolation="linear", outside="clamp"):
     return linear(positions)
 
 
+def corner_table(image):
+    """The 8 trilinear corners of every voxel, for :func:`sample_mapped`.
+
+    Args:
+      image: ``[X, Y, Z]`` float32 (tf or numpy).
+    Returns:
+      ``[X, Y, Z, 8]`` float32: entry ``(i, j, k, 4 dx + 2 dy + dz)`` is the image at
+      ``(i + dx, j + dy, k + dz)``, the edge voxel where that leaves the volume. 8 times the
+      image's memory; a position then reads one contiguous row instead of 8 scattered values.
+    """
+    image = tf.convert_to_tensor(image, tf.float32)
+    padded = tf.pad(image, [[0, 1], [0, 1], [0, 1]], mode="SYMMETRIC")  # the edge voxel repeated
+    size = image.shape
+    return tf.stack([padded[dx:dx + size[0], dy:dy + size[1], dz:dz + size[2]] for dx, dy, dz in _CORNERS], -1)
+
+
+def sample_mapped(table, points, matrix):
+    """Trilinear values of an image at ``matrix`` applied to ``points``, with "zero" outside
+    (:func:`sample`), differentiable with respect to ``points``.
+
+    For instance optimisation, where one image is read at new positions every step: each
+    position reads its 8 corners as one row of ``table`` (:func:`corner_table`), and the
+    forward pass also forms the derivative of the value with respect to the point (the exact
+    derivative of the trilinear interpolant, mapped back through ``matrix``), so the gradient
+    is a product and nothing is gathered twice (1.5x faster than :func:`sample`'s gradient
+    under XLA on the CPU, ``benchmarks/bench_refine.py``).
+
+    Args:
+      table: ``[X, Y, Z, 8]`` float32, :func:`corner_table` of the image ``[X, Y, Z]``.
+      points: ``[P, Q, R, 3]`` float32, positions in some grid's voxels (``[P, Q, R]``, the
+        output grid).
+      matrix: ``[3, 4]`` float32, that grid's voxel indices -> the image's voxel indices.
+    Returns:
+      ``[P, Q, R]`` float32: the image at ``matrix [p; 1]``, edge-clamped within half a voxel
+      of the volume and 0 beyond (the gradient 0 there and along an axis where the position
+      was clamped, as :func:`sample`).
+    """
+    size = [int(n) for n in table.shape[:3]]
+    flat = tf.reshape(table, [-1, 8])
+
+    @tf.custom_gradient
+    def mapped(points):
+        raw = tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1] + points[..., 2] * matrix[i, 2]
+                        + matrix[i, 3] for i in range(3)], -1)
+        top = tf.constant([n - 1.0 for n in size])
+        position = tf.clip_by_value(raw, 0.0, top)
+        lower = tf.clip_by_value(tf.floor(position), 0.0, tf.maximum(top - 1.0, 0.0))
+        frac = position - lower
+        corner = tf.cast(lower, tf.int32)
+        c = tf.unstack(tf.gather(flat, (corner[..., 0] * size[1] + corner[..., 1]) * size[2] + corner[..., 2]), axis=-1)
+        wx, wy, wz = tf.unstack(frac, axis=-1)
+        z00, z01, z10, z11 = (_lerp(c[k], c[k + 1], wz) for k in (0, 2, 4, 6))
+        y0, y1 = _lerp(z00, z01, wy), _lerp(z10, z11, wy)
+        kept = tf.cast(tf.reduce_all((raw >= -0.5) & (raw < top + 0.5), -1), tf.float32)  # as _outside_mask
+        inside = tf.cast((raw >= 0.0) & (raw <= top), tf.float32) * kept[..., None]  # not clamped, not outside
+        d_raw = tf.stack([y1 - y0, _lerp(z01 - z00, z11 - z10, wx),
+                          _lerp(_lerp(c[1] - c[0], c[3] - c[2], wy), _lerp(c[5] - c[4], c[7] - c[6], wy), wx)],
+                         -1) * inside
+        d_points = tf.stack([d_raw[..., 0] * matrix[0, j] + d_raw[..., 1] * matrix[1, j] + d_raw[..., 2] * matrix[2, j]
+                             for j in range(3)], -1)
+        return _lerp(y0, y1, wx) * kept, lambda upstream: upstream[..., None] * d_points
+
+    return mapped(points)
+
+
 def axis_reads(position, size):
     """Where positions along one axis read it, for a linear interpolation with edge clamping.
 
