@@ -159,7 +159,7 @@ REFINE_STEPS ?= 60
 # already end at full resolution) fewer steps on the same two levels (20 at 1/2, 10 at full
 # resolution) with a weaker smoothness term, in a quarter of ANTs SyN's time. Empty: none.
 REFINE_FULL ?= --refine 60x60x60x60x10 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1 --refine_rate 0.5
-HIPPOCAMPUS_REFINE_FULL = --refine 20x10 --refine_resolution 0.5,1 --refine_smoothness 1.5
+HIPPOCAMPUS_REFINE_FULL = --refine 20x15 --refine_resolution 0.5,1 --refine_smoothness 1 --refine_folding 3
 # The initial alignment (--init): empty = vtn-register's default (best, then the affine search);
 # none for the hippocampus crops, which their headers already align (chosen on the validation pairs,
 # docs/results.md): the initialiser's centre-of-mass shift, misled by the crop, costs the network.

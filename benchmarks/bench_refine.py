@@ -5,13 +5,16 @@ foreground box, 135x171x130 of 160x192x160, at full and half resolution), a rand
 random images (speed only). Parts, each its value and gradient with respect to the field in
 one XLA program, as inside `vtn_tf.refine`:
 
-* sampling: trilinear sampling of the moving image at the field's positions;
+* sampling: trilinear sampling of the moving image at the field's positions, by
+  `vtn_tf.spatial.sample` (8 gathers, the gradient gathering again) and by the corner table
+  that refinement uses (`vtn_tf.spatial.sample_mapped`: one 8-value row a position, the
+  gradient formed in the forward pass);
 * local correlation: 5^3 windows against precomputed fixed-image statistics;
 * smoothness: the total variation of the field (`vtn_tf.refine.smoothness`, its gradient
   written out), and the same by automatic differentiation (`vtn_tf.losses.total_variation_loss`);
 * loss: the whole refinement loss (the three together);
-* Adam step: one step of the compiled 10-step loop (loss, gradient and update), with and
-  without XLA.
+* Adam step: one step of the compiled 10-step loop (loss, gradient and update), as
+  refinement runs it (the corner table, XLA), with the image sampler instead, and without XLA.
 
 Milliseconds, median of ``--repeats`` after a warm-up; the ratio columns compare in the same run.
 """
@@ -47,18 +50,24 @@ def measure(tf, shape, moving_shape, repeats, warmup):
             return value, tape.gradient(value, u)
         return lambda: step(field)[1].numpy()
 
+    table = spatial.corner_table(moving[0, ..., 0])
     parts = {
         "sampling": lambda u: tf.reduce_sum(spatial.sample(moving, (grid + u)[None], "linear", "zero")),
+        "sampling, corner table": lambda u: tf.reduce_sum(spatial.sample_mapped(table, grid + u, matrix)),
         "local correlation": lambda u: losses.local_ncc_loss_to_fixed(statistics, fixed + u[None, ..., :1], 5)[0],
         "smoothness": refine.smoothness,
         "smoothness, automatic gradient": lambda u: losses.total_variation_loss(u[None])[0],
-        "loss": lambda u: refine._loss(u, statistics, moving, grid, zeros, matrix, factor, weights, "ncc", 5),
+        "loss": lambda u: refine._loss(u, statistics, table, grid, zeros, matrix, factor, weights, "ncc", 5),
     }
     seconds = {name: time_call(with_gradient(loss), repeats, warmup)[0] for name, loss in parts.items()}
-    arguments = (tf.constant(0.3), statistics, moving, grid, zeros, matrix, factor, weights, "ncc", 5)
+    arguments = (tf.constant(0.3), statistics, table, grid, zeros, matrix, factor, weights, "ncc", 5)
+    with_image = (tf.constant(0.3), statistics, moving) + arguments[3:]
     plain = tf.function(refine._adam_steps_eager, jit_compile=False)
-    for name, steps in (("Adam step", refine._adam_steps), ("Adam step, no XLA", plain)):
-        run = lambda steps=steps: steps(field, zeros, zeros, tf.constant(0.0), tf.constant(10), *arguments)[0].numpy()
+    for name, steps, given in (("Adam step", refine._adam_steps, arguments),
+                               ("Adam step, image sampler", refine._adam_steps, with_image),
+                               ("Adam step, no XLA", plain, arguments)):
+        run = lambda steps=steps, given=given: steps(field, zeros, zeros, tf.constant(0.0), tf.constant(10),
+                                                     *given)[0].numpy()
         seconds[name] = time_call(run, max(1, repeats // 2), warmup)[0] / 10
     return seconds
 
@@ -71,16 +80,18 @@ def main():
     print_machine(args)
     levels = QUICK_LEVELS if args.quick else LEVELS
     moving = (56, 56, 56) if args.quick else MOVING
-    names = ["sampling", "local correlation", "smoothness", "smoothness, automatic gradient", "loss", "Adam step",
-             "Adam step, no XLA"]
+    names = ["sampling", "sampling, corner table", "local correlation", "smoothness", "smoothness, automatic gradient",
+             "loss", "Adam step", "Adam step, image sampler", "Adam step, no XLA"]
     rows = []
     for level, shape in levels.items():
         seconds = measure(tf, shape, moving, repeats, warmup)
         rows.append([level, "x".join(map(str, shape))] + [f"{1000 * seconds[n]:.0f} ms" for n in names]
-                    + [ratio(seconds["sampling"], seconds["loss"]),
+                    + [ratio(seconds["sampling, corner table"], seconds["loss"]),
+                       ratio(seconds["Adam step, image sampler"], seconds["Adam step"]),
                        ratio(seconds["Adam step, no XLA"], seconds["Adam step"]),
                        ratio(seconds["smoothness, automatic gradient"], seconds["smoothness"])])
-    print_table(["level", "grid"] + names + ["sampling / loss", "no XLA / XLA", "automatic / written gradient"], rows)
+    print_table(["level", "grid"] + names + ["sampling / loss", "image sampler / corner table", "no XLA / XLA",
+                                             "automatic / written gradient"], rows)
 
 
 if __name__ == "__main__":

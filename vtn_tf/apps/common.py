@@ -292,8 +292,10 @@ def define_refine_flags():
                          "steps (its training loss, on the network grid) before taking its field; the weights "
                          "return to the trained ones for the next pair (0 = off)", lower_bound=0)
     flags.DEFINE_float("refine_network_rate", 1e-4, "Adam learning rate of --refine_network")
-    flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (5^3 windows) "
-                      "or global correlation")
+    flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (--refine_window^3 "
+                      "windows) or global correlation")
+    flags.DEFINE_integer("refine_window", 5, "side of the local correlation's cubes in voxels of each refinement "
+                         "level (odd; ANTs' CC radius r is a side of 2r + 1)", lower_bound=1)
 
 
 def refine_steps(text):
@@ -327,7 +329,8 @@ def refine_settings():
         except ValueError:
             raise ValueError(f"--refine_resolution takes numbers; got {','.join(values.refine_resolution)}") from None
         return RefineSettings(steps=steps, seconds=values.refine_seconds, learning_rate=values.refine_rate,
-                              similarity=values.refine_similarity, smoothness=values.refine_smoothness,
+                              similarity=values.refine_similarity, ncc_window=values.refine_window,
+                              smoothness=values.refine_smoothness,
                               folding=values.refine_folding, resolution=resolution,
                               network_steps=values.refine_network, network_rate=values.refine_network_rate)
     except ValueError as error:
