@@ -156,8 +156,9 @@ NATIVE_MISALIGN ?= rigid
 REFINE_STEPS ?= 60
 # A second refinement table, the schedule chosen on the validation pairs (docs/results.md):
 # on LPBA40 a last level at full resolution; on the hippocampus crops (whose default levels
-# already end at full resolution) fewer steps on the same two levels (20 at 1/2, 10 at full
-# resolution) with a weaker smoothness term, in a quarter of ANTs SyN's time. Empty: none.
+# already end at full resolution) fewer steps on the same two levels (20 at 1/2, 15 at full
+# resolution) with a weaker smoothness term and a light penalty on folding, in a quarter of ANTs
+# SyN's time. Empty: none.
 REFINE_FULL ?= --refine 60x60x60x60x10 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1 --refine_rate 0.5
 HIPPOCAMPUS_REFINE_FULL = --refine 20x15 --refine_resolution 0.5,1 --refine_smoothness 1 --refine_folding 3
 # The initial alignment (--init): empty = vtn-register's default (best, then the affine search);

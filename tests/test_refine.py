@@ -344,3 +344,44 @@ def test_the_smoothness_term_and_its_written_out_gradient_match_numpy():
         step[index] = 1e-4
         numeric = (reference(d + step) - reference(d - step)) / 2e-4
         np.testing.assert_allclose(grad[index], numeric, rtol=1e-3, atol=1e-6)
+
+
+def test_the_folding_term_and_its_written_out_gradient_match_numpy():
+    """`regularisers` with both terms, an alignment displacement and a level factor: the value
+    against numpy (squared forward differences, determinants by numpy.linalg.det), the gradient
+    against central finite differences of that numpy value."""
+    rng = np.random.default_rng(4)
+    u = rng.normal(scale=0.5, size=(6, 5, 7, 3))
+    aligned = rng.normal(scale=0.2, size=u.shape)
+    factor, smooth, fold = 2.0, 0.7, 3.0
+
+    def reference(u):
+        s = (u - aligned) / factor
+        tv = sum(np.sum(np.diff(s, axis=a) ** 2) / (np.prod(s.shape[:3]) // s.shape[a] * (s.shape[a] - 1))
+                 for a in range(3)) / 3.0
+        d = u / factor
+        jacobians = np.stack([np.diff(d, axis=a)[tuple(slice(0, n - 1) for n in d.shape[:3])] for a in range(3)], -1)
+        det = np.linalg.det(jacobians + np.eye(3))  # [..., k, a]: d u_k / d axis a
+        return smooth * tv + fold * np.mean(np.maximum(-det, 0.0)), det
+
+    value_np, det = reference(u)
+    assert (det < 0).mean() > 0.05  # the folding term is active
+    x = tf.constant(u, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = refine.regularisers(x, tf.constant(aligned, tf.float32), factor, smooth, fold)
+    grad = tape.gradient(value, x).numpy()
+    np.testing.assert_allclose(float(value), value_np, rtol=1e-5)
+    checked = 0
+    for index in np.ndindex(u.shape):
+        if checked == 40 or rng.random() > 0.2:
+            continue
+        step = np.zeros_like(u)
+        step[index] = 1e-5
+        high, det_high = reference(u + step)
+        low, det_low = reference(u - step)
+        if np.any(np.sign(det_high) != np.sign(det_low)):
+            continue  # a determinant crosses 0: the kink of relu
+        np.testing.assert_allclose(grad[index], (high - low) / 2e-5, rtol=1e-3, atol=1e-5)
+        checked += 1
+    assert checked == 40

@@ -253,31 +253,66 @@ def forward_determinant(u):
 
 def smoothness(d):
     """:func:`vtn_tf.losses.total_variation_loss` of one field ``d`` ``[X, Y, Z, 3]`` (voxels):
-    ``(1/3) Σ_axes mean ‖d(x + e_axis) − d(x)‖²``, a scalar, with its gradient written out.
+    ``(1/3) Σ_axes mean ‖d(x + e_axis) − d(x)‖²``, a scalar, with its gradient written out
+    (:func:`regularisers` without the folding term)."""
+    return regularisers(d, 0.0, 1.0, 1.0)
 
-    The gradient of the squared forward differences is their backward difference (a discrete
-    Laplacian, ``2 (D_a(x - e_a) - D_a(x)) / count_a`` per axis, ``D_a`` 0 where ``x + e_a``
-    leaves the grid), formed in the forward pass from the same differences: about half the
-    time of automatic differentiation under XLA on a 1 mm brain box (`benchmarks/bench_refine.py`).
+
+def regularisers(u, aligned, factor, smooth, fold=None):
+    """``smooth * smoothness((u - aligned) / factor) + fold * mean(relu(-det(I + D(u / factor))))``
+    of a field ``u`` ``[X, Y, Z, 3]`` (voxels; ``D`` forward differences, :func:`forward_determinant`),
+    a scalar, with its gradient with respect to ``u`` written out.
+
+    Both terms are functions of the forward differences ``D_a`` along each axis, so the gradient
+    is one transpose: ``(1/factor) Σ_a D_a^T G_a`` with ``G_a`` the derivative with respect to
+    ``D_a``: ``2 smooth D_a((u - a)/factor) / (3 count_a)`` from the smoothness term (``count_a``
+    its differences along ``a``) plus, where the determinant is negative, ``-fold / n`` times the
+    cofactors of column ``a`` of the Jacobian ``I + D(u/factor)`` (``n`` the voxels of
+    ``[X-1, Y-1, Z-1]``). Formed in the forward pass from the same differences: about half
+    the time of automatic differentiation under XLA (`benchmarks/bench_refine.py`).
+    ``fold`` None (a static choice): no folding term (nor on a grid one voxel thick).
     """
+    shape = [int(n) for n in u.shape[:3]]
+
     @tf.custom_gradient
-    def value_and_gradient(d):
-        value, grad = 0.0, tf.zeros_like(d)
+    def value_and_gradient(u):
+        d = u / factor
+        s = (u - aligned) / factor
+        value, parts, columns = 0.0, [], []
         for axis in range(3):
-            n = int(d.shape[axis])
-            if n < 2:
-                continue
-            count = float(np.prod(d.shape[:3]) // n * (n - 1))
+            n = shape[axis]
             upper, lower = [slice(None)] * 4, [slice(None)] * 4
             upper[axis], lower[axis] = slice(1, n), slice(0, n - 1)
-            diff = d[tuple(upper)] - d[tuple(lower)]
-            value += tf.reduce_sum(tf.square(diff)) / count
+            count = float(np.prod(shape) // n * (n - 1))
+            diff = s[tuple(upper)] - s[tuple(lower)]
+            value += smooth * tf.reduce_sum(tf.square(diff)) / (3.0 * count) if n > 1 else 0.0
+            parts.append((2.0 * smooth / (3.0 * count)) * diff if n > 1 else None)
+            if fold is not None and min(shape) > 1:  # d u / d axis on the [X-1, Y-1, Z-1] cells
+                cells = tuple(slice(None) if b == axis else slice(0, shape[b] - 1) for b in range(3))
+                columns.append((d[tuple(upper)] - d[tuple(lower)])[cells])
+        if columns:
+            # J[k][a] = d (x + u/factor)_k / d axis a; C[k][a] its cofactor; det = sum_a J[0][a] C[0][a]
+            J = [[columns[a][..., k] + (1.0 if a == k else 0.0) for a in range(3)] for k in range(3)]
+            C = [[J[(k + 1) % 3][(a + 1) % 3] * J[(k + 2) % 3][(a + 2) % 3]
+                  - J[(k + 1) % 3][(a + 2) % 3] * J[(k + 2) % 3][(a + 1) % 3] for a in range(3)] for k in range(3)]
+            determinant = J[0][0] * C[0][0] + J[0][1] * C[0][1] + J[0][2] * C[0][2]
+            cells = float(np.prod([n - 1 for n in shape]))
+            value += fold * tf.reduce_sum(tf.nn.relu(-determinant)) / cells
+            negative = tf.cast(determinant < 0.0, tf.float32) * (-fold / cells)
+            for axis in range(3):
+                cofactors = tf.stack([negative * C[k][axis] for k in range(3)], -1)
+                cofactors = tf.pad(cofactors, [[0, 0] if b == axis else [0, 1] for b in range(3)] + [[0, 0]])
+                parts[axis] = cofactors if parts[axis] is None else parts[axis] + cofactors
+        grad = tf.zeros_like(u)
+        for axis, part in enumerate(parts):
+            if part is None:
+                continue
             before, after = [[0, 0]] * 4, [[0, 0]] * 4
             before[axis], after[axis] = [1, 0], [0, 1]
-            grad += (2.0 / count) * (tf.pad(diff, before) - tf.pad(diff, after))
-        return value / 3.0, lambda upstream: upstream * grad / 3.0
+            grad += tf.pad(part, before) - tf.pad(part, after)
+        return value, lambda upstream: upstream * grad / factor
 
-    return value_and_gradient(d)
+    return value_and_gradient(u)
 
 
 def _loss(u, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights, similarity, window):
@@ -300,10 +335,8 @@ def _loss(u, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weig
         value = losses.local_ncc_loss_to_fixed(fixed_image, warped, window)[0]
     else:
         value = losses.correlation_coefficient_loss(fixed_image, warped)[0]
-    value = value + weights[0] * smoothness((u - aligned) / factor)
-    if weights.shape[0] > 1:  # (smoothness, folding) or (smoothness,): a static choice
-        value = value + weights[1] * tf.reduce_mean(tf.nn.relu(-forward_determinant(u / factor)))
-    return value
+    # (smoothness, folding) or (smoothness,): a static choice
+    return value + regularisers(u, aligned, factor, weights[0], weights[1] if weights.shape[0] > 1 else None)
 
 
 def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_fine, aligned, matrix, factor,
