@@ -12,6 +12,9 @@ one XLA program, as inside `vtn_tf.refine`:
 * local correlation: 5^3 windows against precomputed fixed-image statistics;
 * smoothness: the total variation of the field (`vtn_tf.refine.smoothness`, its gradient
   written out), and the same by automatic differentiation (`vtn_tf.losses.total_variation_loss`);
+* smoothness and folding: that term with the penalty on negative Jacobian determinants
+  (`vtn_tf.refine.regularisers`, one written-out gradient), and the same by automatic
+  differentiation;
 * loss: the whole refinement loss (the three together);
 * Adam step: one step of the compiled 10-step loop (loss, gradient and update), as
   refinement runs it (the corner table, XLA), with the image sampler instead, and without XLA.
@@ -57,6 +60,9 @@ def measure(tf, shape, moving_shape, repeats, warmup):
         "local correlation": lambda u: losses.local_ncc_loss_to_fixed(statistics, fixed + u[None, ..., :1], 5)[0],
         "smoothness": refine.smoothness,
         "smoothness, automatic gradient": lambda u: losses.total_variation_loss(u[None])[0],
+        "smoothness and folding": lambda u: refine.regularisers(u, 0.0, 1.0, 1.0, 1.0),
+        "smoothness and folding, automatic gradient": lambda u: losses.total_variation_loss(u[None])[0] + tf.reduce_mean(
+            tf.nn.relu(-refine.forward_determinant(u))),
         "loss": lambda u: refine._loss(u, statistics, table, grid, zeros, matrix, factor, weights, "ncc", 5),
     }
     seconds = {name: time_call(with_gradient(loss), repeats, warmup)[0] for name, loss in parts.items()}
@@ -81,7 +87,8 @@ def main():
     levels = QUICK_LEVELS if args.quick else LEVELS
     moving = (56, 56, 56) if args.quick else MOVING
     names = ["sampling", "sampling, corner table", "local correlation", "smoothness", "smoothness, automatic gradient",
-             "loss", "Adam step", "Adam step, image sampler", "Adam step, no XLA"]
+             "smoothness and folding", "smoothness and folding, automatic gradient", "loss", "Adam step",
+             "Adam step, image sampler", "Adam step, no XLA"]
     rows = []
     for level, shape in levels.items():
         seconds = measure(tf, shape, moving, repeats, warmup)
@@ -89,9 +96,10 @@ def main():
                     + [ratio(seconds["sampling, corner table"], seconds["loss"]),
                        ratio(seconds["Adam step, image sampler"], seconds["Adam step"]),
                        ratio(seconds["Adam step, no XLA"], seconds["Adam step"]),
-                       ratio(seconds["smoothness, automatic gradient"], seconds["smoothness"])])
+                       ratio(seconds["smoothness, automatic gradient"], seconds["smoothness"]),
+                       ratio(seconds["smoothness and folding, automatic gradient"], seconds["smoothness and folding"])])
     print_table(["level", "grid"] + names + ["sampling / loss", "image sampler / corner table", "no XLA / XLA",
-                                             "automatic / written gradient"], rows)
+                                             "automatic / written gradient", "the same with folding"], rows)
 
 
 if __name__ == "__main__":
