@@ -212,7 +212,9 @@ def _refinement(refine):
         return words
     steps = "x".join(map(str, refine.steps)) + " steps" if isinstance(refine.steps, tuple) \
         else f"{refine.steps} steps per level"
-    return words + f", refine {steps} ({_levels(refine)}{'' if refine.crop else ', whole grid'})"
+    terms = f", smoothness {refine.smoothness:g}" + (f", folding {refine.folding:g}" if refine.folding else "") \
+        + (f", {refine.ncc_window}^3 windows" if refine.similarity == "ncc" and refine.ncc_window != 5 else "")
+    return words + f", refine {steps} ({_levels(refine)}{terms}{'' if refine.crop else ', whole grid'})"
 
 
 def _levels(refine):
