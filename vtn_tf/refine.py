@@ -29,7 +29,9 @@ Loss per step: ``similarity(fixed_L, moving_L(positions)) + smoothness * TV((u -
 + folding * mean(relu(-det(I + D(u / factor))))`` (TV in voxels of ``L``, the training loss's
 units; ``a`` the initial alignment's own displacement ``K x - x``, so that a scan moved in its
 header refines as the unmoved one; ``D`` forward differences, the folding measure of the
-results). Deterministic on the CPU (no scatter ops).
+results). The moving image is read through its corner table (`vtn_tf.spatial.sample_mapped`,
+below :data:`TABLE_BYTES`), and the sampling and the two regularisers (:func:`regularisers`)
+form their gradients in the forward pass. Deterministic on the CPU (no scatter ops).
 """
 
 import contextlib
