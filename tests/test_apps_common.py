@@ -198,3 +198,26 @@ def test_compiled_kernels_are_stored_and_reused_by_a_new_process(tmp_path):
     third = run()
     assert third[0] == first[0] and set(third[1]) == set(first[1])
     assert all(common.complete_entry(folder / name) for name in third[1])
+
+
+def test_refine_flags_reach_the_settings_and_a_bad_window_is_a_user_error():
+    """Run in a fresh interpreter: absl flags are process-global."""
+    code = """
+import sys
+from absl import flags
+from vtn_tf.apps import common
+from vtn_tf.io import InputError
+common.define_refine_flags()
+flags.FLAGS(['x', '--refine', '20x10', '--refine_resolution', '0.5,1', '--refine_smoothness', '1.25',
+             '--refine_folding', '3', '--refine_window', '7'])
+s = common.refine_settings()
+print(s.level_steps, s.factors, s.smoothness, s.folding, s.ncc_window)
+flags.FLAGS(['x', '--refine', '60', '--refine_window', '4'])
+try:
+    common.refine_settings()
+except InputError as error:
+    print('refused:', error)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "(20, 10) (2, 1) 1.25 3.0 7" in out
+    assert "refused: --refine options: ncc_window must be a positive odd number" in out
