@@ -247,10 +247,17 @@ def forward_determinant(u):
     """``det(I + D u)`` with forward differences ``D``: ``u`` ``[X, Y, Z, 3]`` (voxels) ->
     ``[X-1, Y-1, Z-1]`` (tf), as `vtn_tf.metrics.forward_jacobian_determinant` counts folding."""
     base = u[:-1, :-1, :-1]
-    columns = [u[1:, :-1, :-1] - base, u[:-1, 1:, :-1] - base, u[:-1, :-1, 1:] - base]  # d u / d axis
-    (a, d, g), (b, e, h), (c, f, i) = [[col[..., k] for k in range(3)] for col in columns]
-    a, e, i = a + 1.0, e + 1.0, i + 1.0  # J = [[a, b, c], [d, e, f], [g, h, i]]
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return _cofactors([u[1:, :-1, :-1] - base, u[:-1, 1:, :-1] - base, u[:-1, :-1, 1:] - base])[1]
+
+
+def _cofactors(columns):
+    """``(C, det)`` of ``J = I + [columns]``: ``columns[a]`` ``[..., 3]`` the derivative of the
+    displacement along axis ``a``, so ``J[k][a] = δ_ka + columns[a][..., k]``; ``C[k][a]`` the
+    cofactor of ``J[k][a]`` (``d det / d J[k][a]``), ``det = Σ_a J[0][a] C[0][a]``."""
+    J = [[columns[a][..., k] + (1.0 if a == k else 0.0) for a in range(3)] for k in range(3)]
+    C = [[J[(k + 1) % 3][(a + 1) % 3] * J[(k + 2) % 3][(a + 2) % 3]
+          - J[(k + 1) % 3][(a + 2) % 3] * J[(k + 2) % 3][(a + 1) % 3] for a in range(3)] for k in range(3)]
+    return C, J[0][0] * C[0][0] + J[0][1] * C[0][1] + J[0][2] * C[0][2]
 
 
 def smoothness(d):
@@ -293,11 +300,7 @@ def regularisers(u, aligned, factor, smooth, fold=None):
                 cells = tuple(slice(None) if b == axis else slice(0, shape[b] - 1) for b in range(3))
                 columns.append((d[tuple(upper)] - d[tuple(lower)])[cells])
         if columns:
-            # J[k][a] = d (x + u/factor)_k / d axis a; C[k][a] its cofactor; det = sum_a J[0][a] C[0][a]
-            J = [[columns[a][..., k] + (1.0 if a == k else 0.0) for a in range(3)] for k in range(3)]
-            C = [[J[(k + 1) % 3][(a + 1) % 3] * J[(k + 2) % 3][(a + 2) % 3]
-                  - J[(k + 1) % 3][(a + 2) % 3] * J[(k + 2) % 3][(a + 1) % 3] for a in range(3)] for k in range(3)]
-            determinant = J[0][0] * C[0][0] + J[0][1] * C[0][1] + J[0][2] * C[0][2]
+            C, determinant = _cofactors(columns)  # of J = d (x + u/factor) / d x
             cells = float(np.prod([n - 1 for n in shape]))
             value += fold * tf.reduce_sum(tf.nn.relu(-determinant)) / cells
             negative = tf.cast(determinant < 0.0, tf.float32) * (-fold / cells)

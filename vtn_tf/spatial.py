@@ -132,25 +132,31 @@ def _sample_linear_forward(image, flow):
     return _trilinear(image, identity_grid_dynamic(tf.shape(image)[1:4], flow.dtype) + flow)
 
 
+def _trilinear_from_corners(c, wx, wy, wz):
+    """The trilinear value and its derivatives along the three axes from the 8 corner values
+    ``c`` (in :data:`_CORNERS` order) and the upper corners' weights: ``(value, (d_x, d_y, d_z))``.
+    The derivative along axis a is the difference of the two bilinear values on the faces
+    a = upper and a = lower."""
+    z00, z01, z10, z11 = (_lerp(c[k], c[k + 1], wz) for k in (0, 2, 4, 6))
+    y0, y1 = _lerp(z00, z01, wy), _lerp(z10, z11, wy)
+    d_z = _lerp(_lerp(c[1] - c[0], c[3] - c[2], wy), _lerp(c[5] - c[4], c[7] - c[6], wy), wx)
+    return _lerp(y0, y1, wx), (y1 - y0, _lerp(z01 - z00, z11 - z10, wx), d_z)
+
+
 def _trilinear_position_gradient(image, raw, upstream):
     """d loss / d positions ``[B, P, Q, R, 3]`` of `_trilinear`, given ``upstream`` (d loss / d
     values, ``[B, P, Q, R, C]``).
 
-    The derivative of the trilinear value along axis a is the difference of the two
-    bilinear values on the faces a = upper and a = lower; it is summed over the channels
-    and zeroed where the position was clamped along that axis.
+    The derivatives (:func:`_trilinear_from_corners`) are summed over the channels and zeroed
+    where the position was clamped along that axis.
     """
     shape = tf.shape(image)
     base, frac, step, inside = _corners_at(shape, raw)
     flat = tf.reshape(image, [-1, shape[4]])
     wx, wy, wz = (tf.cast(frac[..., a, None], image.dtype) for a in range(3))
-    v = {c: tf.gather(flat, base + c[0] * step[0] + c[1] * step[1] + c[2] * step[2]) for c in _CORNERS}
-    z = {(dx, dy): _lerp(v[dx, dy, 0], v[dx, dy, 1], wz) for dx in (0, 1) for dy in (0, 1)}
-    dz = {(dx, dy): v[dx, dy, 1] - v[dx, dy, 0] for dx in (0, 1) for dy in (0, 1)}
-    d_x = _lerp(z[1, 0], z[1, 1], wy) - _lerp(z[0, 0], z[0, 1], wy)
-    d_y = _lerp(z[0, 1] - z[0, 0], z[1, 1] - z[1, 0], wx)
-    d_z = _lerp(_lerp(dz[0, 0], dz[0, 1], wy), _lerp(dz[1, 0], dz[1, 1], wy), wx)
-    grad = tf.concat([tf.reduce_sum(upstream * d, axis=-1, keepdims=True) for d in (d_x, d_y, d_z)], -1)
+    corners = [tf.gather(flat, base + c[0] * step[0] + c[1] * step[1] + c[2] * step[2]) for c in _CORNERS]
+    _, derivatives = _trilinear_from_corners(corners, wx, wy, wz)
+    grad = tf.concat([tf.reduce_sum(upstream * d, axis=-1, keepdims=True) for d in derivatives], -1)
     return tf.cast(grad, raw.dtype) * inside
 
 
@@ -386,30 +392,21 @@ def sample_mapped(table, points, matrix):
       of the volume and 0 beyond (the gradient 0 there and along an axis where the position
       was clamped, as :func:`sample`).
     """
-    size = [int(n) for n in table.shape[:3]]
+    image_shape = tf.constant([1] + [int(n) for n in table.shape[:3]] + [8])
     flat = tf.reshape(table, [-1, 8])
 
     @tf.custom_gradient
     def mapped(points):
         raw = tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1] + points[..., 2] * matrix[i, 2]
-                        + matrix[i, 3] for i in range(3)], -1)
-        top = tf.constant([n - 1.0 for n in size])
-        position = tf.clip_by_value(raw, 0.0, top)
-        lower = tf.clip_by_value(tf.floor(position), 0.0, tf.maximum(top - 1.0, 0.0))
-        frac = position - lower
-        corner = tf.cast(lower, tf.int32)
-        c = tf.unstack(tf.gather(flat, (corner[..., 0] * size[1] + corner[..., 1]) * size[2] + corner[..., 2]), axis=-1)
-        wx, wy, wz = tf.unstack(frac, axis=-1)
-        z00, z01, z10, z11 = (_lerp(c[k], c[k + 1], wz) for k in (0, 2, 4, 6))
-        y0, y1 = _lerp(z00, z01, wy), _lerp(z10, z11, wy)
-        kept = tf.cast(tf.reduce_all((raw >= -0.5) & (raw < top + 0.5), -1), tf.float32)  # as _outside_mask
-        inside = tf.cast((raw >= 0.0) & (raw <= top), tf.float32) * kept[..., None]  # not clamped, not outside
-        d_raw = tf.stack([y1 - y0, _lerp(z01 - z00, z11 - z10, wx),
-                          _lerp(_lerp(c[1] - c[0], c[3] - c[2], wy), _lerp(c[5] - c[4], c[7] - c[6], wy), wx)],
-                         -1) * inside
+                        + matrix[i, 3] for i in range(3)], -1)[None]
+        base, frac, _, inside = _corners_at(image_shape, raw)  # the table's row is the lower corner's voxel
+        kept = tf.cast(_outside_mask(image_shape, raw)[0, ..., 0], tf.float32)
+        value, derivatives = _trilinear_from_corners(tf.unstack(tf.gather(flat, base[0]), axis=-1),
+                                                     *tf.unstack(frac[0], axis=-1))
+        d_raw = tf.stack(derivatives, -1) * inside[0] * kept[..., None]  # 0 where clamped or outside
         d_points = tf.stack([d_raw[..., 0] * matrix[0, j] + d_raw[..., 1] * matrix[1, j] + d_raw[..., 2] * matrix[2, j]
                              for j in range(3)], -1)
-        return _lerp(y0, y1, wx) * kept, lambda upstream: upstream[..., None] * d_points
+        return value * kept, lambda upstream: upstream[..., None] * d_points
 
     return mapped(points)
 
