@@ -209,9 +209,9 @@ from vtn_tf.apps import common
 from vtn_tf.io import InputError
 common.define_refine_flags()
 flags.FLAGS(['x', '--refine', '20x10', '--refine_resolution', '0.5,1', '--refine_smoothness', '1.25',
-             '--refine_folding', '3', '--refine_window', '7'])
+             '--refine_folding', '3', '--refine_window', '7', '--refine_anneal'])
 s = common.refine_settings()
-print(s.level_steps, s.factors, s.smoothness, s.folding, s.ncc_window)
+print(s.level_steps, s.factors, s.smoothness, s.folding, s.ncc_window, s.anneal)
 flags.FLAGS(['x', '--refine', '60', '--refine_window', '4'])
 try:
     common.refine_settings()
@@ -219,5 +219,5 @@ except InputError as error:
     print('refused:', error)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "(20, 10) (2, 1) 1.25 3.0 7" in out
+    assert "(20, 10) (2, 1) 1.25 3.0 7 True" in out
     assert "refused: --refine options: ncc_window must be a positive odd number" in out

@@ -319,3 +319,29 @@ def test_abdomen_synthetic_real_labels(tmp_path):
     assert manifest["modality"] == "CT" and 6 in manifest["label_values"]
     assert manifest["splits"]["evaluation"] == ["0001"]
     assert manifest["subjects"][0]["source"]["image"] is None
+
+
+def test_holdout_moves_the_last_training_subjects_to_a_tuning_split(tmp_path):
+    from data_prep import holdout
+
+    manifest = {"name": "toy", "subjects": [{"id": f"s{i:02d}"} for i in range(8)],
+                "splits": {"train": ["s05", "s01", "s03", "s00", "s04", "s02"], "evaluation": ["s06", "s07"]}}
+    source = tmp_path / "manifest.json"
+    source.write_text(json.dumps(manifest))
+    out = tmp_path / "manifest-tuning.json"
+    holdout.main(["--manifest", str(source), "--count", "2", "--out", str(out)])
+    copy = json.loads(out.read_text())
+    assert copy["splits"] == {"train": ["s00", "s01", "s02", "s03"], "tuning": ["s04", "s05"],
+                              "evaluation": ["s06", "s07"]}
+    assert copy["subjects"] == manifest["subjects"] and json.loads(source.read_text()) == manifest
+    # refused, with the file named and nothing overwritten: an existing output, a count that
+    # leaves no training subject, a split name already taken, an output away from the manifest
+    before = out.read_text()
+    for argv, words in [(["--count", "2", "--out", str(out)], "exists"),
+                        (["--count", "6", "--out", str(out), "--overwrite"], "between 1 and 5"),
+                        (["--count", "1", "--split", "evaluation", "--out", str(out), "--overwrite"], "already has"),
+                        (["--count", "1", "--out", str(tmp_path / "sub" / "m.json")], "beside")]:
+        with pytest.raises(SystemExit) as stop:
+            holdout.main(["--manifest", str(source)] + argv)
+        assert words in str(stop.value)
+    assert out.read_text() == before

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import keras
 import tensorflow as tf
 from scipy import ndimage
 
@@ -385,3 +386,33 @@ def test_the_folding_term_and_its_written_out_gradient_match_numpy():
         np.testing.assert_allclose(grad[index], (high - low) / 2e-5, rtol=1e-3, atol=1e-5)
         checked += 1
     assert checked == 40
+
+
+@pytest.mark.parametrize("anneal", [False, True])
+def test_adam_loop_follows_keras_adam_in_chunks(anneal):
+    """The refinement's compiled Adam (run as refine_field runs it, in chunks that carry the
+    moments and the step count) against Keras' Adam, with a constant rate or its cosine decay
+    to 0 over the 10 steps (`--refine_anneal`), on an anisotropic quadratic."""
+    rng = np.random.default_rng(3)
+    target, scale = rng.normal(size=(4, 3)).astype(np.float32), rng.uniform(0.1, 5, (4, 3)).astype(np.float32)
+    start = rng.normal(size=(4, 3)).astype(np.float32)
+
+    def loss_of(x, _):
+        return tf.reduce_sum(scale * tf.square(x - target))
+
+    x, m, v, t = tf.constant(start), tf.zeros((4, 3)), tf.zeros((4, 3)), tf.constant(0.0)
+    for count in (3, 4, 3):
+        x, m, v, t, _, _ = refine._adam_loop(loss_of, x, m, v, t, count, tf.constant(0.3),
+                                             tf.constant(10.0) if anneal else None)
+    def keras_adam(rate):
+        optimizer, reference = keras.optimizers.Adam(rate), tf.Variable(start)
+        for _ in range(10):
+            with tf.GradientTape() as tape:
+                value = loss_of(reference, None)
+            optimizer.apply_gradients([(tape.gradient(value, reference), reference)])
+        return reference.numpy()
+
+    annealed, constant = keras_adam(keras.optimizers.schedules.CosineDecay(0.3, 10)), keras_adam(0.3)
+    np.testing.assert_allclose(x.numpy(), annealed if anneal else constant, atol=1e-5)
+    assert float(t) == 10.0
+    assert np.abs(annealed - constant).max() > 0.05  # the two schedules end apart

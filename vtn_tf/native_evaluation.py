@@ -212,7 +212,8 @@ def _refinement(refine):
         return words
     steps = "x".join(map(str, refine.steps)) + " steps" if isinstance(refine.steps, tuple) \
         else f"{refine.steps} steps per level"
-    terms = f", smoothness {refine.smoothness:g}" + (f", folding {refine.folding:g}" if refine.folding else "") \
+    terms = f", rate {refine.learning_rate:g}{' annealed' if refine.anneal else ''}, smoothness {refine.smoothness:g}" \
+        + (f", folding {refine.folding:g}" if refine.folding else "") \
         + (f", {refine.ncc_window}^3 windows" if refine.similarity == "ncc" and refine.ncc_window != 5 else "")
     return words + f", refine {steps} ({_levels(refine)}{terms}{'' if refine.crop else ', whole grid'})"
 

@@ -83,6 +83,9 @@ class RefineSettings:
         field is taken (:func:`finetuned`, uniGradICON's instance optimisation; 0: none).
       network_rate: Adam's rate for those steps.
       crop: refine only the fixed image's foreground box ``B`` (the module's notes).
+      anneal: lower the rate on each level along a half cosine, ``rate (1 + cos(pi k / n)) / 2``
+        at its step ``k`` of ``n`` (Adam's steps keep about the rate's size however small the
+        gradient, so at a constant rate the last ones jitter the field around the optimum).
     """
 
     steps: int | tuple = 60
@@ -96,6 +99,7 @@ class RefineSettings:
     network_steps: int = 0
     network_rate: float = 1e-4
     crop: bool = True
+    anneal: bool = False
 
     def __post_init__(self):
         counts = self.steps if isinstance(self.steps, (tuple, list)) else (self.steps,)
@@ -219,21 +223,24 @@ def _points(matrix, points):
 ADAM = (0.9, 0.999, 1e-7)  # beta1, beta2, epsilon (Keras' defaults)
 
 
-def _adam_loop(loss_of, x, m, v, t, count, rate):
+def _adam_loop(loss_of, x, m, v, t, count, rate, anneal=None):
     """``count`` Adam steps on ``x`` minimising ``loss_of(x, t)`` (``m``, ``v``: Adam's moments,
     ``t``: its step count, float, 0 before the first step; ``rate``: a scalar or one rate per
-    entry of ``x``). Returns the new ``(x, m, v, t)``, the loss at the first step and the
-    loss before the last step (both before their steps' updates). Functional, for one XLA loop."""
+    entry of ``x``; ``anneal``: None, or the step count ``n`` over which the rate falls as
+    ``rate (1 + cos(pi t / n)) / 2``). Returns the new ``(x, m, v, t)``, the loss at the first
+    step and the loss before the last step (both before their steps' updates). Functional, for
+    one XLA loop."""
     def step(k, x, m, v, t, first, _):
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = loss_of(x, t)
         first = tf.where(tf.equal(k, 0), loss, first)
         grad = tape.gradient(loss, x)
+        scale = 1.0 if anneal is None else 0.5 * (1.0 + tf.cos(math.pi * tf.minimum(t / anneal, 1.0)))
         t = t + 1.0
         m = ADAM[0] * m + (1 - ADAM[0]) * grad
         v = ADAM[1] * v + (1 - ADAM[1]) * tf.square(grad)
-        x = x - rate * tf.sqrt(1 - ADAM[1] ** t) / (1 - ADAM[0] ** t) * m / (tf.sqrt(v) + ADAM[2])
+        x = x - scale * rate * tf.sqrt(1 - ADAM[1] ** t) / (1 - ADAM[0] ** t) * m / (tf.sqrt(v) + ADAM[2])
         return k + 1, x, m, v, t, first, loss
 
     # an explicit loop: the compiled callers skip AutoGraph's source conversion (seconds per process)
@@ -344,12 +351,12 @@ def _loss(u, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weig
     return value + regularisers(u, aligned, factor, weights[0], weights[1] if weights.shape[0] > 1 else None)
 
 
-def _adam_steps_eager(u, m, v, t, count, rate, fixed_image, moving_image, grid_fine, aligned, matrix, factor,
+def _adam_steps_eager(u, m, v, t, count, rate, anneal, fixed_image, moving_image, grid_fine, aligned, matrix, factor,
                       weights, similarity, window):
     """``count`` Adam steps on the field ``u`` (``m``, ``v``: Adam's moments, ``t``: its step);
     returns the new ``(u, m, v, t)``, the loss at the first step and before the last."""
     return _adam_loop(lambda x, _: _loss(x, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights,
-                                      similarity, window), u, m, v, t, count, rate)
+                                      similarity, window), u, m, v, t, count, rate, anneal)
 
 
 _adam_steps = tf.function(_adam_steps_eager, jit_compile=True, autograph=False)  # one trace per grid size (static shapes)
@@ -481,7 +488,8 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
             change_reads,
             tf.constant(alignment, tf.float32), factor, settings.similarity, int(settings.ncc_window), bool(table))
         m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
-        arguments = (tf.constant(float(settings.learning_rate)), fixed_image, moving_image, grid_fine, aligned, matrix,
+        anneal = tf.constant(float(steps)) if settings.anneal else None
+        arguments = (tf.constant(float(settings.learning_rate)), anneal, fixed_image, moving_image, grid_fine, aligned, matrix,
                      tf.constant(float(factor)), weights, settings.similarity, int(settings.ncc_window))
         level_done, chunk, first, last = 0, 10, None, None
         while level_done < steps:

@@ -285,6 +285,9 @@ def define_refine_flags():
                       "several, coarse to fine (e.g. 0.25,0.33,0.5: --refine steps on each); auto = 1.5, 1 and "
                       "0.75 times the network grid's spacing, never finer than the fixed grid")
     flags.DEFINE_float("refine_rate", 0.3, "Adam learning rate, voxels of the fixed grid per step")
+    flags.DEFINE_boolean("refine_anneal", False, "lower Adam's rate on each level along a half cosine, from "
+                         "--refine_rate at its first step towards 0 at its last (Adam's steps keep their size "
+                         "near the optimum; annealed, the last steps settle instead of jittering the field)")
     flags.DEFINE_float("refine_smoothness", 2.0, "weight of the smoothness term during refinement")
     flags.DEFINE_float("refine_folding", 0.0, "weight of the penalty on negative Jacobian determinants during "
                        "refinement (0 = none)")
@@ -332,7 +335,8 @@ def refine_settings():
                               similarity=values.refine_similarity, ncc_window=values.refine_window,
                               smoothness=values.refine_smoothness,
                               folding=values.refine_folding, resolution=resolution,
-                              network_steps=values.refine_network, network_rate=values.refine_network_rate)
+                              network_steps=values.refine_network, network_rate=values.refine_network_rate,
+                              anneal=values.refine_anneal)
     except ValueError as error:
         raise InputError(f"--refine options: {error}") from None
 
