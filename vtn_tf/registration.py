@@ -936,13 +936,15 @@ class Registrar:
                                 self.log, self.passes, self.contract, self.init, self.refine, self.init_steps)
 
     def register_files(self, fixed_path, moving_path, out, moving_labels=(), overwrite=False, compression=1,
-                       fixed_labels=()):
-        """Read, register and write one pair; returns ``(written paths, Result, seconds per part)``."""
+                       fixed_labels=(), inputs=None):
+        """Read, register and write one pair; returns ``(written paths, Result, seconds per part)``.
+
+        ``inputs``: the pair as :func:`read_inputs` already read it from these paths (not read again)."""
         label_paths = [os.fspath(p) for p in moving_labels]
         fixed_label_paths = [os.fspath(p) for p in fixed_labels]
         check_outputs(out, label_paths, overwrite, compression, self.inverse, fixed_label_paths)
         begin = time.perf_counter()
-        fixed, moving, labels = read_inputs(fixed_path, moving_path, label_paths)
+        fixed, moving, labels = inputs or read_inputs(fixed_path, moving_path, label_paths)
         fixed_label_volumes = [io.read_labels(p, reference=fixed, role="fixed labels") for p in fixed_label_paths]
         read_seconds = time.perf_counter() - begin
         self.log(describe("fixed", fixed))
@@ -971,10 +973,10 @@ def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), inte
         raise io.InputError(f"intensity must be auto, mri, ct or none; got {intensity!r}")
     label_paths = [os.fspath(p) for p in moving_labels]
     check_outputs(out, label_paths, overwrite, compression, inverse, [os.fspath(p) for p in fixed_labels])
-    read_inputs(fixed_path, moving_path, label_paths)  # refuse bad files before loading a model
+    inputs = read_inputs(fixed_path, moving_path, label_paths)  # refuse bad files before loading a model
     registrar = Registrar(os.fspath(run_dir), precision, passes, init, refine, intensity, log, inverse, init_steps)
     return registrar.register_files(fixed_path, moving_path, out, label_paths, overwrite, compression,
-                                    fixed_labels)[0]
+                                    fixed_labels, inputs)[0]
 
 
 def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=print, compression=1,
