@@ -1,6 +1,7 @@
 """vtn_tf.apps.common: which errors become one-line messages (exit 2) and which keep their traceback."""
 
 import errno
+import json
 import os
 import pathlib
 import subprocess
@@ -221,3 +222,39 @@ except InputError as error:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "(20, 10) (2, 1) 1.25 3.0 7 True" in out
     assert "refused: --refine options: ncc_window must be a positive odd number" in out
+
+
+def test_recommended_settings_fill_the_flags_the_command_line_leaves(tmp_path):
+    """``--recommended`` takes the run's config.json ``register`` section for the flags not
+    given (the command line wins); a run without the section, or with a value the flag
+    refuses, is a user error naming the file. Fresh interpreter: absl flags are global."""
+    run = tmp_path / "run"
+    run.mkdir()
+    register = {"init": "none", "passes": 2, "refine": "40x12", "refine_resolution": [0.5, 1],
+                "refine_smoothness": 1.25, "refine_anneal": True, "refine_folding": None}
+    (run / "config.json").write_text(json.dumps({"model": {}, "register": register}))
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({"model": {}}))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"register": {"init": "sideways"}}))
+    code = f"""
+from absl import flags
+from vtn_tf.apps import common
+from vtn_tf.io import InputError
+common.define_inference_flags()
+common.define_refine_flags()
+flags.FLAGS(['x', '--refine_smoothness', '3', '--recommended'])
+for name in ('bare', 'bad'):
+    try:
+        common.apply_recommended({str(tmp_path)!r} + '/' + name, print)
+    except InputError as error:
+        print('refused:', error)
+common.apply_recommended({str(run)!r}, print)
+s = common.refine_settings()
+print('settings', flags.FLAGS.init, flags.FLAGS.passes, s.level_steps, s.factors, s.smoothness, s.anneal, s.folding)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "settings none 2 (40, 12) (2, 1) 3.0 True 0.0" in out  # smoothness: the command line's
+    assert "--init none" in out and "--refine_anneal" in out and "--refine_smoothness" not in out
+    assert f"refused: --recommended: {tmp_path}/bare/config.json recommends no test-time settings" in out
+    assert f"refused: --recommended: {tmp_path}/bad/config.json: register.init = 'sideways'" in out

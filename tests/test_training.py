@@ -287,3 +287,19 @@ def test_a_run_directory_under_a_file_is_an_input_error(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(InputError, match="file.txt/run cannot be created"):
         training.prepare_run_dir(tmp_path / "file.txt" / "run", config_lib.load_config())
+
+
+def test_the_register_section_is_not_part_of_what_a_run_trains(tmp_path):
+    """A run's test-time recommendations (config section ``register``) may change on a
+    trained run; config.json then holds the new ones. A change to a trained field is still
+    refused, and an unknown register field is a config error."""
+    config = config_lib.load_config()
+    training.prepare_run_dir(tmp_path / "run", config)
+    recommended = config_lib.apply_overrides(config, ["register.passes=2", "register.refine=40x12"])
+    training.prepare_run_dir(tmp_path / "run", recommended, log=lambda *_: None)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["register"]["passes"] == 2 and saved["register"]["refine"] == "40x12"
+    with pytest.raises(config_lib.ConfigError, match="model.width"):
+        training.prepare_run_dir(tmp_path / "run", config_lib.apply_overrides(recommended, ["model.width=0.25"]))
+    with pytest.raises(config_lib.ConfigError, match="unknown field register.refine_steps"):
+        config_lib.apply_overrides(config, ["register.refine_steps=3"])

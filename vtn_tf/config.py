@@ -1,7 +1,10 @@
 """Experiment configuration: one JSON file per experiment in ``experiments/``.
 
-A config has three sections, ``model`` (arguments of `vtn_tf.VTN`), ``data`` and
-``train``. A file may start from another with ``"extends": "other.json"``
+A config has three sections for training, ``model`` (arguments of `vtn_tf.VTN`), ``data``
+and ``train``, and one for after it, ``register``: the test-time settings chosen for models of
+the config on validation pairs (the flags of ``vtn-register`` and ``vtn-evaluate`` without their
+``--``, as a flag would take them; None: the flag's own default), which ``--recommended`` reads
+from a run's ``config.json``. A file may start from another with ``"extends": "other.json"``
 (relative to its own folder); its sections then override field by field. Any
 field can be overridden from the command line as ``section.field=value`` (value
 parsed as JSON, else taken as a string). Unknown sections or fields are errors:
@@ -58,7 +61,12 @@ DEFAULTS = {
         "distribute": "auto",         # "auto", "none", "mirrored", "multiworker"
         "on_nonfinite": "stop",       # "stop" or "skip" a batch whose loss is NaN/Inf
     },
+    "register": {name: None for name in (
+        "init", "init_steps", "passes", "refine", "refine_resolution", "refine_rate", "refine_anneal",
+        "refine_smoothness", "refine_folding", "refine_similarity", "refine_window")},
 }
+# Sections that do not change what training computes: a run may be resumed with other values.
+TEST_TIME = ("register",)
 
 
 class ConfigError(ValueError):

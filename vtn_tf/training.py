@@ -113,8 +113,9 @@ def prepare_run_dir(run_dir, config, restart=False, log=print):
     saved = run_dir / "config.json"
     if saved.exists() and not restart:
         previous = json.loads(saved.read_text())
-        if previous != config:
-            changed = sorted((s, k) for s in config for k in config[s]
+        trained = [s for s in config if s not in config_lib.TEST_TIME]
+        if any(previous.get(s) != config[s] for s in trained):
+            changed = sorted((s, k) for s in trained for k in config[s]
                              if previous.get(s, {}).get(k) != config[s][k])
             names = ", ".join(f"{s}.{k}" for s, k in changed)
             extended = (changed and set(changed) <= EXTENDABLE

@@ -297,8 +297,51 @@ def define_refine_flags():
     flags.DEFINE_float("refine_network_rate", 1e-4, "Adam learning rate of --refine_network")
     flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (--refine_window^3 "
                       "windows) or global correlation")
+    flags.DEFINE_boolean("recommended", False, "take the test-time settings the model's config recommends (the "
+                         "'register' section of its run's config.json: initial alignment, passes and refinement "
+                         "schedule chosen on validation pairs) for every one of those flags not given here")
     flags.DEFINE_integer("refine_window", 5, "side of the local correlation's cubes in voxels of each refinement "
                          "level (odd; ANTs' CC radius r is a side of 2r + 1)", lower_bound=1)
+
+
+def apply_recommended(model_dir, log=print):
+    """``--recommended``: set the flags that the ``register`` section of ``model_dir``'s
+    ``config.json`` names (`vtn_tf.config`) and the command line did not give.
+
+    Returns the settings taken, as command-line words. Raises :class:`vtn_tf.io.InputError`
+    naming the file when the run has no such section or a value the flag refuses."""
+    import json
+    import pathlib
+
+    from absl import flags
+
+    from vtn_tf.io import InputError
+
+    path = pathlib.Path(model_dir or "") / "config.json"
+    try:
+        section = json.loads(path.read_text()).get("register") or {}
+    except (OSError, ValueError) as error:
+        raise InputError(f"--recommended reads {path}: {error}") from None
+    chosen = {name: value for name, value in section.items() if value is not None}
+    if not chosen:
+        raise InputError(f"--recommended: {path} recommends no test-time settings (its config has no 'register' "
+                         "section, or only nulls); give the flags, or add the section (docs/usage.md)")
+    taken = []
+    for name, value in chosen.items():
+        if name not in flags.FLAGS:
+            raise InputError(f"--recommended: {path} names {name!r}, which is not a flag of this tool")
+        flag = flags.FLAGS[name]
+        if flag.present:  # the command line wins
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        try:
+            flag.parse(text)
+        except (flags.IllegalFlagValueError, ValueError) as error:
+            raise InputError(f"--recommended: {path}: register.{name} = {value!r}: {error}") from None
+        taken.append(f"--{name}" if value is True else f"--no{name}" if value is False else f"--{name} {text}")
+    log(f"recommended by {path}: {' '.join(taken) if taken else 'nothing the command line does not set'}")
+    return taken
 
 
 def refine_steps(text):

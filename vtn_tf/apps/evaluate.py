@@ -16,7 +16,8 @@ import sys
 
 from absl import app, flags
 
-from vtn_tf.apps.common import define_inference_flags, define_refine_flags, refine_settings, user_errors
+from vtn_tf.apps.common import (apply_recommended, define_inference_flags, define_refine_flags, refine_settings,
+                                user_errors)
 from vtn_tf.io import InputError
 
 FLAGS = flags.FLAGS
@@ -83,6 +84,10 @@ def evaluate():
         raise InputError("--manifest is required (a prepared dataset's manifest.json)")
     if not FLAGS.out:
         raise InputError("--out is required (the result CSV to write)")
+    if FLAGS.recommended:
+        if not FLAGS.native:
+            raise InputError("--recommended needs --native (its settings are vtn-register's)")
+        apply_recommended(FLAGS.model, log)
     if FLAGS.native:
         from vtn_tf import native_evaluation
 

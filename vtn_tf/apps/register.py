@@ -54,8 +54,10 @@ flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 def _registrar(log):
     from vtn_tf import registration
-    from vtn_tf.apps.common import refine_settings
+    from vtn_tf.apps.common import apply_recommended, refine_settings
 
+    if FLAGS.recommended:
+        apply_recommended(FLAGS.model, lambda line: print(line, file=sys.stderr))
     return registration.Registrar(FLAGS.model, FLAGS.precision, FLAGS.passes, FLAGS.init,
                                   refine_settings(), FLAGS.intensity, log, FLAGS.inverse, FLAGS.init_steps)
 
