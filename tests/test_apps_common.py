@@ -254,7 +254,8 @@ s = common.refine_settings()
 print('settings', flags.FLAGS.init, flags.FLAGS.passes, s.level_steps, s.factors, s.smoothness, s.anneal, s.folding)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "settings none 2 (40, 12) (2, 1) 3.0 True 0.0" in out  # smoothness: the command line's
+    # smoothness: the command line's; folding: null in the section, so the flag's default
+    assert "settings none 2 (40, 12) (2, 1) 3.0 True 3.0" in out
     assert "--init none" in out and "--refine_anneal" in out and "--refine_smoothness" not in out
     assert f"refused: --recommended: {tmp_path}/bare/config.json recommends no test-time settings" in out
     assert f"refused: --recommended: {tmp_path}/bad/config.json: register.init = 'sideways'" in out

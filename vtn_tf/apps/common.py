@@ -289,7 +289,7 @@ def define_refine_flags():
                          "--refine_rate at its first step towards 0 at its last (Adam's steps keep their size "
                          "near the optimum; annealed, the last steps settle instead of jittering the field)")
     flags.DEFINE_float("refine_smoothness", 2.0, "weight of the smoothness term during refinement")
-    flags.DEFINE_float("refine_folding", 0.0, "weight of the penalty on negative Jacobian determinants during "
+    flags.DEFINE_float("refine_folding", 3.0, "weight of the penalty on negative Jacobian determinants during "
                        "refinement (0 = none)")
     flags.DEFINE_integer("refine_network", 0, "fine-tune the network's weights on the pair for this many Adam "
                          "steps (its training loss, on the network grid) before taking its field; the weights "
