@@ -340,10 +340,7 @@ def _loss(u, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weig
     if len(moving_image.shape) == 4:  # a corner table
         warped = spatial.sample_mapped(moving_image, grid_fine + u, matrix)[None, ..., None]
     else:
-        positions = grid_fine + u
-        positions = tf.stack([positions[..., 0] * matrix[i, 0] + positions[..., 1] * matrix[i, 1]
-                              + positions[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], -1)
-        warped = spatial.sample(moving_image, positions[None], "linear", "zero")
+        warped = spatial.sample(moving_image, spatial.map_points(grid_fine + u, matrix)[None], "linear", "zero")
     if similarity == "ncc":
         value = losses.local_ncc_loss_to_fixed(fixed_image, warped, window)[0]
     else:

@@ -208,8 +208,7 @@ def _build_kernels():
 
     @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
     def map_points(points, matrix):
-        return tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1]
-                         + points[..., 2] * matrix[i, 2] + matrix[i, 3] for i in range(3)], axis=-1)
+        return spatial.map_points(points, matrix)
 
     @tf.function(jit_compile=True, autograph=False)
     def grid_points(start, shape):

@@ -62,10 +62,11 @@ def _registrar(log):
                                   refine_settings(), FLAGS.intensity, log, FLAGS.inverse, FLAGS.init_steps)
 
 
-def register_one(fixed, moving):
+def register_one(fixed, moving, inputs=None):
+    """``inputs``: the pair as `vtn_tf.registration.read_inputs` already read it (not read again)."""
     registrar = _registrar(print)
     registrar.register_files(fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
-                             FLAGS.fixed_labels)
+                             FLAGS.fixed_labels, inputs)
 
 
 def register_batch():
@@ -102,8 +103,8 @@ def main(argv):
 
         registration.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
                                    FLAGS.inverse, FLAGS.fixed_labels)
-        registration.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
-        register_one(fixed, moving)
+        inputs = registration.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
+        register_one(fixed, moving, inputs)
 
 
 def run():
