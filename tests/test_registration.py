@@ -628,3 +628,27 @@ def test_retracing_warnings_are_quiet_only_inside_the_registration_calls():
             logger.addFilter(registration.expected_retracing)
     for function in (registration.register_volumes, registration.invert):
         assert function.__wrapped__.__name__ == function.__name__  # wrapped by _quiet_retracing
+
+
+def test_passes_0_runs_no_network(tmp_path, pair):
+    """With ``passes=0`` the network's field is not used: a model whose flow head is far from
+    zero registers like the identity, and moves the image with ``passes=1``."""
+    from vtn_tf import training
+    from vtn_tf.model import VTN
+
+    model = VTN("D", width=0.125, flow_head_initializer="small")
+    model.build((None, *NET, 1))
+    kernel = model.stages[0].output_layer.kernel
+    kernel.assign(np.random.default_rng(0).normal(0, 0.05, kernel.shape).astype(np.float32))
+    run = training.save_model_dir(model, NET, tmp_path / "shift_run")
+    flows = {}
+    for passes in (0, 1):
+        out = tmp_path / f"out{passes}"
+        registration.register_files(run, pair["fixed"], pair["moving"], out, log=lambda *_: None, init="none",
+                                    passes=passes)
+        flows[passes] = nib.load(out / "flow_voxels.nii.gz").get_fdata()
+        warped = nib.load(out / "warped.nii.gz").get_fdata()
+        if passes == 0:
+            np.testing.assert_allclose(warped[:, :, 3:], pair["fixed_data"][:, :, 3:], atol=1e-5)
+    assert np.abs(flows[0]).max() < 1e-6
+    assert np.abs(flows[1]).max() > 0.5

@@ -31,6 +31,7 @@ DEFAULTS = {
         "central_fraction": 0.5,
         "similarity": "cc",           # "cc": the paper's global correlation; "ncc": local (not in the paper)
         "ncc_window": 9,              # voxels, for "ncc"
+        "label_weight": 0.0,          # soft Dice on warped training labels (0: unsupervised, the paper)
     },
     "data": {
         "manifest": None,             # prepared dataset (data_prep's manifest.json)

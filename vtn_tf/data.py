@@ -252,7 +252,7 @@ def _batch(images, labels, fixed_index, moving_index):
 
 def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
                  include_labels=False, max_displacement=12.0, control_points=5,
-                 rotation_degrees=0.0, scale=0.0, shear=0.0, translation_mm=0.0):
+                 rotation_degrees=0.0, scale=0.0, shear=0.0, translation_mm=0.0, one_hot=None):
     """Infinite stream of training batches; batch k depends only on ``(seed, k)``.
 
     Pairs are drawn uniformly with replacement from ``pairs``; with ``augment`` the moving
@@ -276,12 +276,19 @@ def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
         axis, relative scale fraction, shear coefficient, mm along each axis), as in
         :func:`vtn_tf.augment.random_affine_parameters`; all 0 (the default): no affine,
         the stream is exactly the B-spline-only one.
+      one_hot: None, or the label values to keep (foreground structures): with
+        ``include_labels``, the labels (after augmentation) become float32 one-hot maps
+        ``[B, X, Y, Z, K]``, channel k for ``one_hot[k]`` (`one_hot_labels`), as the
+        ``label_dice`` training loss takes them.
     Returns:
-      ``tf.data.Dataset`` of dicts with static shapes ``[B, X, Y, Z, 1]`` (see module notes).
+      ``tf.data.Dataset`` of dicts with static shapes ``[B, X, Y, Z, 1]`` (see module notes;
+      ``[B, X, Y, Z, K]`` for one-hot labels).
     """
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1; got {batch_size}.")
+    if one_hot is not None and not include_labels:
+        raise ValueError("one_hot labels need include_labels=True.")
     images, labels, fixed, moving = _stack(dataset, pairs, include_labels)
     count = len(pairs)
     seed = tf.constant(int(seed), tf.int64)
@@ -309,11 +316,35 @@ def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
                 batch["moving_labels"] = moved_labels
         for tensor in batch.values():
             tensor.set_shape(shape)
+        if one_hot is not None:
+            for name in ("fixed_labels", "moving_labels"):
+                batch[name] = one_hot_labels(batch[name], one_hot)
         return batch
 
     steps = tf.data.Dataset.range(int(start_step), 2**62)
     return steps.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def one_hot_labels(labels, values):
+    """``[..., 1]`` integer label maps → ``[..., K]`` float32 one-hot maps, channel k being
+    1 where the label is ``values[k]``; a voxel of any other value (background, stray ids)
+    is 0 in every channel."""
+    values = [int(v) for v in values]
+    if not values:
+        raise ValueError("one_hot_labels needs at least one label value.")
+    labels = tf.cast(labels[..., 0], tf.int32)
+    low, high = min(values), max(values)
+    table = np.full(high - low + 1, -1, np.int32)
+    table[np.asarray(values) - low] = np.arange(len(values), dtype=np.int32)
+    inside = (labels >= low) & (labels <= high)
+    index = tf.where(inside, tf.gather(tf.constant(table), tf.clip_by_value(labels - low, 0, high - low)), -1)
+    return tf.one_hot(index, len(values), dtype=tf.float32)
+
+
+def foreground_values(label_values):
+    """The label values of a dataset without the background (0)."""
+    return [int(v) for v in label_values if int(v) != 0]
 
 
 def _spacing(dataset, subject_id):

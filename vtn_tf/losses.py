@@ -279,3 +279,29 @@ def invertibility_loss(f12, f21, central_fraction):
         loop = central_region(loop, central_fraction)
         total += tf.reduce_mean(tf.reduce_sum(tf.square(loop), -1), [1, 2, 3])
     return total
+
+
+def label_dice_loss(fixed_labels, warped_labels):
+    """``1 -`` the mean soft Dice over structures, for anatomy-aware training.
+
+    Args:
+      fixed_labels: ``[B, X, Y, Z, K]`` one-hot (0/1) fixed label maps, one channel per
+        foreground structure (background has no channel).
+      warped_labels: ``[B, X, Y, Z, K]`` the moving one-hot maps warped trilinearly onto
+        the fixed grid (values in [0, 1]).
+    Returns:
+      ``[B]`` float32 in [0, 1]: ``1 - mean_k 2 Σ f_k w_k / (Σ f_k + Σ w_k)`` over the
+      structures present in either map of the pair (a structure absent from both neither
+      helps nor hurts); 0 for a pair with no structure at all.
+    """
+    fixed, warped = _float32(fixed_labels), _float32(warped_labels)
+    if fixed.shape.rank != 5 or fixed.shape[1:] != warped.shape[1:]:
+        raise ValueError(f"fixed {fixed.shape} and warped {warped.shape} labels must both be "
+                         "[B, X, Y, Z, K] alike.")
+    axes = [1, 2, 3]
+    overlap = tf.reduce_sum(fixed * warped, axes)
+    volume = tf.reduce_sum(fixed, axes) + tf.reduce_sum(warped, axes)
+    present = tf.cast(volume > 0, tf.float32)
+    dice = 2.0 * overlap / tf.maximum(volume, 1e-6)
+    count = tf.reduce_sum(present, -1)
+    return tf.where(count > 0, 1.0 - tf.reduce_sum(dice * present, -1) / tf.maximum(count, 1.0), 0.0)

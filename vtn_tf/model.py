@@ -90,6 +90,10 @@ class VTN(keras.Model):
       determinant_weight, orthogonality_weight: affine-stage weights (Table I: 0.1).
       invertibility_weight: weight of eq. 12 (0 = off; the paper's liver uses 1e-3).
       central_fraction: region of the invertibility loss (0.5 = drop outer quarters).
+      label_weight: weight of the soft Dice loss between the fixed labels and the moving
+        labels warped by the final flow (`vtn_tf.losses.label_dice_loss`; not in the paper).
+        0 = off (unsupervised, the paper). When on, training batches carry one-hot
+        ``fixed_labels`` / ``moving_labels`` ``[B, X, Y, Z, K]``; registering never needs labels.
 
     Call:
       ``model({"fixed": I1, "moving": I2})`` (or a tuple), images ``[B, X, Y, Z, 1]``
@@ -110,7 +114,8 @@ class VTN(keras.Model):
                  similarity_weights=PAPER["similarity_weights"], smoothness_weights=PAPER["smoothness_weights"],
                  determinant_weight=PAPER["determinant_weight"], orthogonality_weight=PAPER["orthogonality_weight"],
                  invertibility_weight=PAPER["invertibility_weight"], central_fraction=PAPER["central_fraction"],
-                 similarity=PAPER["similarity"], ncc_window=PAPER["ncc_window"], **kwargs):
+                 similarity=PAPER["similarity"], ncc_window=PAPER["ncc_window"],
+                 label_weight=PAPER["label_weight"], **kwargs):
         super().__init__(**kwargs)
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {sorted(SIMILARITIES)}; got {similarity!r}.")
@@ -127,6 +132,7 @@ class VTN(keras.Model):
         self.orthogonality_weight = float(orthogonality_weight)
         self.invertibility_weight = float(invertibility_weight)
         self.central_fraction = float(central_fraction)
+        self.label_weight = float(label_weight)
         self.stage_names = stage_names(spec)
         self.stages = [
             AffineSubnetwork(width, name=name) if letter == "A" else
@@ -266,6 +272,8 @@ class VTN(keras.Model):
                 f"{stage}_smoothness"]
         if self.invertibility_weight:
             names.append("invertibility")
+        if self.label_weight:
+            names.append("label_dice")
         return names
 
     def similarity_loss(self, fixed, warped):
@@ -293,20 +301,38 @@ class VTN(keras.Model):
                     total += weight * terms[name]
         return terms, total
 
-    def loss_terms(self, fixed, moving, training=False):
-        """All loss terms for a batch (with the swapped pass when invertibility is on)."""
+    def label_loss(self, fixed_labels, moving_labels, flow):
+        """``[]`` batch-mean soft Dice loss of ``moving_labels`` warped by ``flow`` (both
+        one-hot ``[B, X, Y, Z, K]``; flow ``[B, X, Y, Z, 3]`` voxels, pulling)."""
+        warped = self.warp([tf.cast(moving_labels, tf.float32), flow])
+        return tf.reduce_mean(losses.label_dice_loss(fixed_labels, warped))
+
+    def loss_terms(self, fixed, moving, training=False, labels=None):
+        """All loss terms for a batch (with the swapped pass when invertibility is on).
+
+        ``labels``: None, or ``(fixed_labels, moving_labels)`` one-hot ``[B, X, Y, Z, K]``
+        for the ``label_dice`` term (used when ``label_weight`` is not 0)."""
         fixed = tf.cast(fixed, tf.float32)
         moving = tf.cast(moving, tf.float32)
+        use_labels = bool(self.label_weight) and labels is not None
         forward = self({"fixed": fixed, "moving": moving}, training=training)
         terms, total = self.pass_loss_terms(fixed, forward)
+        if use_labels:
+            terms["label_dice"] = self.label_loss(labels[0], labels[1], forward["flow"])
         if self.invertibility_weight:
             backward = self({"fixed": moving, "moving": fixed}, training=training)
             back_terms, back_total = self.pass_loss_terms(moving, backward)
+            if use_labels:
+                back_terms["label_dice"] = self.label_loss(labels[1], labels[0], backward["flow"])
             terms = {name: (value + back_terms[name]) / 2.0 for name, value in terms.items()}
             total = (total + back_total) / 2.0
             terms["invertibility"] = tf.reduce_mean(losses.invertibility_loss(
                 forward["flow"], backward["flow"], self.central_fraction))
             total += self.invertibility_weight * terms["invertibility"]
+        if use_labels:
+            total += self.label_weight * terms["label_dice"]
+        elif self.label_weight:
+            terms["label_dice"] = tf.constant(0.0)
         terms["loss"] = total
         return terms
 
@@ -326,10 +352,19 @@ class VTN(keras.Model):
             results = {name: tf.reshape(value, [1]) for name, value in results.items()}
         return results
 
+    @staticmethod
+    def _batch_labels(data):
+        """``(fixed_labels, moving_labels)`` of a training batch dict, or None."""
+        if isinstance(data, (tuple, list)) and len(data) in (1, 3):
+            data = data[0]
+        if isinstance(data, dict) and "fixed_labels" in data and "moving_labels" in data:
+            return data["fixed_labels"], data["moving_labels"]
+        return None
+
     def train_step(self, data):
         fixed, moving = self._unpack_batch(data)
         with tf.GradientTape() as tape:
-            terms = self.loss_terms(fixed, moving, training=True)
+            terms = self.loss_terms(fixed, moving, training=True, labels=self._batch_labels(data))
             scaled = self.optimizer.scale_loss(terms["loss"])
         gradients = tape.gradient(scaled, self.trainable_variables)
         if self.skip_nonfinite_batches:
@@ -360,7 +395,7 @@ class VTN(keras.Model):
 
     def test_step(self, data):
         fixed, moving = self._unpack_batch(data)
-        return self._record(self.loss_terms(fixed, moving, training=False))
+        return self._record(self.loss_terms(fixed, moving, training=False, labels=self._batch_labels(data)))
 
     def get_config(self):
         return {**super().get_config(), "spec": self.spec, "width": self.width,
@@ -369,4 +404,4 @@ class VTN(keras.Model):
                 "determinant_weight": self.determinant_weight,
                 "orthogonality_weight": self.orthogonality_weight,
                 "invertibility_weight": self.invertibility_weight, "central_fraction": self.central_fraction,
-                "similarity": self.similarity, "ncc_window": self.ncc_window}
+                "similarity": self.similarity, "ncc_window": self.ncc_window, "label_weight": self.label_weight}

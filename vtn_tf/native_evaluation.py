@@ -186,7 +186,7 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
               f"{f', moved by random {misalign} transforms in their headers' if misalign else ''}\n\n"
               "Scored on the fixed image's native grid; folding with forward differences. "
               f"VTN: init {init}{'' if init == 'none' else f' + {init_steps} affine search steps'}, "
-              f"{passes} pass(es){_refinement(refine)}; "
+              f"{f'{passes} pass(es)' if passes else 'no network (the optimiser alone)'}{_refinement(refine)}; "
               f"ANTs SyN (antspyx defaults) and elastix (affine + B-spline) on the same files, "
               f"{baselines.THREADS} threads.")
     extra = COLUMNS_EXTRA + (INVERSE_COLUMNS if inverse else ())

@@ -739,6 +739,8 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
       intensity: ``"auto"`` (the contract's), or ``"mri"`` / ``"ct"`` / ``"none"`` to override
         its normalisation.
       passes: test-time recursion passes (:meth:`vtn_tf.model.VTN.register`); needs a VTN when > 1.
+        0: the network is not run (its field is zero): the initial alignment and the refinement
+        alone, the optimiser without the network, for comparison.
       contract: the model's :class:`vtn_tf.preprocess.InputContract`; None: :func:`default_contract`.
       init: initial alignment mode (`vtn_tf.alignment.MODES`).
       init_steps: steps of the affine search after the initialiser (0: the initialiser alone;
@@ -772,7 +774,10 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
                                                        log))
             seconds["fine-tune"] = time.perf_counter() - begin
             begin = time.perf_counter()
-        out = network_outputs(model, *inputs, passes)
+        if passes == 0:  # the optimiser without the network: the initial alignment alone
+            out = {"flow": np.zeros((1, *network_shape, 3), np.float32)}
+        else:
+            out = network_outputs(model, *inputs, passes)
         network_flow = np.asarray(out["flow"])[0]
     seconds["network"] = time.perf_counter() - begin
 
@@ -928,7 +933,8 @@ class Registrar:
         self.log(f"model {self.run_dir} ({self.checkpoint}), spec {getattr(self.model, 'spec', '?')}, grid "
                  f"{_shape(self.network_shape)}"
                  f"{f'; network in {self.precision}' if self.precision != 'float32' else ''}"
-                 f"{f'; {self.passes} test-time passes' if self.passes > 1 else ''}")
+                 f"{f'; {self.passes} test-time passes' if self.passes > 1 else ''}"
+                 f"{'; the network is not run (--passes 0): initial alignment and refinement alone' if self.passes == 0 else ''}")
 
     def register(self, fixed, moving, labels=()):
         return register_volumes(self.model, self.network_shape, fixed, moving, labels, self.intensity,

@@ -265,6 +265,10 @@ def _train(config, run_dir, restart, verbose, log):
     dataset = data_lib.load_prepared(data_cfg["manifest"], splits=splits, extra_subjects=(
         [data_cfg["atlas"]] if data_cfg["pair_mode"] == "atlas" else []))
     pairs = data_lib.training_pairs(dataset, "train", data_cfg["pair_mode"], data_cfg["atlas"])
+    if config["model"]["label_weight"] and not all(dataset.labels.get(i) is not None for p in pairs for i in p):
+        raise config_lib.ConfigError(
+            f"model.label_weight is {config['model']['label_weight']} but some training subjects of "
+            f"{data_cfg['manifest']} have no label map; set model.label_weight=0 for unsupervised training.")
     image_shape = tuple(dataset.grid)
     if chief:
         prepare_run_dir(run_dir, config, restart, log)
@@ -287,10 +291,15 @@ def _train(config, run_dir, restart, verbose, log):
         log(f"{run_dir} already finished ({start_step} of {total_steps} steps).")
         return {"start_step": start_step, "steps": total_steps, "run_dir": str(run_dir)}
 
+    labelled = bool(config["model"]["label_weight"])
+    if labelled:
+        log(f"anatomy-aware training: soft Dice on {len(data_lib.foreground_values(dataset.label_values))} "
+            f"warped training structures at weight {config['model']['label_weight']}")
     stream = data_lib.pair_dataset(
         dataset, pairs, train_cfg["batch_size"], seed=train_cfg["seed"], start_step=start_step,
         augment=data_cfg["augment"], max_displacement=data_cfg["max_displacement"],
-        control_points=data_cfg["control_points"], **affine_ranges(data_cfg))
+        control_points=data_cfg["control_points"], include_labels=labelled,
+        one_hot=data_lib.foreground_values(dataset.label_values) if labelled else None, **affine_ranges(data_cfg))
     writer = tf.summary.create_file_writer(str(writer_dir))
     callbacks = [Scalars(writer, train_cfg["log_every"]), Checkpoints(manager, train_cfg["checkpoint_every"], total_steps)]
     if train_cfg["on_nonfinite"] == "stop":

@@ -239,7 +239,9 @@ def define_passes_flag():
     if "passes" in flags.FLAGS:  # already defined by another tool imported in this process
         return
     flags.DEFINE_integer("passes", 1, "test-time recursion: run the cascade this many times, each on the "
-                         "previous pass's warped image, composing the flows (1 = the paper)", lower_bound=1)
+                         "previous pass's warped image, composing the flows (1 = the paper; 0 = do not run the "
+                         "network: the initial alignment and --refine alone, the optimiser without the network)",
+                         lower_bound=0)
 
 
 def define_precision_flag():
