@@ -11,7 +11,7 @@ LIVER_LAYOUT ?= lits
 SET ?=
 export VTN_DATA
 
-.PHONY: help install demo test test-all demo train-brain train-liver train-hippocampus tune-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus
+.PHONY: help install demo test test-all demo train-brain train-liver train-hippocampus tune-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus accuracy-brain-labels accuracy-hippocampus-labels
 
 help:
 	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
@@ -153,6 +153,22 @@ accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 	  --out results/brain-accuracy.csv --overwrite
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-accuracy NATIVE_NAME=brain-accuracy NATIVE_PASSES=2
 
+# The anatomy-aware models (model.label_weight: a soft Dice term on the training subjects' label
+# maps; labels are never needed to register): trained within the 2-hour CPU budget, then the
+# native tables: network alone, the optimiser without the network, the network + refinement at
+# two budgets, ANTs SyN and elastix on the same original files.
+accuracy-brain-labels: install $(PREPARED)/lpba40-64/manifest.json
+	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-labels.json --run_dir $(RUNS)/brain-labels \
+	  --set data.manifest=$(PREPARED)/lpba40-64/manifest.json $(SET)
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-labels NATIVE_NAME=brain-labels NATIVE_PASSES=2 \
+	  REFINE_QUARTER="--refine 15x15x15x15x3 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1 --refine_rate 0.5"
+
+accuracy-hippocampus-labels: install $(PREPARED)/hippocampus/manifest.json
+	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-labels.json --run_dir $(RUNS)/hippocampus-labels $(SET)
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-labels NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
+	  NATIVE_NAME=hippocampus-labels NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN= NATIVE_INIT=none \
+	  NATIVE_PASSES=2 REFINE_FULL="$(HIPPOCAMPUS_REFINE_FULL)" REFINE_QUARTER="--refine 10x3 --refine_resolution 0.5,1 --refine_smoothness 1.25 --refine_rate 0.5"
+
 # The native-resolution tables (the user's path): the original files registered through the
 # vtn-register code, scored on the fixed image's grid, with and without --refine, aligned and
 # moved by known rigid transforms in their headers; ANTs SyN and elastix on the same files.
@@ -173,6 +189,9 @@ REFINE_STEPS ?= 60
 # (40 at 1/2, 12 at full resolution) at a faster rate, with a weaker smoothness term and a light
 # penalty on folding, in a quarter of ANTs SyN's time. Empty: none.
 REFINE_FULL ?= --refine 60x60x60x60x10 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1 --refine_rate 0.5
+# The same levels with a quarter of the steps (empty: no such row): does the network's field let
+# a quarter of the optimiser's budget reach what the optimiser alone reaches with all of it?
+REFINE_QUARTER ?=
 HIPPOCAMPUS_REFINE_FULL = --refine 40x12 --refine_resolution 0.5,1 --refine_smoothness 1.25 --refine_folding 3 --refine_rate 0.5
 # The initial alignment (--init): empty = vtn-register's default (best, then the affine search);
 # none for the hippocampus crops, which their headers already align (chosen on the validation pairs,
@@ -185,9 +204,12 @@ native-tables:
 	$(native_eval) --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native.csv
 	$(native_eval) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-refine.csv
 	$(if $(REFINE_FULL),$(native_eval) --methods vtn $(REFINE_FULL) --out results/$(NATIVE_NAME)-native-refine-full.csv)
+	$(if $(REFINE_FULL),$(native_eval) --methods vtn $(REFINE_FULL) --passes 0 --out results/$(NATIVE_NAME)-native-optimiser.csv)
+	$(if $(REFINE_QUARTER),$(native_eval) --methods vtn $(REFINE_QUARTER) --out results/$(NATIVE_NAME)-native-refine-quarter.csv)
 	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn$(comma)identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
 	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-misaligned-refine.csv)
 	$(if $(NATIVE_MISALIGN),$(if $(REFINE_FULL),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn $(REFINE_FULL) --out results/$(NATIVE_NAME)-native-misaligned-refine-full.csv))
+	$(if $(NATIVE_MISALIGN),$(if $(REFINE_FULL),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn $(REFINE_FULL) --passes 0 --out results/$(NATIVE_NAME)-native-misaligned-optimiser.csv))
 
 evaluate-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-cpu NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
