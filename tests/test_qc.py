@@ -1,0 +1,266 @@
+"""vtn_tf.qc: the figures against independent computations, the failure rule on failures made
+on purpose, the picture, the cohort report and the evaluation plots."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+from scipy.spatial.transform import Rotation
+
+from vtn_tf import qc
+from vtn_tf.qc import figures, flags, picture, plots, report
+
+pytest.importorskip("matplotlib")
+
+SHAPE = (40, 44, 36)
+
+
+def _grid(shape=SHAPE):
+    return np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
+
+
+def phantom(shape=SHAPE, seed=0, shift=(0.0, 0.0, 0.0)):
+    """An ellipsoid with inner texture on a dark background (MRI-like, non-negative)."""
+    x = _grid(shape) - np.asarray(shift)
+    centre = (np.asarray(shape) - 1) / 2
+    r = np.sqrt((((x - centre) / (np.asarray(shape) * 0.38)) ** 2).sum(-1))
+    texture = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 1.5) * 40
+    return np.where(r < 1, 100 + 30 * np.sin(x[..., 0] / 3) * np.cos(x[..., 1] / 4) + texture, 0).astype(np.float32)
+
+
+def affine_field(matrix, translation, shape=SHAPE):
+    """``u(x) = (M - I) x + t`` (voxels, pulling)."""
+    x = _grid(shape)
+    return (x @ (np.asarray(matrix) - np.eye(3)).T + np.asarray(translation)).astype(np.float32)
+
+
+# ----- figures ---------------------------------------------------------------------------------
+def test_global_correlation_is_pearsons_r():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=SHAPE), rng.normal(size=SHAPE)
+    b = 0.6 * a + b
+    mask = rng.uniform(size=SHAPE) > 0.3
+    assert figures.correlation(a, b, mask) == pytest.approx(stats.pearsonr(a[mask], b[mask])[0], abs=1e-9)
+
+
+def test_local_correlation_matches_a_window_by_window_loop():
+    rng = np.random.default_rng(2)
+    shape = (9, 10, 8)
+    a = ndimage.gaussian_filter(rng.normal(size=shape), 1)
+    b = a + 0.5 * rng.normal(size=shape)
+    mask = np.zeros(shape, bool)
+    mask[2:7, 3:8, 2:6] = True
+    pa, pb = np.pad(a, 2, mode="edge"), np.pad(b, 2, mode="edge")
+    expected = []
+    for i, j, k in np.argwhere(mask):
+        wa, wb = pa[i:i + 5, j:j + 5, k:k + 5].ravel(), pb[i:i + 5, j:j + 5, k:k + 5].ravel()
+        expected.append(np.corrcoef(wa, wb)[0, 1])
+    assert figures.local_correlation(a, b, mask, 5) == pytest.approx(np.mean(expected), abs=2e-4)
+    assert figures.local_correlation(a, a, mask) == pytest.approx(1.0, abs=1e-4)
+    assert figures.local_correlation(a, -a, mask) == pytest.approx(-1.0, abs=1e-4)
+
+
+def test_jacobian_of_an_affine_field_is_its_determinant():
+    matrix = np.array([[1.1, 0.2, 0.0], [-0.1, 0.9, 0.05], [0.0, 0.1, 1.2]])
+    det = figures.jacobian_determinant(affine_field(matrix, (2, -1, 3)))
+    assert det.shape == tuple(n - 1 for n in SHAPE)
+    np.testing.assert_allclose(det, np.linalg.det(matrix), rtol=1e-4)
+
+
+def test_folding_percent_counts_a_known_folded_block():
+    flow = np.zeros(SHAPE + (3,), np.float32)
+    x = _grid()[..., 0]
+    block = (slice(10, 20), slice(5, 25), slice(4, 14))
+    flow[..., 0][block] = -2.0 * x[block]  # d(x + u)/dx = -1 inside the block: folded
+    det = figures.jacobian_determinant(flow)
+    expected = np.mean(det <= 0) * 100
+    # independently: the block's forward differences, inside minus its far faces, fold
+    folded = np.zeros(tuple(n - 1 for n in SHAPE), bool)
+    folded[10:19, 5:24, 4:13] = True
+    assert np.all(det[folded] < 0) and expected >= 100 * folded.mean()
+    result = figures.compute(np.ones(SHAPE), np.ones(SHAPE), np.ones(SHAPE), flow, np.eye(4))
+    assert result["field"]["folding_percent"] == pytest.approx(expected, abs=1e-3)
+    assert result["field"]["jacobian_std"] == pytest.approx(float(det.std()), abs=1e-3)
+
+
+def test_affine_decomposition_recovers_rotations_scales_shears_and_translation():
+    angles = [12.0, -7.0, 25.0]  # about x, y, z; R = Rz Ry Rx
+    rotation = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()  # extrinsic x, then y, then z
+    scales, (xy, xz, yz) = np.array([1.1, 0.95, 1.2]), (0.05, -0.02, 0.1)
+    upper = np.diag(scales) @ np.array([[1, xy, xz], [0, 1, yz], [0, 0, 1]])
+    world = np.eye(4)
+    world[:3, :3] = rotation @ upper
+    world[:3, 3] = [4.0, -3.0, 12.0]
+    parts = figures.decompose_affine(world)
+    np.testing.assert_allclose(parts["rotation_degrees"], angles, atol=1e-6)
+    np.testing.assert_allclose(parts["scales"], scales, atol=1e-9)
+    assert parts["shears"] == pytest.approx({"xy": xy, "xz": xz, "yz": yz}, abs=1e-9)
+    np.testing.assert_allclose(parts["translation_mm"], [4.0, -3.0, 12.0])
+    assert parts["rotation_angle_degrees"] == pytest.approx(np.degrees(Rotation.from_matrix(rotation).magnitude()))
+    centre = np.array([10.0, 20.0, -5.0])  # the displacement of a point: W c - c
+    np.testing.assert_allclose(figures.decompose_affine(world, centre)["translation_mm"],
+                               world[:3, :3] @ centre + world[:3, 3] - centre)
+    mirrored = world @ np.diag([-1.0, 1, 1, 1])
+    assert figures.decompose_affine(mirrored)["reflection"] and not parts["reflection"]
+
+
+def test_displacement_in_mm_and_the_deformable_part_of_an_affine_field():
+    fixed_affine = np.diag([2.0, 1.5, 3.0, 1.0])
+    fixed_affine[:3, 3] = [-40, 10, 5]
+    flow = np.zeros(SHAPE + (3,), np.float32)
+    flow[..., :] = [1.0, 2.0, 0.5]
+    assert figures.displacement_mm(flow, fixed_affine).max() == pytest.approx(np.linalg.norm([2.0, 3.0, 1.5]))
+    # an affine world map W, written as a voxel field: nothing deformable remains
+    W = np.eye(4)
+    W[:3, :3] = Rotation.from_euler("z", 10, degrees=True).as_matrix() * 1.05
+    W[:3, 3] = [3, -2, 1]
+    K = np.linalg.inv(fixed_affine) @ W @ fixed_affine
+    field = affine_field(K[:3, :3], K[:3, 3])
+    assert np.abs(figures.deformable_part(field, fixed_affine, W)).max() < 1e-3
+
+
+def test_dice_matches_a_direct_count():
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 4, SHAPE)
+    b = np.where(rng.uniform(size=SHAPE) < 0.8, a, rng.integers(0, 4, SHAPE))
+    expected = np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in (1, 2, 3)])
+    assert figures.dice([a], [b])["mean"] == pytest.approx(expected)
+
+
+def test_coverage_of_a_moving_image_half_outside_the_fixed_view():
+    moving = phantom()
+    full = figures.coverage(moving, np.ones(tuple(n - 1 for n in SHAPE)), np.eye(4), moving, np.eye(4))
+    assert full["moving_inside_percent"] > 90
+    half = moving.copy()
+    half[SHAPE[0] // 2:] = 0  # the fixed grid sees half of the object
+    seen = figures.coverage(half, np.ones(tuple(n - 1 for n in SHAPE)), np.eye(4), moving, np.eye(4))
+    assert 40 < seen["moving_inside_percent"] < 60
+
+
+# ----- the failure rule --------------------------------------------------------------------------
+def _check(fixed, moving_headers, warped, flow, world=None, **options):
+    return qc.check(fixed, moving_headers, warped, flow, np.eye(4), np.eye(4) if world is None else world,
+                    picture=False, **options)
+
+
+def test_a_good_registration_raises_no_flag():
+    fixed, moving = phantom(), phantom(shift=(3, 0, 0))
+    flow = np.zeros(SHAPE + (3,), np.float32)
+    flow[..., 0] = -3.0
+    world = np.eye(4)
+    world[0, 3] = -3.0
+    result = _check(fixed, moving, fixed, flow, world, moving=moving, moving_affine=np.eye(4), modality="MRI")
+    assert result.flags == [] and not result.suspect
+    assert result.figures["similarity"]["after"]["lcc"] > result.figures["similarity"]["before"]["lcc"]
+
+
+def test_a_left_right_flipped_moving_image_is_flagged():
+    fixed = phantom()
+    flipped = fixed[::-1].copy()  # the same anatomy, mirrored; a rigid registration cannot undo it
+    result = _check(fixed, flipped, flipped, np.zeros(SHAPE + (3,), np.float32))
+    assert result.suspect and {f["flag"] for f in result.flags} == {"similarity"}
+    mirrored = np.diag([-1.0, 1, 1, 1])  # a registration that undoes it by mirroring is flagged too
+    mirrored[0, 3] = SHAPE[0] - 1
+    assert "mirrors" in " ".join(f["reason"] for f in _check(fixed, flipped, fixed, np.zeros(SHAPE + (3,)),
+                                                               mirrored).flags)
+
+
+def test_a_ct_given_to_an_mri_model_is_flagged_and_mri_to_a_ct_model():
+    mri = phantom()
+    ct = np.where(mri > 0, mri - 50, -1000).astype(np.float32)  # air at -1000 HU around the body
+    result = _check(mri, ct, ct, np.zeros(SHAPE + (3,)), moving=ct, moving_affine=np.eye(4), modality="MRI")
+    reasons = [f["reason"] for f in result.flags if f["flag"] == "intensity"]
+    assert len(reasons) == 1 and "moving image looks like a CT" in reasons[0]
+    result = _check(ct, mri, mri, np.zeros(SHAPE + (3,)), moving=mri, moving_affine=np.eye(4), modality="CT")
+    reasons = [f["reason"] for f in result.flags if f["flag"] == "intensity"]
+    assert len(reasons) == 1 and "moving image is not in Hounsfield units" in reasons[0]
+
+
+def test_unrelated_anatomy_and_a_scan_outside_the_view_are_flagged():
+    fixed = phantom()
+    other = np.zeros(SHAPE, np.float32)  # a small bright blob far from the fixed object
+    other[:8, :8, :8] = 100 + ndimage.gaussian_filter(np.random.default_rng(5).normal(size=(8, 8, 8)), 1) * 30
+    result = _check(fixed, other, other, np.zeros(SHAPE + (3,)))
+    assert any(f["flag"] == "similarity" for f in result.flags)
+    moving = phantom(shape=(120, 44, 36))  # three times as long: the fixed view holds one end of it
+    seen = moving[70:110].copy()
+    result = _check(fixed, seen, seen, np.zeros(SHAPE + (3,)), moving=moving, moving_affine=np.eye(4))
+    assert any(f["flag"] == "coverage" for f in result.flags)
+
+
+def test_folding_and_implausible_affine_parts_are_flagged():
+    fixed = phantom()
+    flow = np.zeros(SHAPE + (3,), np.float32)
+    flow[..., 0][10:30] = -2.0 * _grid()[..., 0][10:30]
+    result = _check(fixed, np.roll(fixed, 2, 0), fixed, flow)
+    assert any(f["flag"] == "folding" for f in result.flags)
+    world = np.eye(4)
+    world[:3, :3] = Rotation.from_euler("z", 90, degrees=True).as_matrix() @ np.diag([1.0, 1.0, 2.0])
+    result = _check(fixed, np.roll(fixed, 2, 0), fixed, np.zeros(SHAPE + (3,)), world)
+    reasons = " ".join(f["reason"] for f in result.flags if f["flag"] == "affine")
+    assert "rotates by 90 degrees" in reasons and "z by 2.00" in reasons
+
+
+def test_cohort_flag_marks_the_outlier_only():
+    values = [0.52, 0.55, 0.5, 0.53, 0.54, 0.51, 0.2, math.nan]
+    marked = flags.cohort_flags(values)
+    assert [m is not None for m in marked] == [False] * 6 + [True, False]
+    assert flags.cohort_flags(values[:3]) == [None] * 3  # too few pairs to judge
+
+
+# ----- picture, report, plots ----------------------------------------------------------------------
+def test_picture_is_drawn_with_labels_and_an_oblique_affine(tmp_path):
+    fixed = phantom()
+    labels = (fixed > 110).astype(np.int16) + 2 * (fixed > 140)
+    flow = np.zeros(SHAPE + (3,), np.float32)
+    flow[..., 0][10:30] = -2.0 * _grid()[..., 0][10:30]
+    affine = np.array([[0, 0, -1.5, 20], [1.2, 0, 0, -30], [0, 1.0, 0, 4], [0, 0, 0, 1]])  # a permuted grid
+    result = qc.check(fixed, np.roll(fixed, 3, 1), fixed, flow, affine, np.eye(4), name="S01 <- S02",
+                      fixed_labels=[labels], warped_labels=[labels])
+    assert result.picture[:8] == b"\x89PNG\r\n\x1a\n"
+    written = qc.write(tmp_path, result)
+    assert written == ["qc.png", "qc.json"] and (tmp_path / "qc.png").stat().st_size > 10000
+    assert "folding" in (tmp_path / "qc.json").read_text()
+    volume = np.arange(24).reshape(2, 3, 4)
+    ras = picture.to_ras(volume, affine)  # R runs down axis 2, A up axis 0, S up axis 1
+    assert ras.shape == (4, 2, 3) and ras[0, 1, 2] == volume[1, 2, 3] and ras[3, 0, 0] == volume[0, 0, 0]
+
+
+def _entries(tmp_path):
+    fixed = phantom()
+    entries = []
+    for k, moving in enumerate([phantom(shift=(1, 0, 0)), phantom(shift=(0, 1, 0)), fixed[::-1].copy()]):
+        result = qc.check(fixed, np.roll(moving, 2, 2), moving, np.zeros(SHAPE + (3,)), np.eye(4), np.eye(4),
+                          name=f"pair {k}")
+        folder = tmp_path / f"pair{k}"
+        folder.mkdir()
+        qc.write(folder, result)
+        entries.append({"name": f"pair {k}", "qc": result.to_json(), "picture": str(folder / "qc.png")})
+    entries.append({"name": "pair 3", "qc": None, "error": "moving image absent.nii.gz does not exist"})
+    return entries
+
+
+def test_report_lists_suspects_first_in_a_self_contained_page(tmp_path):
+    html_path, csv_path = sorted(report.write(tmp_path, _entries(tmp_path)), key=lambda p: p.endswith(".csv"))
+    page = open(html_path, encoding="utf-8").read()
+    assert page.count("data:image/png;base64,") == 3 and "http" not in page.replace("http-equiv", "")
+    assert "<script>" in page and "sortBy" in page
+    with open(csv_path, encoding="utf-8", newline="") as stream:
+        table = list(csv.DictReader(stream))
+    assert [row["status"] for row in table][:2] == ["failed", "suspect"]
+    assert table[0]["pair"] == "pair 3" and table[1]["pair"] == "pair 2"
+    assert "does not exist" in table[0]["reasons"] and table[1]["reasons"]
+    assert set(report.HEAD) | {name for name, _, _ in report.COLUMNS} <= set(table[0])
+
+
+def test_evaluation_box_plots_are_written_beside_the_csv(tmp_path):
+    rng = np.random.default_rng(4)
+    rows = [{"fixed": f"S0{p}", "moving": "S10", "method": method, "dice": base + rng.normal() * 0.02,
+             **{f"dice_{label}": base + rng.normal() * 0.05 for label in (21, 22, 41)}}
+            for p in range(6) for method, base in (("identity", 0.5), ("vtn", 0.7))]
+    written = plots.draw(rows, tmp_path / "results.csv", "LPBA40")
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["results_dice_pairs.png", "results_dice_structures.png"]
+    for path in written:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

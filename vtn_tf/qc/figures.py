@@ -1,0 +1,290 @@
+"""The figures of one registration (``qc.json``), computed from numpy arrays on the fixed grid.
+
+Inputs, all on the fixed image's grid ``[X, Y, Z]`` unless said otherwise:
+
+* ``fixed``: the fixed image (any intensities).
+* ``moving_headers``: the moving image resampled onto the fixed grid through the headers
+  alone (world coordinates, no registration; 0 outside the moving volume).
+* ``warped``: the moving image after registration (``warped.nii.gz``).
+* ``flow``: ``[X, Y, Z, 3]`` displacement in voxels of the fixed grid, pulling
+  (``flow_voxels.nii.gz``: fixed voxel ``x`` corresponds to the world point
+  ``A_f (x + u(x))``), the affine part included.
+* ``fixed_affine``: 4x4 voxel -> RAS mm of the fixed grid (its column norms are the spacing).
+* ``world_ras``: the affine part, 4x4, fixed point (mm) -> moving point (mm), as
+  ``affine.json`` records it.
+
+Numpy and scipy only.
+"""
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+WINDOW = 5  # side of the local correlation's cubes (voxels of the fixed grid)
+FOREGROUND = 0.1  # foreground: above this share of the 0.5-99.5 percentile range (the input contract's)
+PERCENTILES = (0.5, 99.5)
+_EPS = 1e-6
+
+
+# ----- similarity ----------------------------------------------------------------------------
+def foreground(image, threshold=FOREGROUND, percentiles=PERCENTILES):
+    """Voxels above ``threshold`` of the image's own percentile range (boolean ``[X, Y, Z]``);
+    the percentiles are read on every second voxel per axis (the same numbers to 3 digits)."""
+    image = np.asarray(image, np.float32)
+    low, high = np.percentile(image[::2, ::2, ::2], percentiles)
+    if high <= low:
+        high = low + 1.0
+    return image > low + threshold * (high - low)
+
+
+def _box(mask, margin):
+    """The slices of ``mask``'s bounding box widened by ``margin`` voxels (all of it if empty)."""
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    index = np.argwhere(mask)
+    low = np.maximum(index.min(0) - margin, 0)
+    high = np.minimum(index.max(0) + 1 + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+def correlation(fixed, image, mask):
+    """Pearson's r of two images over the voxels of ``mask`` (0 when one is constant there)."""
+    a = np.asarray(fixed, np.float64)[mask]
+    b = np.asarray(image, np.float64)[mask]
+    a, b = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b / denominator) if denominator > 0 else 0.0
+
+
+def local_correlation(fixed, image, mask, window=WINDOW):
+    """Mean over ``mask`` of the correlation coefficient in ``window``³ cubes centred on each voxel.
+
+    Cubes where either image is constant count as 0 (no structure to match: a warped image
+    that is 0 beyond the moving volume scores nothing there). Computed on ``mask``'s bounding
+    box widened by half a window.
+    """
+    box = _box(mask, window // 2 + 1)
+    a = np.asarray(fixed, np.float32)[box]
+    b = np.asarray(image, np.float32)[box]
+    scale_a, scale_b = max(float(np.abs(a).max()), _EPS), max(float(np.abs(b).max()), _EPS)
+    a, b = a / scale_a, b / scale_b  # float32 moments stay accurate for any intensity unit
+
+    def mean(x):
+        return ndimage.uniform_filter(x, window, mode="nearest")
+
+    mean_a, mean_b = mean(a), mean(b)
+    var_a = mean(a * a) - mean_a * mean_a
+    var_b = mean(b * b) - mean_b * mean_b
+    cov = mean(a * b) - mean_a * mean_b
+    inside = mask[box]
+    var_a, var_b, cov = var_a[inside], var_b[inside], cov[inside]
+    valid = (var_a > _EPS * _EPS) & (var_b > _EPS * _EPS)
+    cc = np.where(valid, cov / np.sqrt(np.maximum(var_a * var_b, _EPS ** 4)), 0.0)
+    return float(np.clip(cc, -1.0, 1.0).mean()) if cc.size else 0.0
+
+
+def similarity(fixed, image, mask, window=WINDOW):
+    """``{"cc": global correlation, "lcc": local correlation}`` of ``image`` to ``fixed`` over ``mask``."""
+    return {"cc": correlation(fixed, image, mask), "lcc": local_correlation(fixed, image, mask, window)}
+
+
+# ----- the field -----------------------------------------------------------------------------
+def jacobian_determinant(flow):
+    """``det(I + ∇flow)`` with forward differences: ``[X-1, Y-1, Z-1]`` float32, as the evaluation
+    counts folding (forward differences see a field that folds in a checkerboard, which central
+    differences skip).
+
+    ``flow``: ``[X, Y, Z, 3]`` voxels, pulling (channel c along axis c).
+    """
+    flow = np.asarray(flow, np.float32)
+    base = flow[:-1, :-1, :-1]
+    d = [flow[1:, :-1, :-1] - base, flow[:-1, 1:, :-1] - base, flow[:-1, :-1, 1:] - base]  # d[a][..., c]
+    j = [[d[a][..., c] + (1.0 if a == c else 0.0) for a in range(3)] for c in range(3)]  # j[c][a] = dx'_c/dx_a
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])).astype(np.float32)
+
+
+def spacing_of(affine):
+    """Voxel size (mm) per axis of a 4x4 voxel -> mm affine."""
+    return np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+
+
+def displacement_mm(flow, fixed_affine):
+    """Lengths (mm) of a displacement ``[X, Y, Z, 3]`` in voxels of the grid with ``fixed_affine``."""
+    linear = np.asarray(fixed_affine, np.float32)[:3, :3]
+    return np.linalg.norm(np.asarray(flow, np.float32) @ linear.T, axis=-1)
+
+
+def deformable_part(flow, fixed_affine, world_ras):
+    """The flow minus its affine part (voxels of the fixed grid): ``u(x) - (K x - x)`` with
+    ``K = A_f^-1 W A_f`` the affine part ``W`` (fixed point -> moving point) in fixed voxels."""
+    K = np.linalg.inv(fixed_affine) @ np.asarray(world_ras, float) @ np.asarray(fixed_affine, float)
+    shape = np.shape(flow)[:3]
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
+    affine_flow = grid @ (K[:3, :3] - np.eye(3)).T.astype(np.float32) + K[:3, 3].astype(np.float32)
+    return np.asarray(flow, np.float32) - affine_flow
+
+
+# ----- the affine part -------------------------------------------------------------------------
+def euler_angles(rotation):
+    """Angles (degrees) about x, y and z of ``rotation = Rz @ Ry @ Rx`` (3x3, det +1)."""
+    R = np.asarray(rotation, float)
+    y = math.asin(float(np.clip(-R[2, 0], -1.0, 1.0)))
+    if abs(math.cos(y)) > 1e-9:
+        x, z = math.atan2(R[2, 1], R[2, 2]), math.atan2(R[1, 0], R[0, 0])
+    else:  # gimbal lock: the angle about z absorbs the one about x
+        x, z = 0.0, math.atan2(-R[0, 1], R[1, 1])
+    return [math.degrees(v) for v in (x, y, z)]
+
+
+def decompose_affine(world, centre=None):
+    """An affine map split into rotation, scales, shears and translation.
+
+    ``world``: 4x4 (or 3x4), points in mm -> points in mm. The linear part is factored as
+    ``L = R @ U``, ``R`` a rotation and ``U`` upper triangular with a positive diagonal (QR):
+    ``U = diag(scales) @ [[1, xy, xz], [0, 1, yz], [0, 0, 1]]``. A mirror (``det L < 0``) is
+    taken out of ``R`` as a negative scale along x and reported as ``reflection``.
+
+    Returns a dict: ``rotation_degrees`` ``[about x, about y, about z]`` (``R = Rz Ry Rx``),
+    ``rotation_angle_degrees`` (the single angle of ``R``), ``scales`` ``[x, y, z]``,
+    ``shears`` ``{"xy", "xz", "yz"}``, ``determinant``, ``reflection``, ``translation_mm``: the
+    displacement of ``centre`` (mm; default the origin, i.e. the matrix's translation column).
+    """
+    world = np.asarray(world, float)
+    L, t = world[:3, :3], world[:3, 3]
+    Q, U = np.linalg.qr(L)
+    signs = np.sign(np.diag(U))
+    signs[signs == 0] = 1.0
+    Q, U = Q * signs, U * signs[:, None]
+    reflection = bool(np.linalg.det(Q) < 0)
+    if reflection:  # a rotation times a mirror along x
+        Q[:, 0] *= -1.0
+        U[0, :] *= -1.0
+    scales = np.diag(U).copy()
+    shears = {"xy": U[0, 1] / U[0, 0], "xz": U[0, 2] / U[0, 0], "yz": U[1, 2] / U[1, 1]}
+    centre = np.zeros(3) if centre is None else np.asarray(centre, float)
+    angle = math.degrees(math.acos(float(np.clip((np.trace(Q) - 1.0) / 2.0, -1.0, 1.0))))
+    return {
+        "rotation_degrees": euler_angles(Q), "rotation_angle_degrees": angle,
+        "scales": [float(s) for s in scales], "shears": {k: float(v) for k, v in shears.items()},
+        "determinant": float(np.linalg.det(L)), "reflection": reflection,
+        "translation_mm": [float(v) for v in L @ centre + t - centre],
+    }
+
+
+# ----- intensities -----------------------------------------------------------------------------
+def intensity_summary(image):
+    """What the intensities look like (read on every second voxel per axis): percentiles 1 and
+    99, and the percent of voxels below -500 (air in Hounsfield units: a CT) and below -50
+    (fat or air: no CT lacks both, no MRI magnitude has either)."""
+    sample = np.asarray(image, np.float32)[::2, ::2, ::2].ravel()
+    p1, p99 = np.percentile(sample, [1, 99])
+    return {"p1": float(p1), "p99": float(p99),
+            "below_minus500_percent": float(100.0 * np.mean(sample < -500)),
+            "below_minus50_percent": float(100.0 * np.mean(sample < -50))}
+
+
+# ----- all of it -------------------------------------------------------------------------------
+def _rounded(value, digits=4):
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else round(float(value), digits)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, fixed_labels=(),
+            warped_labels=(), inverse_consistency=None, seconds=None, modality=None, moving=None,
+            moving_affine=None, jacobian=None, window=WINDOW):
+    """Every figure of one registration, as a JSON-ready dict (``qc.json``).
+
+    Args:
+      fixed, moving_headers, warped, flow, fixed_affine, world_ras: see the module notes.
+      fixed_labels, warped_labels: label maps on the fixed grid, paired one to one (Dice).
+      inverse_consistency: ``(rms_mm, p95_mm)`` of ``|inverse(forward(x)) - x|``, or None.
+      seconds: wall clock per part of the registration (copied).
+      modality: the model's input contract modality (``"MRI"``, ``"CT"``), recorded for the
+        failure rule with the intensities of ``fixed`` and ``moving``.
+      moving, moving_affine: the moving image on its own grid and its affine: the intensity
+        summary and the share of its foreground that lands in the fixed field of view.
+      jacobian: the forward-difference determinant when already computed (else computed here).
+    Returns:
+      dict: ``similarity`` (``before``: headers alone, ``after``: registered; each ``cc`` and
+      ``lcc``), ``field`` (``folding_percent``, ``jacobian_std``, ``jacobian_min``,
+      ``largest_displacement_mm``, ``largest_deformable_mm``), ``affine`` (:func:`decompose_affine`
+      of ``world_ras`` with the translation of the fixed foreground's centre), ``coverage``,
+      ``intensity``, ``dice``, ``inverse_consistency``, ``seconds``.
+    """
+    fixed = np.asarray(fixed, np.float32)
+    mask = foreground(fixed)
+    if not mask.any():
+        mask = np.ones(fixed.shape, bool)
+    out = {"similarity": {"before": similarity(fixed, moving_headers, mask, window),
+                          "after": similarity(fixed, warped, mask, window),
+                          "window": int(window), "region": "the fixed image's foreground"}}
+    det = jacobian_determinant(flow) if jacobian is None else jacobian
+    lengths = displacement_mm(flow, fixed_affine)
+    field = {"folding_percent": 100.0 * float(np.mean(det <= 0)), "jacobian_std": float(det.std()),
+             "jacobian_min": float(det.min()), "largest_displacement_mm": float(lengths.max())}
+    if world_ras is not None:
+        field["largest_deformable_mm"] = float(displacement_mm(deformable_part(flow, fixed_affine, world_ras),
+                                                               fixed_affine).max())
+        centre_voxel = np.argwhere(mask[::2, ::2, ::2]).mean(0) * 2.0
+        centre = (np.asarray(fixed_affine, float) @ np.r_[centre_voxel, 1.0])[:3]
+        out["affine"] = decompose_affine(world_ras, centre)
+    out["field"] = field
+    if moving is not None and moving_affine is not None:
+        out["coverage"] = coverage(warped, det, fixed_affine, moving, moving_affine)
+    out["intensity"] = {"modality": modality, "fixed": intensity_summary(fixed)}
+    if moving is not None:
+        out["intensity"]["moving"] = intensity_summary(moving)
+    if len(fixed_labels) and len(warped_labels):
+        out["dice"] = dice(fixed_labels, warped_labels)
+    if inverse_consistency is not None:
+        out["inverse_consistency"] = {"rms_mm": float(inverse_consistency[0]), "p95_mm": float(inverse_consistency[1])}
+    if seconds:
+        out["seconds"] = {k: float(v) for k, v in seconds.items()}
+    return _rounded(out)
+
+
+def coverage(warped, det, fixed_affine, moving, moving_affine):
+    """How much of the moving image's foreground lands in the fixed field of view.
+
+    A fixed voxel whose warped value is foreground carries ``vol_f * det(I + ∇u)`` mm³ of the
+    moving image; their sum over the moving foreground's volume is the share that lands inside
+    (100 % when the fixed grid covers the whole moving foreground).
+    Returns ``{"moving_inside_percent"}``.
+    """
+    moving = np.asarray(moving, np.float32)
+    low, high = np.percentile(moving[::2, ::2, ::2], PERCENTILES)
+    threshold = low + FOREGROUND * (max(high, low + 1e-6) - low)
+    moving_volume = float(np.count_nonzero(moving > threshold)) * float(np.prod(spacing_of(moving_affine)))
+    inside = np.asarray(warped, np.float32)[:-1, :-1, :-1] > threshold
+    carried = float(np.clip(det[inside], 0.0, None).sum()) * float(np.prod(spacing_of(fixed_affine)))
+    share = 100.0 * min(carried / moving_volume, 1.0) if moving_volume > 0 else 0.0
+    return {"moving_inside_percent": share}
+
+
+def dice(fixed_labels, warped_labels):
+    """Mean Dice over the non-zero labels of each fixed map and its warped map (labels absent
+    from both left out), from one joint histogram per pair of maps: ``{"mean", "per_map"}``."""
+    scores = []
+    for a, b in zip(fixed_labels, warped_labels):
+        a, b = np.asarray(a).astype(np.int64).ravel(), np.asarray(b).astype(np.int64).ravel()
+        values, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+        n = len(values)
+        joint = np.bincount(index[: a.size] * n + index[a.size:], minlength=n * n).reshape(n, n)
+        keep = values != 0
+        inter = np.diag(joint)[keep].astype(float)
+        total = joint.sum(1)[keep] + joint.sum(0)[keep]
+        scores.append(float(np.mean(2.0 * inter / total)) if keep.any() else math.nan)
+    finite = [s for s in scores if math.isfinite(s)]
+    return {"mean": float(np.mean(finite)) if finite else math.nan, "per_map": scores}
