@@ -51,21 +51,23 @@ class Check:
 
 
 def check(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, picture=True, name="",
-          fixed_labels=(), warped_labels=(), thresholds=flags_lib.THRESHOLDS, **figure_options):
+          fixed_labels=(), warped_labels=(), headers_labels=(), thresholds=flags_lib.THRESHOLDS,
+          **figure_options):
     """Figures, flags and (``picture``) the PNG of one registration.
 
     Arguments as :func:`vtn_tf.qc.figures.compute` (arrays on the fixed grid; ``flow`` in
     voxels of the fixed grid, pulling); ``fixed_labels`` / ``warped_labels``: label maps on the
-    fixed grid (Dice when both are given; the first warped map is outlined in the picture).
+    fixed grid (Dice when both are given; the first warped map is outlined in the picture);
+    ``headers_labels``: the moving label maps placed by the headers alone (Dice before).
     Returns a :class:`Check`.
     """
     import io
 
     begin = time.perf_counter()
     jacobian = figures_lib.jacobian_determinant(flow)
-    figures = figures_lib.compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras,
-                                  fixed_labels=fixed_labels, warped_labels=warped_labels, jacobian=jacobian,
-                                  **figure_options)
+    figures = figures_lib.compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras, jacobian=jacobian,
+                                  fixed_labels=fixed_labels, warped_labels=warped_labels,
+                                  headers_labels=headers_labels, **figure_options)
     found = flags_lib.flags(figures, thresholds)
     png = None
     if picture:

@@ -50,46 +50,77 @@ def _box(mask, margin):
 
 def correlation(fixed, image, mask):
     """Pearson's r of two images over the voxels of ``mask`` (0 when one is constant there)."""
-    a = np.asarray(fixed, np.float64)[mask]
-    b = np.asarray(image, np.float64)[mask]
-    a, b = a - a.mean(), b - b.mean()
-    denominator = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b / denominator) if denominator > 0 else 0.0
+    a = np.asarray(fixed, np.float32)[mask]
+    b = np.asarray(image, np.float32)[mask]
+    a = a - np.float32(a.mean(dtype=np.float64))
+    b = b - np.float32(b.mean(dtype=np.float64))
+    denominator = math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b)))
+    return float(np.dot(a, b)) / denominator if denominator > 0 else 0.0
 
 
-def local_correlation(fixed, image, mask, window=WINDOW):
-    """Mean over ``mask`` of the correlation coefficient in ``window``³ cubes centred on each voxel.
+def _window_means(x, window, stride):
+    """Means of ``x`` over ``window``³ cubes centred on every ``stride``-th voxel per axis (edge
+    values repeated beyond the volume): separable, each axis filtered then decimated."""
+    for axis in range(3):
+        x = ndimage.uniform_filter1d(x, window, axis=axis, mode="nearest")
+        x = x[(slice(None),) * axis + (slice(None, None, stride),)]
+    return x
+
+
+def local_correlation(fixed, image, mask, window=WINDOW, stride=2):
+    """Mean over ``mask`` of the correlation coefficient in ``window``³ cubes centred on its voxels.
 
     Cubes where either image is constant count as 0 (no structure to match: a warped image
-    that is 0 beyond the moving volume scores nothing there). Computed on ``mask``'s bounding
-    box widened by half a window.
+    that is 0 beyond the moving volume scores nothing there). The cubes are centred on every
+    ``stride``-th voxel of each axis (1: every voxel; 2, the default, estimates the same mean
+    from an eighth of the cubes, 3 times faster on a brain), within ``mask``'s bounding box.
     """
+    return local_correlations(fixed, [image], mask, window, stride)[0]
+
+
+def local_correlations(fixed, images, mask, window=WINDOW, stride=2):
+    """:func:`local_correlation` of each of ``images`` to ``fixed`` (the fixed image's window
+    moments computed once; the images side by side in threads: numpy and scipy release the GIL)."""
+    import concurrent.futures
+
     box = _box(mask, window // 2 + 1)
-    a = np.asarray(fixed, np.float32)[box]
-    b = np.asarray(image, np.float32)[box]
-    scale_a, scale_b = max(float(np.abs(a).max()), _EPS), max(float(np.abs(b).max()), _EPS)
-    a, b = a / scale_a, b / scale_b  # float32 moments stay accurate for any intensity unit
+    inside = mask[box][::stride, ::stride, ::stride]
 
-    def mean(x):
-        return ndimage.uniform_filter(x, window, mode="nearest")
+    def unit(image):  # float32 moments stay accurate for any intensity unit
+        image = np.asarray(image, np.float32)[box]
+        return image / max(float(np.abs(image).max()), _EPS)
 
-    mean_a, mean_b = mean(a), mean(b)
-    var_a = mean(a * a) - mean_a * mean_a
-    var_b = mean(b * b) - mean_b * mean_b
-    cov = mean(a * b) - mean_a * mean_b
-    inside = mask[box]
-    var_a, var_b, cov = var_a[inside], var_b[inside], cov[inside]
-    valid = (var_a > _EPS * _EPS) & (var_b > _EPS * _EPS)
-    cc = np.where(valid, cov / np.sqrt(np.maximum(var_a * var_b, _EPS ** 4)), 0.0)
-    return float(np.clip(cc, -1.0, 1.0).mean()) if cc.size else 0.0
+    def moments(x):
+        mean = _window_means(x, window, stride)
+        return x, mean, _window_means(x * x, window, stride) - mean * mean
+
+    def score(image, fixed_moments):
+        a, mean_a, var_a = fixed_moments
+        b, mean_b, var_b = moments(unit(image))
+        cov = _window_means(a * b, window, stride) - mean_a * mean_b
+        va, vb, cov = var_a[inside], var_b[inside], cov[inside]
+        valid = (va > _EPS * _EPS) & (vb > _EPS * _EPS)
+        cc = np.where(valid, cov / np.sqrt(np.maximum(va * vb, _EPS ** 4)), 0.0)
+        return float(np.clip(cc, -1.0, 1.0).mean()) if cc.size else 0.0
+
+    fixed_moments = moments(unit(fixed))
+    if len(images) == 1:
+        return [score(images[0], fixed_moments)]
+    with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
+        return list(pool.map(lambda image: score(image, fixed_moments), images))
 
 
-def similarity(fixed, image, mask, window=WINDOW):
-    """``{"cc": global correlation, "lcc": local correlation}`` of ``image`` to ``fixed`` over ``mask``."""
-    return {"cc": correlation(fixed, image, mask), "lcc": local_correlation(fixed, image, mask, window)}
+def similarity(fixed, images, mask, window=WINDOW):
+    """``[{"cc": global correlation, "lcc": local correlation}]`` of each of ``images`` to
+    ``fixed`` over ``mask``."""
+    local = local_correlations(fixed, images, mask, window)
+    return [{"cc": correlation(fixed, image, mask), "lcc": value} for image, value in zip(images, local)]
 
 
 # ----- the field -----------------------------------------------------------------------------
+ROWS = 4  # fixed-grid slices per step of the field figures: the temporaries stay in the CPU's cache
+
+
 def jacobian_determinant(flow):
     """``det(I + ∇flow)`` with forward differences: ``[X-1, Y-1, Z-1]`` float32, as the evaluation
     counts folding (forward differences see a field that folds in a checkerboard, which central
@@ -98,12 +129,16 @@ def jacobian_determinant(flow):
     ``flow``: ``[X, Y, Z, 3]`` voxels, pulling (channel c along axis c).
     """
     flow = np.asarray(flow, np.float32)
-    base = flow[:-1, :-1, :-1]
-    d = [flow[1:, :-1, :-1] - base, flow[:-1, 1:, :-1] - base, flow[:-1, :-1, 1:] - base]  # d[a][..., c]
-    j = [[d[a][..., c] + (1.0 if a == c else 0.0) for a in range(3)] for c in range(3)]  # j[c][a] = dx'_c/dx_a
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])).astype(np.float32)
+    out = np.empty(tuple(n - 1 for n in flow.shape[:3]), np.float32)
+    for start in range(0, out.shape[0], ROWS):  # a few slices at a time: 8 times faster on a brain
+        part = flow[start:min(start + ROWS, out.shape[0]) + 1]
+        base = part[:-1, :-1, :-1]
+        d = [part[1:, :-1, :-1] - base, part[:-1, 1:, :-1] - base, part[:-1, :-1, 1:] - base]  # d[a][..., c]
+        j = [[d[a][..., c] + (1.0 if a == c else 0.0) for a in range(3)] for c in range(3)]  # j[c][a] = dx'_c/dx_a
+        out[start:start + len(base)] = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+                                        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+                                        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    return out
 
 
 def spacing_of(affine):
@@ -117,14 +152,15 @@ def displacement_mm(flow, fixed_affine):
     return np.linalg.norm(np.asarray(flow, np.float32) @ linear.T, axis=-1)
 
 
-def deformable_part(flow, fixed_affine, world_ras):
-    """The flow minus its affine part (voxels of the fixed grid): ``u(x) - (K x - x)`` with
-    ``K = A_f^-1 W A_f`` the affine part ``W`` (fixed point -> moving point) in fixed voxels."""
-    K = np.linalg.inv(fixed_affine) @ np.asarray(world_ras, float) @ np.asarray(fixed_affine, float)
-    shape = np.shape(flow)[:3]
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
-    affine_flow = grid @ (K[:3, :3] - np.eye(3)).T.astype(np.float32) + K[:3, 3].astype(np.float32)
-    return np.asarray(flow, np.float32) - affine_flow
+def largest_displacement(flow, fixed_affine):
+    """The longest displacement (mm) of a flow ``[X, Y, Z, 3]`` in voxels, a few slices at a time."""
+    flow = np.asarray(flow, np.float32)
+    linear = np.asarray(fixed_affine, np.float32)[:3, :3]
+    largest = 0.0
+    for start in range(0, flow.shape[0], 4 * ROWS):
+        mm = flow[start:start + 4 * ROWS] @ linear.T
+        largest = max(largest, float(np.einsum("...c,...c->...", mm, mm).max()))
+    return math.sqrt(largest)
 
 
 # ----- the affine part -------------------------------------------------------------------------
@@ -202,13 +238,14 @@ def _rounded(value, digits=4):
 
 
 def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, fixed_labels=(),
-            warped_labels=(), inverse_consistency=None, seconds=None, modality=None, moving=None,
+            warped_labels=(), headers_labels=(), inverse_consistency=None, seconds=None, modality=None, moving=None,
             moving_affine=None, jacobian=None, window=WINDOW):
     """Every figure of one registration, as a JSON-ready dict (``qc.json``).
 
     Args:
       fixed, moving_headers, warped, flow, fixed_affine, world_ras: see the module notes.
       fixed_labels, warped_labels: label maps on the fixed grid, paired one to one (Dice).
+      headers_labels: the moving label maps placed by the headers alone (Dice before).
       inverse_consistency: ``(rms_mm, p95_mm)`` of ``|inverse(forward(x)) - x|``, or None.
       seconds: wall clock per part of the registration (copied).
       modality: the model's input contract modality (``"MRI"``, ``"CT"``), recorded for the
@@ -219,7 +256,7 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
     Returns:
       dict: ``similarity`` (``before``: headers alone, ``after``: registered; each ``cc`` and
       ``lcc``), ``field`` (``folding_percent``, ``jacobian_std``, ``jacobian_min``,
-      ``largest_displacement_mm``, ``largest_deformable_mm``), ``affine`` (:func:`decompose_affine`
+      ``largest_displacement_mm``), ``affine`` (:func:`decompose_affine`
       of ``world_ras`` with the translation of the fixed foreground's centre), ``coverage``,
       ``intensity``, ``dice``, ``inverse_consistency``, ``seconds``.
     """
@@ -227,16 +264,14 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
     mask = foreground(fixed)
     if not mask.any():
         mask = np.ones(fixed.shape, bool)
-    out = {"similarity": {"before": similarity(fixed, moving_headers, mask, window),
-                          "after": similarity(fixed, warped, mask, window),
+    before, after = similarity(fixed, [moving_headers, warped], mask, window)
+    out = {"similarity": {"before": before, "after": after,
                           "window": int(window), "region": "the fixed image's foreground"}}
     det = jacobian_determinant(flow) if jacobian is None else jacobian
-    lengths = displacement_mm(flow, fixed_affine)
-    field = {"folding_percent": 100.0 * float(np.mean(det <= 0)), "jacobian_std": float(det.std()),
-             "jacobian_min": float(det.min()), "largest_displacement_mm": float(lengths.max())}
+    field = {"folding_percent": 100.0 * float(np.count_nonzero(det <= 0)) / det.size,
+             "jacobian_std": float(det.std(dtype=np.float64)), "jacobian_min": float(det.min()),
+             "largest_displacement_mm": largest_displacement(flow, fixed_affine)}
     if world_ras is not None:
-        field["largest_deformable_mm"] = float(displacement_mm(deformable_part(flow, fixed_affine, world_ras),
-                                                               fixed_affine).max())
         centre_voxel = np.argwhere(mask[::2, ::2, ::2]).mean(0) * 2.0
         centre = (np.asarray(fixed_affine, float) @ np.r_[centre_voxel, 1.0])[:3]
         out["affine"] = decompose_affine(world_ras, centre)
@@ -248,6 +283,8 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
         out["intensity"]["moving"] = intensity_summary(moving)
     if len(fixed_labels) and len(warped_labels):
         out["dice"] = dice(fixed_labels, warped_labels)
+        if len(headers_labels):
+            out["dice"]["before"] = dice(fixed_labels, headers_labels)["mean"]
     if inverse_consistency is not None:
         out["inverse_consistency"] = {"rms_mm": float(inverse_consistency[0]), "p95_mm": float(inverse_consistency[1])}
     if seconds:
@@ -273,15 +310,28 @@ def coverage(warped, det, fixed_affine, moving, moving_affine):
     return {"moving_inside_percent": share}
 
 
+def _label_codes(a, b):
+    """Both label maps as codes ``0..n-1`` of their ids together, and the ids."""
+    low, high = int(min(a.min(), b.min())), int(max(a.max(), b.max()))
+    if high - low < 1 << 16:  # small ids (every atlas): a lookup table instead of sorting
+        present = np.zeros(high - low + 1, bool)
+        present[a.ravel() - low] = True
+        present[b.ravel() - low] = True
+        values = np.flatnonzero(present) + low
+        table = np.cumsum(present) - 1
+        return table[a.ravel() - low], table[b.ravel() - low], values
+    values, index = np.unique(np.concatenate([a.ravel(), b.ravel()]), return_inverse=True)
+    return index[: a.size], index[a.size:], values
+
+
 def dice(fixed_labels, warped_labels):
     """Mean Dice over the non-zero labels of each fixed map and its warped map (labels absent
     from both left out), from one joint histogram per pair of maps: ``{"mean", "per_map"}``."""
     scores = []
     for a, b in zip(fixed_labels, warped_labels):
-        a, b = np.asarray(a).astype(np.int64).ravel(), np.asarray(b).astype(np.int64).ravel()
-        values, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+        code_a, code_b, values = _label_codes(np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64))
         n = len(values)
-        joint = np.bincount(index[: a.size] * n + index[a.size:], minlength=n * n).reshape(n, n)
+        joint = np.bincount(code_a * n + code_b, minlength=n * n).reshape(n, n)
         keep = values != 0
         inter = np.diag(joint)[keep].astype(float)
         total = joint.sum(1)[keep] + joint.sum(0)[keep]

@@ -13,11 +13,14 @@ A registration is **suspect** when any of these holds (thresholds in :class:`Thr
   units: at least ``ct_air_percent`` of the voxels below -500, air) given to an MRI model, or
   an image without Hounsfield units (under ``ct_air_percent`` of the voxels below -50: neither
   air nor fat) given to a CT model;
+* ``labels`` (with fixed labels): the mean Dice of the warped moving labels with the fixed
+  labels is below ``min_dice``, or lower than with the moving labels placed by the headers
+  alone;
 * ``coverage``: less than ``min_inside_percent`` of the moving image's foreground lands in the
   fixed image's field of view (the network box is cut from the fixed image);
 * ``cohort`` (batch reports only, :func:`cohort_flags`): the local correlation after
-  registration lies more than ``cohort_mads`` scaled median absolute deviations below the
-  cohort's median.
+  registration, or the Dice, lies more than ``cohort_mads`` scaled median absolute deviations
+  below the cohort's median.
 """
 
 import dataclasses
@@ -33,6 +36,7 @@ class Thresholds:
     max_folding_percent: float = 1.0
     max_rotation_degrees: float = 45.0
     scale_range: tuple = (0.67, 1.5)
+    min_dice: float = 0.3
     ct_air_percent: float = 1.0
     min_inside_percent: float = 50.0
     cohort_mads: float = 3.0
@@ -103,6 +107,15 @@ def flags(figures, thresholds=THRESHOLDS):
             found.append(_flag("affine", "the affine part scales " + ", ".join(f"{axis} by {abs(s):.2f}"
                                                                                for axis, s in bad)
                                + f", outside {low}-{high}"))
+    overlap = figures.get("dice")
+    if overlap and math.isfinite(overlap.get("mean", math.nan)):
+        after, before = overlap["mean"], overlap.get("before", math.nan)
+        if after < t.min_dice:
+            found.append(_flag("labels", f"the warped labels hardly overlap the fixed labels: mean Dice {after:.3f}, "
+                                         f"below {t.min_dice}"))
+        if math.isfinite(before) and after < before:
+            found.append(_flag("labels", f"registration lowered the mean Dice with the fixed labels from {before:.3f} "
+                                         f"(headers alone) to {after:.3f}"))
     found += _intensity_flags(figures.get("intensity"), t)
     coverage = figures.get("coverage")
     if coverage and coverage["moving_inside_percent"] < t.min_inside_percent:
@@ -112,11 +125,12 @@ def flags(figures, thresholds=THRESHOLDS):
     return found
 
 
-def cohort_flags(local_correlations, thresholds=THRESHOLDS):
-    """Per pair, a cohort flag or None: local correlation after registration more than
-    ``cohort_mads`` scaled MADs (1.4826 MAD, a standard deviation for normal data) below the
-    cohort's median. Needs ``cohort_min_pairs`` finite values; NaN values get None."""
-    values = np.asarray(local_correlations, float)
+def cohort_flags(values, thresholds=THRESHOLDS, what="the local correlation after registration"):
+    """Per pair, a cohort flag or None: ``values`` (one per pair; by default the local correlation
+    after registration) more than ``cohort_mads`` scaled MADs (1.4826 MAD, a standard deviation
+    for normal data) below the cohort's median. Needs ``cohort_min_pairs`` finite values; NaN
+    values get None."""
+    values = np.asarray(values, float)
     finite = values[np.isfinite(values)]
     out = [None] * len(values)
     if len(finite) < thresholds.cohort_min_pairs:
@@ -126,6 +140,6 @@ def cohort_flags(local_correlations, thresholds=THRESHOLDS):
     floor = median - thresholds.cohort_mads * spread
     for k, value in enumerate(values):
         if math.isfinite(value) and value < floor:
-            out[k] = _flag("cohort", f"the local correlation after registration, {value:.3f}, is far below the "
-                                     f"cohort's (median {median:.3f}, limit {floor:.3f})")
+            out[k] = _flag("cohort", f"{what}, {value:.3f}, is far below the cohort's (median {median:.3f}, "
+                                     f"limit {floor:.3f})")
     return out

@@ -30,6 +30,7 @@ COLUMNS = (  # (column, where in qc.json, format)
     ("scale_y", ("affine", "scales", 1), "{:.3f}"),
     ("scale_z", ("affine", "scales", 2), "{:.3f}"),
     ("moving_inside_percent", ("coverage", "moving_inside_percent"), "{:.0f}"),
+    ("dice_before", ("dice", "before"), "{:.3f}"),
     ("dice", ("dice", "mean"), "{:.3f}"),
     ("inverse_rms_mm", ("inverse_consistency", "rms_mm"), "{:.2f}"),
     ("seconds", ("seconds", "total"), "{:.2f}"),
@@ -63,10 +64,10 @@ def rows(entries, thresholds=flags_lib.THRESHOLDS):
         for name, path, _ in COLUMNS:
             row[name] = _lookup(qc, path)
         out.append(row)
-    cohort = flags_lib.cohort_flags([row["lcc_after"] for row in out], thresholds)
+    cohort = zip(flags_lib.cohort_flags([row["lcc_after"] for row in out], thresholds),
+                 flags_lib.cohort_flags([row["dice"] for row in out], thresholds, "the mean Dice"))
     for row, extra in zip(out, cohort):
-        if extra:
-            row["reasons"].append(extra["reason"])
+        row["reasons"] += [flag["reason"] for flag in extra if flag]
         row["status"] = "failed" if row["error"] else ("suspect" if row["reasons"] else "ok")
         if row["error"]:
             row["reasons"] = [row["error"]]
