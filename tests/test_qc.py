@@ -258,8 +258,8 @@ def _entries(tmp_path):
         folder = tmp_path / f"pair{k}"
         folder.mkdir()
         qc.write(folder, result)
-        entries.append({"name": f"pair {k}", "qc": result.to_json(), "picture": str(folder / "qc.png")})
-    entries.append({"name": "pair 3", "qc": None, "error": "moving image absent.nii.gz does not exist"})
+        entries.append(report.entry(f"pair {k}", folder))
+    entries.append(report.entry("pair 3", error="moving image absent.nii.gz does not exist"))
     return entries
 
 

@@ -311,15 +311,13 @@ def coverage(warped, det, fixed_affine, moving, moving_affine):
 
 
 def _label_codes(a, b):
-    """Both label maps as codes ``0..n-1`` of their ids together, and the ids."""
+    """Both label maps (flat) as codes ``0..n-1`` of their ids together, and the ids."""
     low, high = int(min(a.min(), b.min())), int(max(a.max(), b.max()))
-    if high - low < 1 << 16:  # small ids (every atlas): a lookup table instead of sorting
-        present = np.zeros(high - low + 1, bool)
-        present[a.ravel() - low] = True
-        present[b.ravel() - low] = True
-        values = np.flatnonzero(present) + low
-        table = np.cumsum(present) - 1
-        return table[a.ravel() - low], table[b.ravel() - low], values
+    if high - low < 1 << 16:  # small ids (every atlas): counts and a lookup table, no sorting
+        a, b = (np.asarray(x, np.int32).ravel() - np.int32(low) for x in (a, b))
+        present = (np.bincount(a, minlength=high - low + 1) + np.bincount(b, minlength=high - low + 1)) > 0
+        table = (np.cumsum(present) - 1).astype(np.int32)
+        return table[a], table[b], np.flatnonzero(present) + low
     values, index = np.unique(np.concatenate([a.ravel(), b.ravel()]), return_inverse=True)
     return index[: a.size], index[a.size:], values
 
@@ -329,9 +327,9 @@ def dice(fixed_labels, warped_labels):
     from both left out), from one joint histogram per pair of maps: ``{"mean", "per_map"}``."""
     scores = []
     for a, b in zip(fixed_labels, warped_labels):
-        code_a, code_b, values = _label_codes(np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64))
+        code_a, code_b, values = _label_codes(np.asarray(a), np.asarray(b))
         n = len(values)
-        joint = np.bincount(code_a * n + code_b, minlength=n * n).reshape(n, n)
+        joint = np.bincount(code_a.astype(np.int64) * n + code_b, minlength=n * n).reshape(n, n)
         keep = values != 0
         inter = np.diag(joint)[keep].astype(float)
         total = joint.sum(1)[keep] + joint.sum(0)[keep]

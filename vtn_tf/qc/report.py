@@ -12,6 +12,7 @@ import base64
 import csv
 import html
 import io as text_io
+import json
 import math
 import os
 
@@ -36,7 +37,7 @@ COLUMNS = (  # (column, where in qc.json, format)
     ("seconds", ("seconds", "total"), "{:.2f}"),
 )
 HEAD = ("pair", "status", "reasons")
-THUMBNAIL_WIDTH = 360  # pixels
+THUMBNAIL_WIDTH = 320  # pixels
 
 
 def _lookup(values, path):
@@ -46,6 +47,21 @@ def _lookup(values, path):
         except (KeyError, IndexError, TypeError):
             return math.nan
     return math.nan if values is None else float(values)
+
+
+def entry(name, folder=None, error=None):
+    """A report entry for a pair registered into ``folder`` (its ``qc.json`` and ``qc.png``, when
+    there), or one that failed with ``error`` (a line of text)."""
+    qc, picture = None, None
+    if folder is not None and error is None:
+        try:
+            with open(os.path.join(os.fspath(folder), "qc.json"), encoding="utf-8") as stream:
+                qc = json.load(stream)
+        except (OSError, ValueError):
+            qc = None
+        png = os.path.join(os.fspath(folder), "qc.png")
+        picture = png if os.path.isfile(png) else None
+    return {"name": name, "qc": qc, "picture": picture, "error": error}
 
 
 def rows(entries, thresholds=flags_lib.THRESHOLDS):
@@ -132,11 +148,12 @@ _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 4px 6px; vertical-align: top; }
-th { background: #eee; cursor: pointer; position: sticky; top: 0; }
+th { background: #eee; cursor: pointer; position: sticky; top: 0; max-width: 6.5em; word-break: break-word; }
 th[data-dir="up"]::after { content: " \\25B2"; } th[data-dir="down"]::after { content: " \\25BC"; }
 tr.suspect td.status, tr.failed td.status { color: #fff; background: #b22; font-weight: bold; }
 tr.ok td.status { color: #fff; background: #282; }
-td.reasons { max-width: 28em; }
+td.reasons { min-width: 18em; max-width: 28em; }
+td.pair { min-width: 9em; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { display: block; }
 """
@@ -146,13 +163,13 @@ def html_text(report_rows, title="Registration report", note=""):
     """The self-contained HTML page of the rows."""
     suspects = sum(row["status"] != "ok" for row in report_rows)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ("status", "pair", "picture", "reasons"))
-    head += "".join(f"<th>{html.escape(name)}</th>" for name, _, _ in COLUMNS)
+    head += "".join(f"<th>{html.escape(name).replace('_', '_<wbr>')}</th>" for name, _, _ in COLUMNS)
     body = []
     for row in report_rows:
         rank = {"failed": 0, "suspect": 1, "ok": 2}[row["status"]]
         image = thumbnail(row["picture"]) if row["picture"] else ""
         cells = [f'<td class="status" data-v="{rank}">{row["status"]}</td>',
-                 f"<td>{html.escape(row['pair'])}</td>",
+                 f'<td class="pair">{html.escape(row["pair"])}</td>',
                  f'<td><a href="{html.escape(row["picture"])}"><img src="{image}" width="{THUMBNAIL_WIDTH}" '
                  f'alt="qc.png of {html.escape(row["pair"])}"></a></td>' if image else "<td></td>",
                  f'<td class="reasons">{html.escape(_text(row, "reasons"))}</td>']
