@@ -285,3 +285,53 @@ def test_evaluation_box_plots_are_written_beside_the_csv(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in written] == ["results_dice_pairs.png", "results_dice_structures.png"]
     for path in written:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----- real scans: the rule on failures made on purpose ---------------------------------------------
+def _read(path):
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    return np.asarray(image.dataobj, np.float32), image.affine
+
+
+def _placed_by_headers(data, affine, fixed_shape, fixed_affine, order=1):
+    """``data`` resampled onto the fixed grid through the two headers (scipy; 0 outside)."""
+    matrix = np.linalg.inv(affine) @ fixed_affine
+    return ndimage.affine_transform(data, matrix[:3, :3], matrix[:3, 3], output_shape=fixed_shape, order=order,
+                                    mode="constant", cval=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_real_failures_are_flagged_and_a_real_pair_is_not(vtn_data):
+    lpba40, ct = vtn_data / "lpba40", vtn_data / "ct_example" / "example_ct.nii.gz"
+    crop = vtn_data / "hippocampus" / "images" / "hippocampus_001.nii.gz"
+    for path in (lpba40 / "images" / "S01.nii.gz", ct, crop):
+        if not path.exists():
+            pytest.skip(f"{path} not found (set VTN_DATA to the shared data folder)")
+    fixed, fixed_affine = _read(lpba40 / "images" / "S01.nii.gz")
+    fixed_labels = _read(lpba40 / "labels" / "S01.nii.gz")[0].astype(np.int32)
+    zero = np.zeros(fixed.shape + (3,), np.float32)
+
+    def judged(moving, moving_affine, labels=None):
+        placed = _placed_by_headers(moving, moving_affine, fixed.shape, fixed_affine)
+        extra = {}
+        if labels is not None:  # the headers' placement as the registration: Dice before = after
+            warped = _placed_by_headers(labels, moving_affine, fixed.shape, fixed_affine, order=0)
+            extra = {"fixed_labels": [fixed_labels], "warped_labels": [warped], "headers_labels": [warped]}
+        result = qc.check(fixed, placed, placed, zero, fixed_affine, np.eye(4), picture=False, moving=moving,
+                          moving_affine=moving_affine, modality="MRI", **extra)
+        return {f["flag"] for f in result.flags}, result
+
+    moving, moving_affine = _read(lpba40 / "images" / "S02.nii.gz")
+    labels = _read(lpba40 / "labels" / "S02.nii.gz")[0].astype(np.int32)
+    found, result = judged(moving, moving_affine, labels)
+    assert found == {"similarity"}  # nothing registered, so nothing improved; the labels overlap
+    assert result.figures["dice"]["mean"] > 0.5
+    found, result = judged(moving[::-1].copy(), moving_affine, labels[::-1].copy())  # flipped, header kept
+    assert "labels" in found and result.figures["dice"]["mean"] < 0.1
+    found, result = judged(*_read(ct))  # a CT (Hounsfield units) given to a brain MRI model
+    assert {"intensity", "coverage", "similarity"} <= found
+    found, result = judged(*_read(crop))  # a 64 mm hippocampus crop: unrelated anatomy
+    assert "similarity" in found and result.figures["similarity"]["after"]["lcc"] < 0.1

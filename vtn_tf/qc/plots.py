@@ -36,6 +36,13 @@ def paths_for(csv_path):
     return stem + "_dice_pairs.png", stem + "_dice_structures.png"
 
 
+def _save(fig, path):
+    """Save a figure atomically (a temporary file renamed into place)."""
+    temporary = path + ".partial.png"
+    fig.savefig(temporary)
+    os.replace(temporary, path)
+
+
 def draw(rows, csv_path, title=""):
     """Draw both box plots beside ``csv_path``; returns the paths written (none without rows)."""
     if not rows:
@@ -62,7 +69,7 @@ def draw(rows, csv_path, title=""):
     ax.set_title(title or "Dice per pair", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(pairs_path)
+    _save(fig, pairs_path)
     plt.close(fig)
     written.append(pairs_path)
 
@@ -86,7 +93,7 @@ def draw(rows, csv_path, title=""):
         ax.legend(fontsize=8, ncol=len(methods), loc="lower right")
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(structures_path)
+        _save(fig, structures_path)
         plt.close(fig)
         written.append(structures_path)
     return written
