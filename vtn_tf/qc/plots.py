@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 DPI = 80
+STRUCTURES_PER_ROW = 28  # more structures go on further rows
 
 
 def _values(rows, method, key):
@@ -75,23 +76,27 @@ def draw(rows, csv_path, title=""):
 
     structures = _structures(rows)
     if structures:
+        lines = [structures[k:k + STRUCTURES_PER_ROW] for k in range(0, len(structures), STRUCTURES_PER_ROW)]
+        longest = max(len(line) for line in lines)
         width = 0.8 / len(methods)
-        fig, ax = plt.subplots(figsize=(min(60.0, 2.0 + 0.22 * len(structures) * (len(methods) + 1)), 4.5), dpi=DPI)
-        for k, method in enumerate(methods):
-            data = [_values(rows, method, key) for key in structures]
-            positions = np.arange(len(structures)) - 0.4 + width * (k + 0.5)
-            boxes = ax.boxplot([d if d else [math.nan] for d in data], positions=positions, widths=width * 0.9,
-                               patch_artist=True, showfliers=False, manage_ticks=False)
-            for box in boxes["boxes"]:
-                box.set_facecolor((*colours[k][:3], 0.6))
-            ax.plot([], [], "s", color=colours[k], label=method)
-        ax.set_xticks(range(len(structures)), [key[5:] for key in structures], fontsize=7, rotation=90)
-        ax.set_xlim(-0.6, len(structures) - 0.4)
-        ax.set_xlabel("structure (label id)")
-        ax.set_ylabel("Dice over pairs")
-        ax.set_title((title + ": " if title else "") + "Dice per structure", fontsize=10)
-        ax.legend(fontsize=8, ncol=len(methods), loc="lower right")
-        ax.grid(axis="y", alpha=0.3)
+        fig, axes = plt.subplots(len(lines), 1, squeeze=False, dpi=DPI,
+                                 figsize=(2.0 + 0.2 * longest * (len(methods) + 1), 1.0 + 3.0 * len(lines)))
+        for ax, line in zip(axes[:, 0], lines):
+            for k, method in enumerate(methods):
+                data = [_values(rows, method, key) for key in line]
+                positions = np.arange(len(line)) - 0.4 + width * (k + 0.5)
+                boxes = ax.boxplot([d if d else [math.nan] for d in data], positions=positions,
+                                   widths=width * 0.9, patch_artist=True, showfliers=False, manage_ticks=False)
+                for box in boxes["boxes"]:
+                    box.set_facecolor((*colours[k][:3], 0.6))
+                ax.plot([], [], "s", color=colours[k], label=method)
+            ax.set_xticks(range(len(line)), [key[5:] for key in line], fontsize=7, rotation=90)
+            ax.set_xlim(-0.6, longest - 0.4)
+            ax.set_ylabel("Dice over pairs")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0, 0].set_title((title + ": " if title else "") + "Dice per structure", fontsize=10)
+        axes[0, 0].legend(fontsize=8, ncol=len(methods), loc="lower right")
+        axes[-1, 0].set_xlabel("structure (label id)")
         fig.tight_layout()
         _save(fig, structures_path)
         plt.close(fig)
