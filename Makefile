@@ -69,13 +69,13 @@ LIVER_MANIFEST = $(if $(LIVER_DATA),$(PREPARED)/liver/manifest.json,$(PREPARED)/
 endif
 
 train-brain: install $(BRAIN_DATA)
-	$(PYTHON) -m vtn_tf.apps.train --config $(BRAIN_CONFIG) --run_dir $(RUNS)/$(basename $(notdir $(BRAIN_CONFIG))) --set data.manifest=$(BRAIN_DATA) $(SET)
+	$(PYTHON) -m vtn_tf.cli.train --config $(BRAIN_CONFIG) --run_dir $(RUNS)/$(basename $(notdir $(BRAIN_CONFIG))) --set data.manifest=$(BRAIN_DATA) $(SET)
 
 train-liver: install $(LIVER_MANIFEST)
-	$(PYTHON) -m vtn_tf.apps.train --config $(LIVER_CONFIG) --run_dir $(RUNS)/$(basename $(notdir $(LIVER_CONFIG))) --set data.manifest=$(LIVER_MANIFEST) $(SET)
+	$(PYTHON) -m vtn_tf.cli.train --config $(LIVER_CONFIG) --run_dir $(RUNS)/$(basename $(notdir $(LIVER_CONFIG))) --set data.manifest=$(LIVER_MANIFEST) $(SET)
 
 train-hippocampus: install $(PREPARED)/hippocampus/manifest.json
-	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-cpu $(SET)
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-cpu $(SET)
 
 # A tuning fold for test-time choices (passes, refinement schedules): the train-hippocampus config
 # trained without the last 40 training subjects, whose 20 consecutive pairs score the choices
@@ -86,7 +86,7 @@ $(PREPARED)/hippocampus/manifest-tuning.json: $(PREPARED)/hippocampus/manifest.j
 	$(PYTHON) -m data_prep.holdout --manifest $< --count 40 --out $@ --overwrite
 
 tune-hippocampus: install $(PREPARED)/hippocampus/manifest-tuning.json
-	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-tuning \
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-tuning \
 	  --set data.manifest=$(PREPARED)/hippocampus/manifest-tuning.json $(SET)
 
 tensorboard: install
@@ -98,7 +98,7 @@ clean-runs:
 # ---- quickstart ---------------------------------------------------------------------
 demo:
 	$(PYTHON) -m pip install -q -e ".[plot]"
-	$(PYTHON) -m vtn_tf.apps.demo --data $(VTN_DATA)
+	$(PYTHON) -m vtn_tf.cli.demo --data $(VTN_DATA)
 
 include benchmarks/Makefile.inc
 
@@ -113,18 +113,18 @@ row_spec = $(word 1,$(subst -, ,$(1)))
 row_inv = $(if $(findstring -inv,$(1)),--set model.invertibility_weight=1e-3,)
 
 row-hippocampus-%: install $(PREPARED)/hippocampus/manifest.json
-	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-$* \
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-cpu.json --run_dir $(RUNS)/hippocampus-$* \
 	  --set model.spec=$(call row_spec,$*) $(call row_inv,$*) --set train.steps_per_epoch=$$(( $(ROW_STEPS) / 4 )) $(SET)
 	@mkdir -p results
-	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/hippocampus-$* --manifest $(PREPARED)/hippocampus/manifest.json \
+	$(PYTHON) -m vtn_tf.cli.evaluate --model $(RUNS)/hippocampus-$* --manifest $(PREPARED)/hippocampus/manifest.json \
 	  --protocol consecutive --methods vtn,identity$(if $(BASELINES),$(comma)$(BASELINES)) --out results/hippocampus-$*.csv --overwrite
 
 row-brain-%: install $(PREPARED)/lpba40-64/manifest.json
-	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-cpu.json --run_dir $(RUNS)/brain-$* \
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-cpu.json --run_dir $(RUNS)/brain-$* \
 	  --set model.spec=$(call row_spec,$*) $(call row_inv,$*) --set train.steps_per_epoch=$$(( $(ROW_STEPS) / 2 )) \
 	  --set model.similarity_weights=last $(SET)
 	@mkdir -p results
-	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/brain-$* --manifest $(PREPARED)/lpba40-64/manifest.json \
+	$(PYTHON) -m vtn_tf.cli.evaluate --model $(RUNS)/brain-$* --manifest $(PREPARED)/lpba40-64/manifest.json \
 	  --protocol atlas --atlas S01 --methods vtn,identity$(if $(BASELINES),$(comma)$(BASELINES)) --out results/brain-$*.csv --overwrite
 
 comma := ,
@@ -136,9 +136,9 @@ ablation-brain: $(foreach s,$(ABLATION_SPECS),row-brain-$(s) row-brain-$(s)-inv)
 # (the count picked on the validation pairs) beside ANTs SyN and elastix on the same pairs.
 ACCURACY_BASELINES ?= ants,elastix
 accuracy-hippocampus: install $(PREPARED)/hippocampus/manifest.json
-	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-accuracy.json --run_dir $(RUNS)/hippocampus-accuracy $(SET)
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-accuracy.json --run_dir $(RUNS)/hippocampus-accuracy $(SET)
 	@mkdir -p results
-	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/hippocampus-accuracy --manifest $(PREPARED)/hippocampus/manifest.json \
+	$(PYTHON) -m vtn_tf.cli.evaluate --model $(RUNS)/hippocampus-accuracy --manifest $(PREPARED)/hippocampus/manifest.json \
 	  --protocol consecutive --passes 5 --methods vtn,identity,$(ACCURACY_BASELINES) \
 	  --out results/hippocampus-accuracy.csv --overwrite
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-accuracy NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
@@ -146,9 +146,9 @@ accuracy-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 	  NATIVE_INIT=none REFINE_FULL="$(HIPPOCAMPUS_REFINE_FULL)"
 
 accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
-	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-accuracy.json --run_dir $(RUNS)/brain-accuracy $(SET)
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-accuracy.json --run_dir $(RUNS)/brain-accuracy $(SET)
 	@mkdir -p results
-	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/brain-accuracy --manifest $(PREPARED)/lpba40-64/manifest.json \
+	$(PYTHON) -m vtn_tf.cli.evaluate --model $(RUNS)/brain-accuracy --manifest $(PREPARED)/lpba40-64/manifest.json \
 	  --protocol atlas --atlas S01 --passes 2 --methods vtn,identity,$(ACCURACY_BASELINES) \
 	  --out results/brain-accuracy.csv --overwrite
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-accuracy NATIVE_NAME=brain-accuracy NATIVE_PASSES=2
@@ -158,13 +158,13 @@ accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 # native tables: network alone, the optimiser without the network, the network + refinement at
 # two budgets, ANTs SyN and elastix on the same original files.
 accuracy-brain-labels: install $(PREPARED)/lpba40-64/manifest.json
-	$(PYTHON) -m vtn_tf.apps.train --config experiments/brain-labels.json --run_dir $(RUNS)/brain-labels \
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-labels.json --run_dir $(RUNS)/brain-labels \
 	  --set data.manifest=$(PREPARED)/lpba40-64/manifest.json $(SET)
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-labels NATIVE_NAME=brain-labels NATIVE_PASSES=2 \
 	  REFINE_QUARTER="--refine 15x15x15x15x3 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1 --refine_rate 0.5"
 
 accuracy-hippocampus-labels: install $(PREPARED)/hippocampus/manifest.json
-	$(PYTHON) -m vtn_tf.apps.train --config experiments/hippocampus-labels.json --run_dir $(RUNS)/hippocampus-labels $(SET)
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-labels.json --run_dir $(RUNS)/hippocampus-labels $(SET)
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-labels NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
 	  NATIVE_NAME=hippocampus-labels NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN= NATIVE_INIT=none \
 	  NATIVE_PASSES=2 REFINE_FULL="$(HIPPOCAMPUS_REFINE_FULL)" REFINE_QUARTER="--refine 10x3 --refine_resolution 0.5,1 --refine_smoothness 1.25 --refine_rate 0.5"
@@ -197,7 +197,7 @@ HIPPOCAMPUS_REFINE_FULL = --refine 40x12 --refine_resolution 0.5,1 --refine_smoo
 # none for the hippocampus crops, which their headers already align (chosen on the validation pairs,
 # docs/results.md): the initialiser's centre-of-mass shift, misled by the crop, costs the network.
 NATIVE_INIT ?=
-native_eval = $(PYTHON) -m vtn_tf.apps.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
+native_eval = $(PYTHON) -m vtn_tf.cli.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
 	  $(NATIVE_PROTOCOL) --passes $(NATIVE_PASSES) $(if $(NATIVE_INIT),--init $(NATIVE_INIT)) --overwrite
 native-tables:
 	@mkdir -p results
@@ -218,6 +218,6 @@ evaluate-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 
 evaluate-brain: install $(PREPARED)/lpba40-64/manifest.json
 	@mkdir -p results
-	$(PYTHON) -m vtn_tf.apps.evaluate --model $(RUNS)/brain-cpu --manifest $(PREPARED)/lpba40-64/manifest.json \
+	$(PYTHON) -m vtn_tf.cli.evaluate --model $(RUNS)/brain-cpu --manifest $(PREPARED)/lpba40-64/manifest.json \
 	  --protocol atlas --atlas S01 --methods vtn,identity --out results/brain-cpu.csv --overwrite
 	$(MAKE) native-tables

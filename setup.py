@@ -33,12 +33,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "vtn-train=vtn_tf.apps.train:run",
-            "vtn-evaluate=vtn_tf.apps.evaluate:run",
-            "vtn-register=vtn_tf.apps.register:run",
-            "vtn-export=vtn_tf.apps.export:run",
+            "vtn-train=vtn_tf.cli.train:run",
+            "vtn-evaluate=vtn_tf.cli.evaluate:run",
+            "vtn-register=vtn_tf.cli.register:run",
+            "vtn-export=vtn_tf.cli.export:run",
             "vtn-prepare=data_prep.__main__:main",
-            "vtn-demo=vtn_tf.apps.demo:run",
+            "vtn-demo=vtn_tf.cli.demo:run",
         ]
     },
 )

@@ -27,9 +27,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 import common
+import numpy as np
 
 SIZE = 128
 
@@ -85,8 +84,8 @@ def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit, slow_first
     """Build ``spec`` with its network computing in ``precision`` (as `restore_model` does),
     time its forward; with ``slow_first`` seconds, a first call slower than that is followed
     by one timed call only (XLA on CPU can take minutes per call)."""
-    from vtn_tf.model import VTN
-    from vtn_tf.checkpoints import network_precision
+    from vtn_tf.nn.checkpoints import network_precision
+    from vtn_tf.nn.model import VTN
 
     shape = fixed.shape
     with network_precision(precision):
@@ -112,7 +111,7 @@ def measure_vtn(tf, spec, fixed, moving, width, repeats, warmup, jit, slow_first
 
 def breakdown(tf, model, fixed, moving, repeats, warmup, xla=True):
     """Time the pieces of one ADDD-like forward separately."""
-    from vtn_tf import spatial
+    from vtn_tf.core import fields, sampling
 
     pair = tf.concat([fixed, moving], axis=-1)
     rows = []
@@ -124,9 +123,9 @@ def breakdown(tf, model, fixed, moving, repeats, warmup, xla=True):
             seconds, _ = common.time_call(lambda: fn(pair), repeats, warmup)
             rows.append([f"{type(stage).__name__} forward", "XLA" if jit else "graph", seconds])
     flow = tf.random.normal([*fixed.shape[:4], 3], stddev=2.0)
-    seconds, _ = common.time_call(lambda: spatial.warp(moving, flow), repeats, warmup)
+    seconds, _ = common.time_call(lambda: sampling.warp(moving, flow), repeats, warmup)
     rows.append(["warp (vtn_tf.warp, linear)", "XLA", seconds])
-    compose = tf.function(spatial.compose)
+    compose = tf.function(fields.compose)
     seconds, _ = common.time_call(lambda: compose(flow, flow), repeats, warmup)
     rows.append(["compose (warp of a 3-channel flow + add)", "XLA", seconds])
     return rows

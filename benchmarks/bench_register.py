@@ -11,7 +11,7 @@ Rows (seconds, median of ``--repeats`` after a warm-up):
 * ``register_volumes`` parts: preprocess (crop, intensity maps, initial alignment, both images
   onto the network grid), network, field (network flow onto the fixed grid, the alignment
   composed), resample (moving image and labels through the field), plus read and write;
-* the network alone (the same call as inside: `vtn_tf.registration.network_outputs`, one
+* the network alone (the same call as inside: `vtn_tf.registration.network.network_outputs`, one
   TensorFlow graph), and ``register_volumes`` / network; ``register_volumes`` again without
   the affine search (``--init_steps 0``: the initialiser alone) and its ratio;
 * batch mode per pair (``vtn-register --pairs``, model loaded once, read + register + write),
@@ -36,8 +36,16 @@ import sys
 import tempfile
 import time
 
-from common import REPO_ROOT, base_parser, data_dir, format_seconds, print_machine, print_table, ratio, \
-    setup_tensorflow
+from common import (
+    REPO_ROOT,
+    base_parser,
+    data_dir,
+    format_seconds,
+    print_machine,
+    print_table,
+    ratio,
+    setup_tensorflow,
+)
 
 
 def _brain_pair(folder, size):
@@ -69,12 +77,12 @@ def _brain_pair(folder, size):
 def _model(args, folder):
     if args.model:
         return args.model
-    from vtn_tf import training
-    from vtn_tf.model import VTN
+    from vtn_tf.nn.model import VTN
+    from vtn_tf.training import loop
 
     model = VTN("ADD", width=0.5, flow_head_initializer="small")
     model.build((None, 64, 64, 64, 1))
-    return str(training.save_model_dir(model, (64, 64, 64), os.path.join(folder, "untrained")))
+    return str(loop.save_model_dir(model, (64, 64, 64), os.path.join(folder, "untrained")))
 
 
 def _median(values):
@@ -84,22 +92,22 @@ def _median(values):
 
 def measure_vtn(registrar, paths, folder, repeats):
     """Per-part seconds of ``Registrar.register_files`` and the network alone."""
-    from vtn_tf import registration
+    from vtn_tf.registration import inputs, network, pipeline
 
-    parts_runs, network = [], []
+    parts_runs, network_seconds = [], []
     for k in range(repeats + 1):
         out = os.path.join(folder, f"out{k}")
         _, result, parts = registrar.register_files(paths[0], paths[1], out, [paths[2]], overwrite=True)
         if k:
             parts_runs.append(parts)
-    fixed, moving, labels = registration.read_inputs(*paths[:2], [paths[2]])
-    inputs = registration._network_inputs(registrar.contract or registration.default_contract(
+    fixed, moving, labels = pipeline.read_inputs(*paths[:2], [paths[2]])
+    prepared = inputs.network_inputs(registrar.contract or network.default_contract(
         registrar.network_shape), fixed, moving, registrar.init, lambda *_: None)
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        pair = (inputs[0][None, ..., None], inputs[1][None, ..., None])
-        registration.network_outputs(registrar.model, *pair, registrar.passes)["flow"].numpy()
-        network.append(time.perf_counter() - start)
+        pair = (prepared[0][None, ..., None], prepared[1][None, ..., None])
+        network.network_outputs(registrar.model, *pair, registrar.passes)["flow"].numpy()
+        network_seconds.append(time.perf_counter() - start)
     no_search = []
     steps, registrar.init_steps = registrar.init_steps, 0
     for _ in range(repeats + 1):
@@ -107,21 +115,21 @@ def measure_vtn(registrar, paths, folder, repeats):
         no_search.append(sum(result.seconds[key] for key in ("preprocess", "network", "field", "resample")))
     registrar.init_steps = steps
     parts = {key: _median([run[key] for run in parts_runs]) for key in parts_runs[0]}
-    return parts, _median(network[1:]), _median(no_search[1:])
+    return parts, _median(network_seconds[1:]), _median(no_search[1:])
 
 
 def measure_batch(args, model, paths, folder, pairs=3, refine=None, compression=1):
     """Seconds per pair of ``vtn-register --pairs`` (one process, model loaded once), excluding start-up;
-    ``refine``: a `vtn_tf.refine.RefineSettings` (``--refine``) or None; ``compression``: as
+    ``refine``: a `vtn_tf.registration.settings.RefineSettings` (``--refine``) or None; ``compression``: as
     ``--compression`` (0: ``.nii``)."""
-    from vtn_tf import batch, registration
+    from vtn_tf.registration import batch, pipeline
 
     csv_path = os.path.join(folder, "pairs.csv")
     with open(csv_path, "w") as stream:
         stream.write("fixed,moving,out,moving_labels\n")
         for k in range(pairs):
             stream.write(f"{paths[0]},{paths[1]},{os.path.join(folder, f'batch{k}')},{paths[2]}\n")
-    registrar = registration.Registrar(model, log=lambda *_: None, refine=refine)
+    registrar = pipeline.Registrar(model, log=lambda *_: None, refine=refine)
     with open(os.devnull, "w") as quiet:
         batch.run(registrar, batch.read_pairs(csv_path)[:1], True, compression, stream=quiet)  # warm-up
         start = time.perf_counter()
@@ -132,7 +140,7 @@ def measure_batch(args, model, paths, folder, pairs=3, refine=None, compression=
 def measure_cli(model, paths, folder):
     """Seconds of two fresh ``vtn-register`` processes sharing a new compiled-kernel cache:
     the first compiles every kernel (as with the cache off), the second reads them."""
-    command = [sys.executable, "-m", "vtn_tf.apps.register", "--model", model, paths[0], paths[1],
+    command = [sys.executable, "-m", "vtn_tf.cli.register", "--model", model, paths[0], paths[1],
                "--moving_labels", paths[2], "--out", os.path.join(folder, "cli"), "--overwrite"]
     cache = tempfile.mkdtemp(dir=folder, prefix="xla-cache-")
     env = {key: value for key, value in os.environ.items() if key != "TF_XLA_FLAGS"}
@@ -146,7 +154,7 @@ def measure_cli(model, paths, folder):
 
 def measure_memory(model, paths, folder, extra=()):
     """Peak resident memory (GB) and seconds of one fresh ``vtn-register`` process."""
-    command = [sys.executable, "-m", "vtn_tf.apps.register", "--model", model, paths[0], paths[1],
+    command = [sys.executable, "-m", "vtn_tf.cli.register", "--model", model, paths[0], paths[1],
                "--moving_labels", paths[2], "--out", os.path.join(folder, "memory"), "--overwrite", *extra]
     start = time.perf_counter()
     with open(os.path.join(folder, "memory.log"), "w") as log:
@@ -159,16 +167,16 @@ def measure_memory(model, paths, folder, extra=()):
 
 
 def measure_classical(name, paths):
-    from vtn_tf import baselines
+    from vtn_tf.evaluation import baselines
 
     if baselines.unavailable(name):
         return None
     import nibabel as nib
 
-    from vtn_tf import native_evaluation
+    from vtn_tf.evaluation import native
 
     start = time.perf_counter()
-    register = native_evaluation._ants if name == "ants" else native_evaluation._elastix
+    register = native._ants if name == "ants" else native._elastix
     register(paths[0], paths[1], paths[2], nib.load(paths[0]).affine)
     return time.perf_counter() - start
 
@@ -191,13 +199,13 @@ def main():
     import nibabel as nib
     import numpy as np
 
-    from vtn_tf import registration
+    from vtn_tf.registration import pipeline
 
     repeats = args.repeats or (1 if args.quick else 3)
     print_machine(args)
     with tempfile.TemporaryDirectory() as folder:
         model = _model(args, folder)
-        registrar = registration.Registrar(model, log=lambda *_: None)
+        registrar = pipeline.Registrar(model, log=lambda *_: None)
         rows = []
         for size in (["lpba40"] if args.quick else args.sizes):
             paths = _brain_pair(folder, size)
@@ -208,7 +216,7 @@ def main():
             uncompressed = measure_batch(args, model, paths, folder, 1 if args.quick else 3, compression=0)
             refined = None
             if args.refine:
-                from vtn_tf.refine import RefineSettings
+                from vtn_tf.registration.settings import RefineSettings
 
                 refined = measure_batch(args, model, paths, folder, 1 if args.quick else 3,
                                         RefineSettings(steps=args.refine))

@@ -1,7 +1,7 @@
 """Training throughput (steps/s) and peak memory of VTN cascades through the real path.
 
-The real path: `vtn_tf.training.build_model` (VTN + Adam with the paper's schedule) and
-``model.fit`` over `vtn_tf.data.pair_dataset` (augmented random pairs; the subjects are
+The real path: `vtn_tf.training.loop.build_model` (VTN + Adam with the paper's schedule) and
+``model.fit`` over `vtn_tf.training.data.pair_dataset` (augmented random pairs; the subjects are
 random smooth volumes held in memory, so no data files are needed) with
 ``steps_per_epoch``. Per cell: ``--warmup`` steps (the first traces and compiles) then
 ``--repeats`` timed steps; the step time is the median interval between
@@ -29,18 +29,17 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 import common
+import numpy as np
 
 INVERTIBILITY = 1e-3
 
 
 def synthetic_dataset(size, subjects=4, seed=0):
-    """A `vtn_tf.data.PreparedDataset` of random smooth volumes (no files)."""
+    """A `vtn_tf.training.data.PreparedDataset` of random smooth volumes (no files)."""
     from scipy import ndimage
 
-    from vtn_tf.data import PreparedDataset
+    from vtn_tf.training.data import PreparedDataset
 
     rng = np.random.default_rng(seed)
     ids = [f"R{i:02d}" for i in range(subjects)]
@@ -56,7 +55,7 @@ def synthetic_dataset(size, subjects=4, seed=0):
 
 def make_stream(tf, size, batch, kind):
     """``pairs``: the training pipeline (augmented); ``pairs-noaug``; ``tensor``: one pre-made batch."""
-    from vtn_tf import data as data_lib
+    from vtn_tf.training import data as data_lib
 
     dataset = synthetic_dataset(size)
     pairs = data_lib.training_pairs(dataset)
@@ -88,8 +87,8 @@ class StepTimer:
 
 
 def build(tf, spec, size, batch, invertibility, width):
-    from vtn_tf import config as config_lib
-    from vtn_tf.training import build_model
+    from vtn_tf.training import config as config_lib
+    from vtn_tf.training.loop import build_model
 
     config = config_lib.load_config(None, [
         f"model.spec={spec}", f"model.width={width}",
@@ -122,13 +121,14 @@ def run_cell(tf, cell, width):
     """The child side of `measure_cell`."""
     import contextlib
 
-    from vtn_tf import export, spatial
+    from vtn_tf.core import sampling
+    from vtn_tf.serving import export
 
     variant = contextlib.nullcontext()
     if cell["warp"] == "no-xla":  # the same maths (forward and gradients) in plain tf.functions
         variant = export.warp_without_xla()
     elif cell["warp"] == "autodiff":  # the XLA forward with TensorFlow's own gradients
-        spatial._sample_linear = spatial._sample_linear_forward
+        sampling.sample_linear = sampling.sample_linear_forward
     with variant:
         print("RESULT " + json.dumps(_measure_in_process(
             tf, cell["spec"], cell["size"], cell["batch"], cell["invertibility"], width, cell["warmup"],
@@ -136,8 +136,7 @@ def run_cell(tf, cell, width):
 
 
 def _measure_in_process(tf, spec, size, batch, invertibility, width, warmup, repeats, stream_kind="pairs"):
-    from vtn_tf import spatial
-
+    from vtn_tf.core import sampling
     common.reset_peak_memory()
     model = build(tf, spec, size, batch, invertibility, width)
     traces = {"train_step": 0}
@@ -148,19 +147,20 @@ def _measure_in_process(tf, spec, size, batch, invertibility, width, warmup, rep
         return original(data)
 
     model.train_step = counted_train_step
-    warp_traces = spatial._sample_linear_forward.experimental_get_tracing_count()
+    warp_traces = sampling.sample_linear_forward.experimental_get_tracing_count()
     timer = StepTimer()
     stream = make_stream(tf, size, batch, stream_kind)
     model.fit(stream, epochs=1, steps_per_epoch=warmup + repeats, callbacks=[timer], verbose=0)
     intervals = np.diff(timer.stamps)
     step = float(np.median(intervals[warmup:])) if len(intervals) > warmup else float(intervals[-1])
     memory = common.peak_memory_text()
-    warp_traces = spatial._sample_linear_forward.experimental_get_tracing_count() - warp_traces
+    warp_traces = sampling.sample_linear_forward.experimental_get_tracing_count() - warp_traces
     return step, float(intervals[0]), memory, traces["train_step"], warp_traces
 
 
 def predicted_cost(base, cell):
     """Predicted step seconds of ``cell`` from a measured ``base`` = (cell, seconds)."""
+
     (spec0, size0, batch0, inv0), seconds = base
     spec, size, batch, inv = cell
     work = lambda s, n, b, i: len(s) * n**3 * b * (2 if i else 1)  # noqa: E731
@@ -200,7 +200,7 @@ def main():
 
     print("# Training: steps per second through model.fit\n")
     common.print_machine(args, [
-        f"width {args.width:g} (1 = paper); Adam; augmented vtn_tf.data.pair_dataset of random smooth volumes",
+        f"width {args.width:g} (1 = paper); Adam; augmented vtn_tf.training.data.pair_dataset of random smooth volumes",
         f"{args.warmup} warm-up steps (trace + compile) then median of {args.repeats} steps; "
         f"cells predicted above {args.max_seconds:g} s skipped"])
 

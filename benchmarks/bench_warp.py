@@ -4,7 +4,7 @@ Cells: volume size × interpolation × {forward, forward+backward}. Batch 1, one
 a smooth random flow of a few voxels (coarse Gaussian noise, trilinearly upsampled,
 at most ``--displacement`` voxels). Columns compare, in one run:
 
-* ``vtn``: `vtn_tf.warp` (XLA-compiled gathers, `vtn_tf.spatial._sample_linear`);
+* ``vtn``: `vtn_tf.warp` (XLA-compiled gathers, `vtn_tf.core.sampling.sample_linear`);
 * ``scipy``: ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` (forward only;
   ``order=0`` for nearest), including the ``grid + flow`` addition;
 * ``gather``: the same trilinear maths as vtn in a plain ``tf.function`` without XLA;
@@ -21,9 +21,8 @@ flow alone, as training does when it warps the (constant) moving image.
 Usage: ``python benchmarks/bench_warp.py [--quick] [--sizes 64 128 160x192x160]``.
 """
 
-import numpy as np
-
 import common
+import numpy as np
 
 DEFAULT_SIZES = ("64", "128", "160x192x160")
 TOLERANCE = 1e-5
@@ -129,11 +128,11 @@ def build_implementations(tf):
         v = v[..., 0, :] + (v[..., 1, :] - v[..., 0, :]) * fy           # [.., 2, C]
         return v[..., 0, :] + (v[..., 1, :] - v[..., 0, :]) * fx        # [.., C]
 
-    from vtn_tf import spatial
+    from vtn_tf.core import sampling
 
     return {
         "gather (no XLA)": (eight_gathers, False),
-        "vtn's forward, autodiff gradients": (spatial._sample_linear_forward.python_function, True),
+        "vtn's forward, autodiff gradients": (sampling.sample_linear_forward.python_function, True),
         "8 gathers, static shapes (XLA)": (eight_gathers, True),
         "1 gather, stacked indices (XLA)": (one_gather_stacked, True),
         "corner rows: 1 gather of 8-wide rows (XLA)": (corner_rows, True),

@@ -17,12 +17,12 @@ import time
 import zlib
 
 import numpy as np
-
-from data_prep import layouts, synthetic
 from scipy import ndimage
 
-from vtn_tf import io, preprocess
+from data_prep import layouts, synthetic
+from vtn_tf import io
 from vtn_tf.io import InputError
+from vtn_tf.preprocessing import preparation
 
 GRID_MULTIPLE = 64  # the VTN encoder halves every axis six times
 
@@ -156,9 +156,9 @@ def load_subject(subject, settings, fixes):
 
 
 def contract_of(settings, reference=None):
-    """The settings as a `vtn_tf.preprocess.InputContract` (crop "labels" kept for data_prep:
+    """The settings as a `vtn_tf.preprocessing.preparation.InputContract` (crop "labels" kept for data_prep:
     a contract is only asked of it when a model is trained)."""
-    return preprocess.InputContract(
+    return preparation.InputContract(
         modality=settings.modality, grid=tuple(settings.grid),
         crop="none" if settings.crop == "none" else "foreground", margin_mm=settings.margin_mm,
         foreground_threshold=settings.foreground_threshold, percentiles=tuple(settings.percentiles),
@@ -167,7 +167,7 @@ def contract_of(settings, reference=None):
 
 
 def crop_box(image, labels, settings, subject_id):
-    """The crop box (see `vtn_tf.preprocess`) for this subject."""
+    """The crop box (see `vtn_tf.preprocessing.preparation`) for this subject."""
     if settings.crop == "labels":
         if labels is None:
             raise InputError(f"subject {subject_id} has no labels to crop around; "
@@ -176,10 +176,10 @@ def crop_box(image, labels, settings, subject_id):
             mask, what = labels.data > 0, "any label"
         else:
             mask, what = labels.data == settings.crop_label, f"label {settings.crop_label}"
-        box = preprocess.bounding_box(mask, settings.margin_mm, image.spacing)
+        box = preparation.bounding_box(mask, settings.margin_mm, image.spacing)
     else:
         what = "foreground"
-        box = preprocess.crop_box(image.data, image.spacing, contract_of(settings))
+        box = preparation.crop_box(image.data, image.spacing, contract_of(settings))
     if box is None:
         source = labels.path if settings.crop == "labels" else image.path
         raise InputError(f"{os.path.basename(source)} has no voxel of {what} to crop around "
@@ -188,12 +188,12 @@ def crop_box(image, labels, settings, subject_id):
 
 
 def resample(data, box, grid, order):
-    """Resample ``data[box]`` onto ``grid`` (`vtn_tf.preprocess.grid_map`; order 1 = trilinear,
+    """Resample ``data[box]`` onto ``grid`` (`vtn_tf.preprocessing.preparation.grid_map`; order 1 = trilinear,
     0 = nearest; edges clamped). Nearest output only holds input values, in the input dtype."""
     low, high = box
     if tuple(high - low) == tuple(grid):
         return np.array(data[low[0]:high[0], low[1]:high[1], low[2]:high[2]])
-    matrix = preprocess.grid_map(box, grid)
+    matrix = preparation.grid_map(box, grid)
     output = np.float32 if order else data.dtype
     source = data.astype(np.float32) if order else data
     return ndimage.affine_transform(source, matrix[:3, :3], offset=matrix[:3, 3],
@@ -212,12 +212,12 @@ def find_landmarks(settings, subject_id):
 def landmarks_to_grid(points, settings, original_affine, new_affine):
     """Landmarks in the input's coordinates -> continuous voxel indices of the new grid."""
     if settings.landmark_coordinates == "voxel":
-        world = preprocess.voxel_to_world(points, original_affine)
+        world = preparation.voxel_to_world(points, original_affine)
     elif settings.landmark_coordinates == "lps":
         world = points * np.array([-1.0, -1.0, 1.0])
     else:
         world = points
-    return preprocess.world_to_voxel(world, new_affine)
+    return preparation.world_to_voxel(world, new_affine)
 
 
 def prepare_subject(subject, settings, fixes, reference=None):
@@ -225,12 +225,12 @@ def prepare_subject(subject, settings, fixes, reference=None):
     image, labels = load_subject(subject, settings, fixes)
     box = crop_box(image, labels, settings, subject.id)
     data = resample(image.data, box, settings.grid, order=1)
-    intensity_map, mask = preprocess.fit_intensity(data, contract_of(settings), reference)
+    intensity_map, mask = preparation.fit_intensity(data, contract_of(settings), reference)
     data = intensity_map(data)
     label_data = None
     if labels is not None:
         label_data = resample(labels.data, box, settings.grid, order=0)
-    affine = np.asarray(image.affine, float) @ preprocess.grid_map(box, settings.grid)
+    affine = np.asarray(image.affine, float) @ preparation.grid_map(box, settings.grid)
     points = None
     if settings.landmarks:
         path = find_landmarks(settings, subject.id)
@@ -316,7 +316,7 @@ def _prepare_subjects(settings, layout, subjects, splits, order, fixes, log):
         matching = reference if settings.histogram_matching else None
         prepared, mask = prepare_subject(subject, settings, fixes, reference=matching)
         if subject_id == reference_id:
-            reference = preprocess.reference_quantiles(prepared.image, mask)
+            reference = preparation.reference_quantiles(prepared.image, mask)
         entry = {"id": subject_id, **write_subject(subject_id, prepared, settings)}
         entry["source"] = {"image": subject.image and os.path.abspath(subject.image),
                            "labels": subject.labels and os.path.abspath(subject.labels)}

@@ -194,8 +194,8 @@ def snapshot(path):
 
 
 # ---- the absl driver ----------------------------------------------------------------------
-TOOLS = {"train": "vtn_tf.apps.train", "evaluate": "vtn_tf.apps.evaluate",
-         "register": "vtn_tf.apps.register", "export": "vtn_tf.apps.export"}
+TOOLS = {"train": "vtn_tf.cli.train", "evaluate": "vtn_tf.cli.evaluate",
+         "register": "vtn_tf.cli.register", "export": "vtn_tf.cli.export"}
 
 
 def drive(tool, cases):

@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as vtn_tf does, before any test imports TensorFlow
-# The tools' compiled-kernel cache (vtn_tf.apps.common): one fresh folder per pytest run, shared
+# The tools' compiled-kernel cache (vtn_tf.cli.common): one fresh folder per pytest run, shared
 # by the command-line tools the tests start, never the user's own.
 if "VTN_XLA_CACHE" not in os.environ:
     os.environ["VTN_XLA_CACHE"] = tempfile.mkdtemp(prefix="vtn-xla-cache-")

@@ -1,9 +1,9 @@
-"""vtn_tf.alignment: the initial world alignment recovers known rigid moves of a volume."""
+"""vtn_tf.preprocessing.alignment: the initial world alignment recovers known rigid moves of a volume."""
 
 import numpy as np
 from scipy import ndimage
 
-from vtn_tf import alignment
+from vtn_tf.preprocessing import alignment
 
 
 def ellipsoid(shape=(48, 44, 40), radii=(18, 12, 8)):

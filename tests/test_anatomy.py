@@ -6,10 +6,11 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from vtn_tf import config as config_lib
-from vtn_tf import data as data_lib
-from vtn_tf import losses, training
-from vtn_tf.model import VTN
+from vtn_tf.nn import losses
+from vtn_tf.nn.model import VTN
+from vtn_tf.training import config as config_lib
+from vtn_tf.training import data as data_lib
+from vtn_tf.training import loop
 
 
 def numpy_soft_dice_loss(fixed, warped):
@@ -91,7 +92,7 @@ def test_training_with_labels_feeds_one_hot_maps_and_logs_the_term(toy_manifest,
     dataset = data_lib.load_prepared(toy_manifest)
     structures = [v for v in dataset.label_values if v != 0]
     history = []
-    summary = training.train(tiny, tmp_path / "run", verbose=0, log=history.append)
+    summary = loop.train(tiny, tmp_path / "run", verbose=0, log=history.append)
     assert summary["steps"] == 2
     assert any(f"soft Dice on {len(structures)} warped training structures" in line for line in history), history
     pairs = data_lib.training_pairs(dataset)
@@ -108,9 +109,10 @@ def training_config():
 
 
 def test_labels_asked_for_without_label_maps_is_a_config_error(tmp_path):
-    from data_prep.toy import write_toy_folder
     import subprocess
     import sys
+
+    from data_prep.toy import write_toy_folder
     write_toy_folder(tmp_path / "raw", subjects=4)
     for path in (tmp_path / "raw" / "labels").iterdir():
         path.unlink()
@@ -121,4 +123,4 @@ def test_labels_asked_for_without_label_maps_is_a_config_error(tmp_path):
     config = config_lib.load_config(training_config(), [f"data.manifest={tmp_path / 'prepared'}/manifest.json",
                                                         "model.label_weight=1"])
     with pytest.raises(config_lib.ConfigError, match="have no label map"):
-        training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+        loop.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)

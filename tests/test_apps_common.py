@@ -1,4 +1,4 @@
-"""vtn_tf.apps.common: which errors become one-line messages (exit 2) and which keep their traceback."""
+"""vtn_tf.cli.common: which errors become one-line messages (exit 2) and which keep their traceback."""
 
 import errno
 import json
@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from vtn_tf.apps.common import user_errors
-from vtn_tf.config import ConfigError
+from vtn_tf.cli.common import user_errors
 from vtn_tf.io import InputError
+from vtn_tf.training.config import ConfigError
 
 
 @pytest.mark.parametrize("error", [
@@ -47,7 +47,7 @@ def test_verbose_keeps_the_traceback_of_user_errors():
 
 
 def test_refine_steps_take_a_count_or_one_per_level():
-    from vtn_tf.apps.common import refine_steps
+    from vtn_tf.cli.common import refine_steps
 
     assert refine_steps("60") == 60 and refine_steps("0") == 0
     assert refine_steps("60x60x60x20") == (60, 60, 60, 20) and refine_steps("100,50") == (100, 50)
@@ -61,25 +61,25 @@ def test_refine_steps_take_a_count_or_one_per_level():
 def test_compile_cache_folder_is_keyed_by_tensorflow_and_cpu(tmp_path):
     from importlib.metadata import version
 
-    from vtn_tf.apps import common
+    from vtn_tf.cli import compile_cache
 
-    folder = common.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
+    folder = compile_cache.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
     parent, name = os.path.split(folder)
     assert parent == str(tmp_path)
-    assert name == f"tf{version('tensorflow')}-{common._machine_key()}"
-    assert len(common._machine_key()) == 12 and common._machine_key() == common._machine_key()
-    default = common.compile_cache_folder({"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert name == f"tf{version('tensorflow')}-{compile_cache.machine_key()}"
+    assert len(compile_cache.machine_key()) == 12 and compile_cache.machine_key() == compile_cache.machine_key()
+    default = compile_cache.compile_cache_folder({"XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert os.path.dirname(default) == str(tmp_path / "xdg" / "vtn-tf" / "xla")
 
 
 @pytest.mark.parametrize("environ", [{"VTN_XLA_CACHE": "off"}, {"VTN_XLA_CACHE": "0"}, {"VTN_XLA_CACHE": ""},
                                      {"TF_XLA_FLAGS": "--tf_xla_persistent_cache_directory=/elsewhere"}])
 def test_compile_cache_off_or_left_to_the_user(environ):
-    from vtn_tf.apps import common
+    from vtn_tf.cli import compile_cache
 
     before = dict(environ)
-    assert common.compile_cache_folder(environ) is None
-    assert common.configure_compile_cache(environ) is None and environ == before
+    assert compile_cache.compile_cache_folder(environ) is None
+    assert compile_cache.configure_compile_cache(environ) is None and environ == before
 
 
 def _entry_bytes(fields):
@@ -95,7 +95,7 @@ def _entry_bytes(fields):
 
 
 def test_complete_entry_reads_the_fields_to_the_end(tmp_path):
-    from vtn_tf.apps import common
+    from vtn_tf.cli import compile_cache
 
     whole = _entry_bytes({1: b"k" * 53, 2: b"h" * 300, 3: b"e" * 70000})
     cases = {"whole": (whole, True), "cut": (whole[:-1], False), "cut_in_a_header": (whole[:56], False),
@@ -103,37 +103,37 @@ def test_complete_entry_reads_the_fields_to_the_end(tmp_path):
              "varint_field": (b"\x08\x01" + whole, False), "trailing": (whole + b"\x00", False)}
     for name, (data, expected) in cases.items():
         (tmp_path / name).write_bytes(data)
-        assert common.complete_entry(tmp_path / name) is expected, name
-    assert common.complete_entry(tmp_path / "missing") is False
+        assert compile_cache.complete_entry(tmp_path / name) is expected, name
+    assert compile_cache.complete_entry(tmp_path / "missing") is False
 
 
 def test_configure_compile_cache_appends_to_the_users_xla_flags(tmp_path):
-    from vtn_tf.apps import common
+    from vtn_tf.cli import compile_cache
 
     environ = {"VTN_XLA_CACHE": str(tmp_path), "TF_XLA_FLAGS": "--tf_xla_auto_jit=0"}
-    workspace = common.configure_compile_cache(environ)
-    folder = common.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
+    workspace = compile_cache.configure_compile_cache(environ)
+    folder = compile_cache.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
     assert os.path.dirname(workspace) == folder and os.path.basename(workspace).startswith(".process-")
     assert environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={workspace}"
     assert environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
-    common._publish(workspace, folder)
+    compile_cache.publish(workspace, folder)
     assert not os.path.exists(workspace)
     child = {key: environ[key] for key in ("VTN_XLA_CACHE", "TF_XLA_FLAGS", "VTN_XLA_WORKSPACE")}
-    own = common.configure_compile_cache(child)  # a tool started by this one: a workspace of its own
+    own = compile_cache.configure_compile_cache(child)  # a tool started by this one: a workspace of its own
     assert own != workspace and os.path.dirname(own) == folder
     assert child["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={own}"
-    common._publish(own, folder)
+    compile_cache.publish(own, folder)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    assert common.configure_compile_cache({"VTN_XLA_CACHE": str(blocked)}) is None  # cannot be created
+    assert compile_cache.configure_compile_cache({"VTN_XLA_CACHE": str(blocked)}) is None  # cannot be created
 
 
 def test_workspaces_link_complete_entries_publish_new_ones_and_stale_ones_go(tmp_path):
     import socket
 
-    from vtn_tf.apps import common
+    from vtn_tf.cli import compile_cache
 
-    folder = common.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
+    folder = compile_cache.compile_cache_folder({"VTN_XLA_CACHE": str(tmp_path)})
     os.makedirs(folder)
     good, cut = _entry_bytes({1: b"k", 2: b"h", 3: b"e" * 100}), _entry_bytes({1: b"k", 2: b"h", 3: b"e" * 100})[:-3]
     (pathlib.Path(folder) / "good.pb").write_bytes(good)
@@ -144,43 +144,44 @@ def test_workspaces_link_complete_entries_publish_new_ones_and_stale_ones_go(tmp
                   pathlib.Path(folder) / f".process-{host}-{os.getpid()}-def")
     dead.mkdir()
     live.mkdir()
-    workspace = pathlib.Path(common.configure_compile_cache({"VTN_XLA_CACHE": str(tmp_path)}))
+    workspace = pathlib.Path(compile_cache.configure_compile_cache({"VTN_XLA_CACHE": str(tmp_path)}))
     assert not dead.exists() and live.exists()  # the dead process's workspace removed, ours kept
     assert not (pathlib.Path(folder) / "cut.pb").exists()  # an incomplete entry is deleted
     assert sorted(p.name for p in workspace.iterdir()) == ["good.pb"]
     assert (workspace / "good.pb").read_bytes() == good
     (workspace / "new.pb").write_bytes(good)  # compiled by this process
     (workspace / "partial.pb").write_bytes(cut)  # cut short: never published
-    common._publish(workspace, folder)
+    compile_cache.publish(workspace, folder)
     assert not workspace.exists()
     assert sorted(p.name for p in pathlib.Path(folder).iterdir() if p.is_file()) == ["good.pb", "new.pb"]
 
 
 def test_prune_compile_cache_deletes_the_oldest_first(tmp_path):
-    from vtn_tf.apps import common
+    from vtn_tf.cli import compile_cache
 
     for k in range(5):  # 5 files of 0.4 MiB, k = 0 the oldest
         path = tmp_path / f"entry{k}.pb"
         path.write_bytes(b"x" * (400 << 10))
         os.utime(path, (1000 + k, 1000 + k))
-    assert common.prune_compile_cache(tmp_path, 1.0) == 3  # 2.0 MiB down to 0.8 MiB
+    assert compile_cache.prune_compile_cache(tmp_path, 1.0) == 3  # 2.0 MiB down to 0.8 MiB
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry3.pb", "entry4.pb"]
-    assert common.prune_compile_cache(tmp_path, 1.0) == 0
+    assert compile_cache.prune_compile_cache(tmp_path, 1.0) == 0
 
 
 def test_compiled_kernels_are_stored_and_reused_by_a_new_process(tmp_path):
     """TensorFlow honours the folder: a first process writes the compiled kernel, a second
     computes the same value and leaves the entry untouched (read, not compiled again); an entry
     cut short is replaced by a new compile instead of failing the kernel."""
-    from vtn_tf.apps import common
+    from vtn_tf.cli import compile_cache
 
-    script = ("from vtn_tf.apps import common\n"
+    script = ("from vtn_tf.cli import common\n"
+              "common.setup()\n"
               "import tensorflow as tf\n"
               "f = tf.function(lambda x: tf.sin(x) * 2.0 + 1.0, jit_compile=True)\n"
               "print(repr(float(f(tf.constant(0.5)))))\n")
     env = {**os.environ, "VTN_XLA_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("TF_XLA_FLAGS", None)
-    folder = pathlib.Path(common.compile_cache_folder(env))
+    folder = pathlib.Path(compile_cache.compile_cache_folder(env))
 
     def run():
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -198,7 +199,7 @@ def test_compiled_kernels_are_stored_and_reused_by_a_new_process(tmp_path):
         path.write_bytes(path.read_bytes()[:-100])
     third = run()
     assert third[0] == first[0] and set(third[1]) == set(first[1])
-    assert all(common.complete_entry(folder / name) for name in third[1])
+    assert all(compile_cache.complete_entry(folder / name) for name in third[1])
 
 
 def test_refine_flags_reach_the_settings_and_a_bad_window_is_a_user_error():
@@ -206,7 +207,7 @@ def test_refine_flags_reach_the_settings_and_a_bad_window_is_a_user_error():
     code = """
 import sys
 from absl import flags
-from vtn_tf.apps import common
+from vtn_tf.cli import common
 from vtn_tf.io import InputError
 common.define_refine_flags()
 flags.FLAGS(['x', '--refine', '20x10', '--refine_resolution', '0.5,1', '--refine_smoothness', '1.25',
@@ -239,7 +240,7 @@ def test_recommended_settings_fill_the_flags_the_command_line_leaves(tmp_path):
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"register": {"init": "sideways"}}))
     code = f"""
 from absl import flags
-from vtn_tf.apps import common
+from vtn_tf.cli import common
 from vtn_tf.io import InputError
 common.define_inference_flags()
 common.define_refine_flags()

@@ -5,7 +5,8 @@ from scipy import ndimage
 from scipy.interpolate import BSpline, NdBSpline
 from scipy.spatial.transform import Rotation
 
-from vtn_tf import augment, spatial
+from vtn_tf.core import fields, sampling
+from vtn_tf.preprocessing import augment
 
 SHAPE = (16, 12, 20)
 
@@ -173,7 +174,7 @@ def test_affine_flow_matches_millimetre_transform():
     shape = (9, 8, 7)
     parameters = augment.random_affine_parameters(2, _seed(11), **RANGES)
     W, b = augment.random_affine(2, _seed(11), **RANGES, spacing=SPACING)
-    flow = spatial.affine_flow(W, b, shape).numpy()
+    flow = fields.affine_flow(W, b, shape).numpy()
     s = np.asarray(SPACING)
     index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     centred = index - (np.asarray(shape) - 1) / 2.0
@@ -261,9 +262,9 @@ def test_zero_affine_ranges_are_the_bspline_only_path():
     warped, warped_labels = augment.augment_moving(moving, labels, _seed(8), **zero,
                                                    spacing=SPACING)
     flow = augment.random_bspline_flow(2, SHAPE, _seed(8))
-    np.testing.assert_array_equal(warped.numpy(), spatial.warp(moving, flow).numpy())
+    np.testing.assert_array_equal(warped.numpy(), sampling.warp(moving, flow).numpy())
     np.testing.assert_array_equal(warped_labels.numpy(),
-                                  spatial.warp(labels, flow, "nearest").numpy())
+                                  sampling.warp(labels, flow, "nearest").numpy())
 
 
 def test_affine_augmentation_keeps_label_ids_and_moves_labels_with_image():

@@ -179,12 +179,13 @@ def test_data_prep_output_under_a_file(tmp_path, capsys):
 def world(tmp_path_factory):
     """Run dirs (good, corrupt checkpoint, mismatched model.json) and a 64^3 dataset."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from vtn_tf import VTN, training
+    from vtn_tf import VTN
+    from vtn_tf.training import loop
 
     root = tmp_path_factory.mktemp("world")
     model = VTN("AD", width=0.125, flow_head_initializer="small")
     model.build((None, 64, 64, 64, 1))
-    good = training.save_model_dir(model, (64, 64, 64), root / "run_good")
+    good = loop.save_model_dir(model, (64, 64, 64), root / "run_good")
     corrupt = pathlib.Path(shutil.copytree(good, root / "run_corrupt"))
     for data in (corrupt / "checkpoints").glob("*.data-*"):
         data.write_bytes(data.read_bytes()[:100])
@@ -274,9 +275,9 @@ def test_train_refuses(case, train_results, world):
 
 def test_train_command_line_and_verbose(world, tmp_path):
     config = write_config(tmp_path, "typo.json", {"train": {"epochz": 1}})
-    plain = run_module("vtn_tf.apps.train", ["--config", config, "--run_dir", tmp_path / "run"])
+    plain = run_module("vtn_tf.cli.train", ["--config", config, "--run_dir", tmp_path / "run"])
     assert_refused(plain.returncode, plain.stderr, "typo.json", r"unknown field train\.epochz")
-    verbose = run_module("vtn_tf.apps.train", ["--config", config, "--run_dir", tmp_path / "run",
+    verbose = run_module("vtn_tf.cli.train", ["--config", config, "--run_dir", tmp_path / "run",
                                                "--verbose"])
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
     assert "ConfigError" in verbose.stderr
@@ -332,7 +333,7 @@ def test_evaluate_refuses(case, evaluate_results, world):
 
 
 def test_evaluate_command_line(world, tmp_path):
-    done = run_module("vtn_tf.apps.evaluate", ["--manifest", world / "data" / "missing",
+    done = run_module("vtn_tf.cli.evaluate", ["--manifest", world / "data" / "missing",
                                                "--methods", "identity", "--out", tmp_path / "r.csv"])
     assert_refused(done.returncode, done.stderr, "gone.nii.gz", "does not exist")
     assert not (tmp_path / "r.csv").exists()
@@ -470,7 +471,7 @@ def test_api_refuses(case):
                                           ("run_mismatched", "does not fit the model"),
                                           ("run_absent", "not a vtn-tf run directory")])
 def test_restore_model_refuses(run, problem, world):
-    from vtn_tf import checkpoints
+    from vtn_tf.nn import checkpoints
 
     with pytest.raises((ValueError, FileNotFoundError), match=problem) as caught:
         checkpoints.restore_model(world / run)
@@ -512,7 +513,8 @@ def test_export_refuses(case, export_results, world):
 def test_native_evaluation_names_an_unknown_or_empty_split(tmp_path):
     import nibabel as nib
 
-    from vtn_tf import io, native_evaluation
+    from vtn_tf import io
+    from vtn_tf.evaluation import native
 
     for name in ("a", "b"):
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
@@ -521,9 +523,9 @@ def test_native_evaluation_names_an_unknown_or_empty_split(tmp_path):
                 "label_values": [1], "subjects": subjects, "splits": {"train": ["a", "b"], "evaluation": ["a"]}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(io.InputError, match=r"no split 'training'.*train, evaluation"):
-        native_evaluation.run(tmp_path, tmp_path / "out.csv", ("identity",), split="training",
+        native.run(tmp_path, tmp_path / "out.csv", ("identity",), split="training",
                               protocol="consecutive")
     with pytest.raises(io.InputError, match=r"split 'evaluation' .* gives no consecutive pairs"):
-        native_evaluation.run(tmp_path, tmp_path / "out.csv", ("identity",), split="evaluation",
+        native.run(tmp_path, tmp_path / "out.csv", ("identity",), split="evaluation",
                               protocol="consecutive")
     assert not (tmp_path / "out.csv").exists()

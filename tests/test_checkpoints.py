@@ -1,4 +1,4 @@
-"""vtn_tf.checkpoints: run directories written and restored, reduced-precision restores,
+"""vtn_tf.nn.checkpoints: run directories written and restored, reduced-precision restores,
 and loading a model without the training code."""
 
 import json
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vtn_tf import checkpoints
-from vtn_tf.model import VTN
+from vtn_tf.nn import checkpoints
+from vtn_tf.nn.model import VTN
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_restore_model_in_reduced_precision(tmp_path, precision):
 def test_precision_flag_offers_the_restorable_precisions():
     from absl import flags
 
-    from vtn_tf.apps.common import define_precision_flag
+    from vtn_tf.cli.common import define_precision_flag
 
     define_precision_flag()
     assert set(flags.FLAGS["precision"].parser.enum_values) == set(checkpoints.PRECISIONS)
@@ -88,12 +88,14 @@ def test_precision_flag_offers_the_restorable_precisions():
 LOADER_SCRIPT = textwrap.dedent("""
     import sys
     import vtn_tf
-    from vtn_tf import evaluation, export, registration
+    from vtn_tf.evaluation import protocols
+    from vtn_tf.serving import export
+    from vtn_tf.registration import network
     assert vtn_tf.__file__.startswith(sys.argv[2]), vtn_tf.__file__
-    assert "vtn_tf.training" not in sys.modules, "importing the loaders imported vtn_tf.training"
-    model, shape, _ = registration.load_model(sys.argv[1])
-    evaluation.make_methods(["vtn"], sys.argv[1], log=lambda *_: None)
-    assert "vtn_tf.training" not in sys.modules, "loading a model imported vtn_tf.training"
+    assert "vtn_tf.training.loop" not in sys.modules, "importing the loaders imported the training loop"
+    model, shape, _ = network.load_model(sys.argv[1])
+    protocols.make_methods(["vtn"], sys.argv[1], log=lambda *_: None)
+    assert "vtn_tf.training.loop" not in sys.modules, "loading a model imported the training loop"
     assert tuple(shape) == (64, 64, 64)
 """)
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from vtn_tf import config as config_lib
+from vtn_tf.training import config as config_lib
 
 
 def test_defaults_are_the_paper_schedule():

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vtn_tf import data, io
+from vtn_tf import io
+from vtn_tf.training import data
 
 GRID = (16, 16, 16)
 TRAIN = ["s1", "s2", "s3", "s4"]

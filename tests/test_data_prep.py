@@ -10,10 +10,10 @@ import SimpleITK as sitk
 
 from data_prep import __main__ as cli
 from data_prep import layouts, prepare
-from vtn_tf import preprocess
 from data_prep.prepare import Settings, prepare_dataset
 from vtn_tf import io
 from vtn_tf.io import InputError
+from vtn_tf.preprocessing import preparation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("VTN_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -76,10 +76,10 @@ def folder_settings(root, output, **changes):
 def test_bounding_box_keeps_organ_with_margin():
     mask = np.zeros((40, 40, 40), bool)
     mask[10:20, 15:25, 30:38] = True
-    low, high = preprocess.bounding_box(mask, margin_mm=10.0, spacing=(2.0, 2.5, 1.0))
+    low, high = preparation.bounding_box(mask, margin_mm=10.0, spacing=(2.0, 2.5, 1.0))
     np.testing.assert_array_equal(low, [10 - 5, 15 - 4, 30 - 10])
     np.testing.assert_array_equal(high, [20 + 5, 25 + 4, 40])  # clipped at the volume edge
-    assert preprocess.bounding_box(np.zeros((4, 4, 4), bool), 1.0, (1, 1, 1)) is None
+    assert preparation.bounding_box(np.zeros((4, 4, 4), bool), 1.0, (1, 1, 1)) is None
 
 
 def test_resampled_labels_stay_integers_from_input_set():
@@ -95,12 +95,12 @@ def test_resampled_affine_keeps_world_space():
     """A point's world coordinate names the same sample before and after resampling."""
     affine = rotated_affine()
     box = (np.array([3, 2, 1]), np.array([19, 22, 13]))
-    new_affine = affine @ preprocess.grid_map(box, GRID)
+    new_affine = affine @ preparation.grid_map(box, GRID)
     x = np.arange(20.0)[:, None, None] + np.zeros((20, 24, 16))  # image = its own x index
     resampled = prepare.resample(x, box, GRID, order=1)
     for index in ([0, 0, 0], [10, 33, 5], [63, 63, 63], [31.0, 7, 60]):
-        world = preprocess.voxel_to_world(index, new_affine)
-        old_index = preprocess.world_to_voxel(world, affine)[0]
+        world = preparation.voxel_to_world(index, new_affine)
+        old_index = preparation.world_to_voxel(world, affine)[0]
         value = resampled[tuple(int(i) for i in index)]
         assert value == pytest.approx(np.clip(old_index[0], 0, 19), abs=1e-4)
 
@@ -109,20 +109,20 @@ def test_landmark_round_trip():
     affine = rotated_affine()
     points = np.array([[1.0, 2.0, 3.0], [-4.0, 5.5, 0.0]])
     np.testing.assert_allclose(
-        preprocess.world_to_voxel(preprocess.voxel_to_world(points, affine), affine), points)
+        preparation.world_to_voxel(preparation.voxel_to_world(points, affine), affine), points)
 
 
 # --- intensity ------------------------------------------------------------------------------
 
 def test_window_level_maps_window_to_unit_range():
     hounsfield = np.array([-1000.0, -25.0, 120.0, 265.0, 3000.0])
-    np.testing.assert_allclose(preprocess.window_level(hounsfield, 290, 120), [0, 0, 0.5, 1, 1])
+    np.testing.assert_allclose(preparation.window_level(hounsfield, 290, 120), [0, 0, 0.5, 1, 1])
 
 
 def test_percentile_scale_ignores_outliers():
     data = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32) * 100
     data[0, 0, 0] = 1.7e6
-    scaled = preprocess.percentile_scale(data, 0.5, 99.5)
+    scaled = preparation.percentile_scale(data, 0.5, 99.5)
     assert scaled.min() == 0 and scaled.max() == 1
     assert np.median(scaled) == pytest.approx(0.5, abs=0.05)
 
@@ -131,8 +131,8 @@ def test_histogram_matching_brings_quantiles_close():
     rng = np.random.default_rng(0)
     reference = np.clip(rng.normal(0.5, 0.12, (32, 32, 32)), 0, 1).astype(np.float32)
     source = (rng.random((32, 32, 32)) ** 2).astype(np.float32)
-    quantiles = preprocess.reference_quantiles(reference, reference > 0)
-    matched = preprocess.match_histogram(source, quantiles, source > 0)
+    quantiles = preparation.reference_quantiles(reference, reference > 0)
+    matched = preparation.match_histogram(source, quantiles, source > 0)
     levels = [0.05, 0.25, 0.5, 0.75, 0.95]
     before = np.abs(np.quantile(source, levels) - np.quantile(reference, levels)).max()
     after = np.abs(np.quantile(matched, levels) - np.quantile(reference, levels)).max()
@@ -227,7 +227,7 @@ def test_prepared_subject_keeps_world_space(tmp_path):
 
     def organ_centre_world(image):
         centre = np.argwhere(np.asarray(image.dataobj) >= 1).mean(axis=0)
-        return preprocess.voxel_to_world(centre, image.affine)[0]
+        return preparation.voxel_to_world(centre, image.affine)[0]
 
     voxel_mm = max(io.spacing_of(prepared.affine))
     np.testing.assert_allclose(organ_centre_world(prepared), organ_centre_world(original),
@@ -251,8 +251,8 @@ def test_landmarks_follow_the_crop(tmp_path):
     assert lines[0] == "x,y,z"
     new_points = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
     affine = nib.load(tmp_path / "out" / subject["image"]).affine
-    np.testing.assert_allclose(preprocess.voxel_to_world(new_points, affine),
-                               preprocess.voxel_to_world([[10, 13, 7], [6, 8, 4]],
+    np.testing.assert_allclose(preparation.voxel_to_world(new_points, affine),
+                               preparation.voxel_to_world([[10, 13, 7], [6, 8, 4]],
                                                        rotated_affine()), atol=1e-3)
 
 

@@ -1,4 +1,4 @@
-"""`make demo` (vtn_tf.apps.demo), the newcomer's first command, end to end on synthetic volumes:
+"""`make demo` (vtn_tf.cli.demo), the newcomer's first command, end to end on synthetic volumes:
 it prepares data, trains a few steps, prints the before/after Dice table, draws the picture and
 registers one pair with the vtn-register code into files in the fixed image's space."""
 
@@ -19,7 +19,7 @@ def test_demo_runs_end_to_end_on_synthetic_volumes(tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image
 
-    command = [sys.executable, "-m", "vtn_tf.apps.demo", "--synthetic", "--steps", "4", "--pairs", "2",
+    command = [sys.executable, "-m", "vtn_tf.cli.demo", "--synthetic", "--steps", "4", "--pairs", "2",
                "--prepared", str(tmp_path / "prepared"), "--run_dir", str(tmp_path / "run"),
                "--out", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import tensorflow as tf
-
 from test_training import TINY, toy_manifest  # noqa: F401  (the fixture)
 
 
@@ -30,7 +29,7 @@ def test_two_workers_train_together(toy_manifest, tmp_path):  # noqa: F811
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
                "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "vtn_tf.apps.train", "--config", str(TINY), "--progress", "0",
+            [sys.executable, "-m", "vtn_tf.cli.train", "--config", str(TINY), "--progress", "0",
              "--run_dir", str(tmp_path / f"run{index}"), "--set", f"data.manifest={toy_manifest}",
              "--set", "train.distribute=multiworker", "--verbose"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

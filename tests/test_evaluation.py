@@ -10,9 +10,10 @@ import pytest
 from absl import flags
 from scipy import ndimage, stats
 
-from vtn_tf import baselines, data, evaluation, training
-from vtn_tf.apps import evaluate as evaluate_app
-from vtn_tf.model import VTN
+from vtn_tf.cli import evaluate as evaluate_app
+from vtn_tf.evaluation import baselines, protocols
+from vtn_tf.nn.model import VTN
+from vtn_tf.training import data, loop
 
 GRID = (64, 64, 64)
 SUBJECTS = ["e1", "e2", "e3", "e4"]
@@ -71,7 +72,7 @@ def run_dir(tmp_path_factory):
     """A run directory holding a tiny untrained VTN (AD, width 1/8) at 64^3."""
     model = VTN("AD", width=0.125, flow_head_initializer="small")
     model.build((None, *GRID, 1))
-    return training.save_model_dir(model, GRID, tmp_path_factory.mktemp("run"), [0, 1, 2, 3])
+    return loop.save_model_dir(model, GRID, tmp_path_factory.mktemp("run"), [0, 1, 2, 3])
 
 
 def _numpy_dice(a, b, values):
@@ -109,19 +110,19 @@ def test_consecutive_protocol_pairs_sorted_ids():
 
 
 def test_load_pairs_protocols(prepared):
-    _, pairs = evaluation.load_pairs(prepared, protocol="consecutive")
+    _, pairs = protocols.load_pairs(prepared, protocol="consecutive")
     assert pairs == [("e1", "e2"), ("e3", "e4")]
-    _, pairs = evaluation.load_pairs(prepared, protocol="pairwise", max_pairs=5)
+    _, pairs = protocols.load_pairs(prepared, protocol="pairwise", max_pairs=5)
     assert len(pairs) == 5 and pairs[0] == ("e1", "e2")
-    _, pairs = evaluation.load_pairs(prepared, protocol="atlas", atlas="e3")
+    _, pairs = protocols.load_pairs(prepared, protocol="atlas", atlas="e3")
     assert pairs == [("e3", "e1"), ("e3", "e2"), ("e3", "e4")]
     with pytest.raises(ValueError, match="needs --atlas"):
-        evaluation.load_pairs(prepared, protocol="atlas")
+        protocols.load_pairs(prepared, protocol="atlas")
 
 
 def test_identity_dice_equals_numpy_dice_of_unwarped_labels(prepared, tmp_path):
     out = tmp_path / "identity.csv"
-    rows, summary = evaluation.run_protocol(prepared, out, methods="identity",
+    rows, summary = protocols.run_protocol(prepared, out, methods="identity",
                                             protocol="pairwise", log=None)
     assert len(rows) == 12
     dataset = data.load_prepared(prepared, splits=("evaluation",))
@@ -140,7 +141,7 @@ def test_identity_dice_equals_numpy_dice_of_unwarped_labels(prepared, tmp_path):
     assert [r["landmark_mm"] for r in with_landmarks] == pytest.approx([expected] * 2)
     assert all(math.isnan(r["landmark_mm"]) for r in rows if r not in with_landmarks)
     # The CSV round-trips to 6 significant digits; the summary is written next to it.
-    stored = evaluation.read_results(out)
+    stored = protocols.read_results(out)
     assert [r["dice"] for r in stored] == pytest.approx([r["dice"] for r in rows], rel=1e-5)
     assert (tmp_path / "identity.md").read_text() == summary
     assert "| identity | 12 |" in summary and "landmark mm" in summary
@@ -164,9 +165,9 @@ def test_vtn_run_dir_evaluates_one_row_per_pair(prepared, run_dir, tmp_path, cli
 
 
 def test_vtn_method_warps_labels_with_its_own_flow(prepared, run_dir):
-    model, _, _ = training.restore_model(run_dir)
+    model, _, _ = loop.restore_model(run_dir)
     dataset = data.load_prepared(prepared, splits=("evaluation",))
-    method = evaluation.VTNMethod(model)
+    method = protocols.VTNMethod(model)
     args = dataset.images["e1"], dataset.images["e2"], dataset.labels["e2"], (1.0, 1.0, 1.0)
     warped, flow, seconds = method(*args)
     outputs = model({"fixed": args[0][None, ..., None], "moving": args[1][None, ..., None]})
@@ -175,10 +176,10 @@ def test_vtn_method_warps_labels_with_its_own_flow(prepared, run_dir):
 
 
 def test_test_time_passes_and_precision_reach_the_method_and_the_summary(prepared, run_dir, tmp_path, cli):
-    model, _, _ = training.restore_model(run_dir)
+    model, _, _ = loop.restore_model(run_dir)
     dataset = data.load_prepared(prepared, splits=("evaluation",))
     fixed, moving, labels = dataset.images["e1"], dataset.images["e2"], dataset.labels["e2"]
-    warped, flow, _ = evaluation.VTNMethod(model, passes=2)(fixed, moving, labels, (1.0, 1.0, 1.0))
+    warped, flow, _ = protocols.VTNMethod(model, passes=2)(fixed, moving, labels, (1.0, 1.0, 1.0))
     expected = model.register(fixed[None, ..., None], moving[None, ..., None], passes=2)["flow"].numpy()[0]
     np.testing.assert_allclose(flow, expected, atol=1e-4)
     coords = np.moveaxis(np.stack(np.meshgrid(*map(np.arange, GRID), indexing="ij"), -1) + flow, -1, 0)
@@ -201,9 +202,9 @@ def test_wilcoxon_comparison_matches_scipy(tmp_path, cli):
         # b.csv lists its pairs in reverse and one extra: matching is by (fixed, moving).
         if name == "b.csv":
             rows = rows[::-1] + [dict(rows[0], fixed="x", moving="y")]
-        evaluation.write_results(rows, tmp_path / name, [0])
-    result = evaluation.compare(evaluation.read_results(tmp_path / "a.csv"),
-                                evaluation.read_results(tmp_path / "b.csv"))
+        protocols.write_results(rows, tmp_path / name, [0])
+    result = protocols.compare(protocols.read_results(tmp_path / "a.csv"),
+                                protocols.read_results(tmp_path / "b.csv"))
     stored_a = [float(f"{v:.6g}") for v in a]
     stored_b = [float(f"{v:.6g}") for v in b]
     expected = stats.wilcoxon(stored_a, stored_b)
@@ -217,13 +218,13 @@ def test_wilcoxon_comparison_matches_scipy(tmp_path, cli):
 
 def test_compare_two_methods_of_one_file(prepared, tmp_path, cli):
     out = tmp_path / "two.csv"
-    evaluation.run_protocol(prepared, out, methods="identity", protocol="pairwise", log=None)
-    rows = evaluation.read_results(out)
+    protocols.run_protocol(prepared, out, methods="identity", protocol="pairwise", log=None)
+    rows = protocols.read_results(out)
     twin = [dict(r, method="shifted", dice=r["dice"] + 0.01 * k) for k, r in enumerate(rows)]
-    evaluation.write_results(rows + twin, out, [0, 1, 2, 3], overwrite=True)
+    protocols.write_results(rows + twin, out, [0, 1, 2, 3], overwrite=True)
     code, stdout, _ = cli("--compare", out, "--methods", "shifted,identity")
-    expected = stats.wilcoxon([r["dice"] for r in evaluation.read_results(out)[12:]],
-                              [r["dice"] for r in evaluation.read_results(out)[:12]])
+    expected = stats.wilcoxon([r["dice"] for r in protocols.read_results(out)[12:]],
+                              [r["dice"] for r in protocols.read_results(out)[:12]])
     assert code == 0 and f"p-value = {expected.pvalue:.4g}" in stdout
     code, _, stderr = cli("--compare", out)
     assert code == 2 and "needs --methods naming two methods" in stderr
@@ -257,7 +258,7 @@ def test_existing_csv_is_refused_without_overwrite(prepared, tmp_path, cli):
 
 def test_cli_one_line_errors_for_missing_model_and_manifest(prepared, tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "vtn_tf.apps.evaluate", *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "vtn_tf.cli.evaluate", *map(str, args)],
                               capture_output=True, text=True)
 
     missing_model = run("--model", tmp_path / "no_run", "--manifest", prepared,
@@ -275,17 +276,17 @@ def test_cli_one_line_errors_for_missing_model_and_manifest(prepared, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", baselines.METHODS)
 def test_baseline_flow_reproduces_its_label_warp(method):
-    """The exported field, warped with vtn_tf.spatial, gives the tool's own label warp."""
+    """The exported field, warped with vtn_tf.core, gives the tool's own label warp."""
     if baselines.unavailable(method):
         pytest.skip(baselines.unavailable(method))
-    from vtn_tf import spatial
+    from vtn_tf.core import sampling
 
     fixed, fixed_labels = _volume(0)
     moving, moving_labels = _volume(2)
     spacing = (1.0, 1.5, 2.0)  # anisotropic: checks the axis order and mm -> voxel units
     result = baselines.register(method, fixed, moving, moving_labels, spacing)
-    ours = spatial.warp(moving_labels[None, ..., None].astype(np.int32), result["flow"][None],
+    ours = sampling.warp(moving_labels[None, ..., None].astype(np.int32), result["flow"][None],
                         "nearest").numpy()[0, ..., 0]
     assert np.mean(ours == result["warped_labels"]) > 0.999
-    assert evaluation.pair_metrics(fixed_labels, result["warped_labels"], [1, 2, 3], None)["dice"] \
+    assert protocols.pair_metrics(fixed_labels, result["warped_labels"], [1, 2, 3], None)["dice"] \
         > _numpy_dice(fixed_labels, moving_labels, [1, 2, 3])[1]

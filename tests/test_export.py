@@ -1,4 +1,4 @@
-"""vtn_tf.export / vtn-export: a SavedModel that TensorFlow alone loads and runs.
+"""vtn_tf.serving.export / vtn-export: a SavedModel that TensorFlow alone loads and runs.
 
 The SavedModel is loaded in a fresh Python that imports only tensorflow and numpy, run on
 inputs saved to .npy (batch 2: the batch dimension is free), and its flow compared with the
@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO
-from vtn_tf import export, io
+from vtn_tf import io
+from vtn_tf.serving import export
 
 NET = (64, 64, 64)
 
@@ -41,17 +42,17 @@ def _env():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny untrained AD model with the paper's (large, random) flow head."""
-    from vtn_tf import training
-    from vtn_tf.model import VTN
+    from vtn_tf.nn.model import VTN
+    from vtn_tf.training import loop
 
     model = VTN("AD", width=0.125)
     model.build((None, *NET, 1))
-    return training.save_model_dir(model, NET, tmp_path_factory.mktemp("run"))
+    return loop.save_model_dir(model, NET, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
 def pair_and_flow(run_dir, tmp_path_factory):
-    from vtn_tf.registration import load_model
+    from vtn_tf.registration.network import load_model
 
     folder = tmp_path_factory.mktemp("arrays")
     rng = np.random.default_rng(0)
@@ -89,7 +90,7 @@ def test_savedmodel_runs_in_a_fresh_tensorflow_process(run_dir, exported, pair_a
 
 
 def test_export_serves_the_test_time_passes(run_dir, pair_and_flow, tmp_path):
-    from vtn_tf.registration import load_model
+    from vtn_tf.registration.network import load_model
 
     folder, _ = pair_and_flow
     fixed, moving = np.load(folder / "fixed.npy"), np.load(folder / "moving.npy")
@@ -141,7 +142,7 @@ def test_existing_output_refused_then_replaced_with_overwrite(run_dir, tmp_path)
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vtn_tf.apps.export", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "vtn_tf.cli.export", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env=_env(), timeout=120)
 
 

@@ -1,5 +1,5 @@
-"""Tests of vtn_tf.layers against independent references: scipy `map_coordinates` for the
-warp and the composition, numpy for the affine flow. Tiny tensors, no vtn_tf.spatial.
+"""Tests of vtn_tf.nn.layers against independent references: scipy `map_coordinates` for the
+warp and the composition, numpy for the affine flow. Tiny tensors, no vtn_tf.core.
 
 Conventions: images [B, X, Y, Z, C], flows [B, X, Y, Z, 3] in voxels of the fixed grid,
 channel c along axis c, pulling: warp(I, f)(x) = I(x + f(x)), edges clamped.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from vtn_tf.layers import AffineFlow, ComposeFlows, SpatialTransformer
+from vtn_tf.nn.layers import AffineFlow, ComposeFlows, SpatialTransformer
 
 SHAPE = (7, 9, 6)
 

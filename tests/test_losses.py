@@ -1,10 +1,10 @@
-"""Tests of vtn_tf.losses against numpy references and the paper's equations (5-12)."""
+"""Tests of vtn_tf.nn.losses against numpy references and the paper's equations (5-12)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from vtn_tf import losses
+from vtn_tf.nn import losses
 
 EPS = losses.ORTHOGONALITY_EPSILON
 

@@ -1,11 +1,11 @@
-"""Tests of vtn_tf.metrics against hand counts (numpy sets) and analytic fields."""
+"""Tests of vtn_tf.core.metrics against hand counts (numpy sets) and analytic fields."""
 
 import math
 
 import numpy as np
 import pytest
 
-from vtn_tf import metrics
+from vtn_tf.core import metrics
 
 
 def voxel_set(labels, value):

@@ -1,4 +1,4 @@
-"""Tests of the VTN cascade (vtn_tf.model) on tiny models, plus one slow real-data test.
+"""Tests of the VTN cascade (vtn_tf.nn.model) on tiny models, plus one slow real-data test.
 
 References are independent of the code under test: scipy `map_coordinates` for warping and
 composing, numpy for the affine field and the correlation coefficient.
@@ -13,7 +13,9 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from vtn_tf import VTN, losses, metrics, spatial
+from vtn_tf import VTN
+from vtn_tf.core import metrics, sampling
+from vtn_tf.nn import losses
 
 SIZE = 64
 WIDTH = 0.125
@@ -351,7 +353,7 @@ def test_training_on_one_hippocampus_pair_raises_dice(vtn_data):
 
     def dice_now(model):
         flow = model({"fixed": fixed, "moving": moving})["flow"]
-        warped = spatial.warp(moving_labels, flow, "nearest").numpy()[0, ..., 0]
+        warped = sampling.warp(moving_labels, flow, "nearest").numpy()[0, ..., 0]
         return metrics.dice(fixed_labels, warped, label_values=[1, 2])[1]
 
     keras.utils.set_random_seed(0)

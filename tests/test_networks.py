@@ -1,12 +1,12 @@
-"""Tests of vtn_tf.networks: sizes, layer facts (paper Figs. 3-4; authors' choices), init."""
+"""Tests of vtn_tf.nn.networks: sizes, layer facts (paper Figs. 3-4; authors' choices), init."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from vtn_tf.config import DEFAULTS
-from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork
+from vtn_tf.nn.networks import AffineSubnetwork, DenseSubnetwork
+from vtn_tf.training.config import DEFAULTS
 
 PAPER = DEFAULTS["model"]
 

@@ -1,12 +1,14 @@
-"""vtn_tf.refine: instance optimisation lowers the loss and raises the overlap on a known pair."""
+"""vtn_tf.registration.refinement: instance optimisation lowers the loss and raises the overlap on a known pair."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 from scipy import ndimage
 
-from vtn_tf import metrics, refine, registration
+from vtn_tf.core import fields, metrics
+from vtn_tf.registration import affine_search, finetune, kernels, optimiser, refinement
+from vtn_tf.registration.settings import RefineSettings
 
 
 def blobs(shape, seed):
@@ -22,7 +24,7 @@ def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution, pad, tabl
     # pad: the textured volume sits in a zero background this wide, which the refinement crops;
     # table: whether the moving image is read through its corner table (else sampled itself)
     if not table:
-        monkeypatch.setattr(refine, "TABLE_BYTES", 0)
+        monkeypatch.setattr(refinement, "TABLE_BYTES", 0)
     fixed = np.pad(blobs((40, 36, 32), 0), pad)
     shape = fixed.shape
     # The moving image is the fixed one pulled through a known smooth displacement (scipy).
@@ -34,9 +36,9 @@ def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution, pad, tabl
     labels_fixed = (fixed > 0.55).astype(np.int32)
     labels_moving = (moving > 0.55).astype(np.int32)
     start = np.zeros(shape + (3,), np.float32)
-    settings = refine.RefineSettings(steps=80, learning_rate=0.1, resolution=resolution, smoothness=1.0)
+    settings = RefineSettings(steps=80, learning_rate=0.1, resolution=resolution, smoothness=1.0)
     lines = []
-    refined, history = refine.refine_field(fixed, np.eye(4), moving, np.eye(4), start, settings, log=lines.append)
+    refined, history = refinement.refine_field(fixed, np.eye(4), moving, np.eye(4), start, settings, log=lines.append)
     refined = refined.numpy()
     assert history[-1][0] == 80 * len(settings.factors)
     # the finest level's grid: the foreground box (40x36x32 widened by 4 + 1 voxels), halved
@@ -59,46 +61,46 @@ def test_steps_per_level():
     """One step count per level (ANTs' 100x70x50 schedules); a level with 0 steps is skipped."""
     image = blobs((20, 18, 16), 5)
     moving = np.roll(image, 1, axis=0)
-    settings = refine.RefineSettings(steps=(0, 7, 3), resolution=(0.25, 0.5, 1.0))
+    settings = RefineSettings(steps=(0, 7, 3), resolution=(0.25, 0.5, 1.0))
     assert settings.level_steps == (0, 7, 3) and settings.active
     lines = []
-    _, history = refine.refine_field(image, np.eye(4), moving, np.eye(4), np.zeros((20, 18, 16, 3), np.float32),
+    _, history = refinement.refine_field(image, np.eye(4), moving, np.eye(4), np.zeros((20, 18, 16, 3), np.float32),
                                      settings, log=lines.append)
     assert history[-1][0] == 10 and "1/4" not in lines[-1] and "1/2 (10x9x8) 7 steps" in lines[-1]
     assert "1/1 (20x18x16) 3 steps" in lines[-1]
-    assert not refine.RefineSettings(steps=(0, 0), resolution=(0.5, 1.0)).active
+    assert not RefineSettings(steps=(0, 0), resolution=(0.5, 1.0)).active
     with pytest.raises(ValueError, match="2 levels"):
-        refine.RefineSettings(steps=(5, 5), resolution=(0.25, 0.5, 1.0))
+        RefineSettings(steps=(5, 5), resolution=(0.25, 0.5, 1.0))
     # auto levels take the finest counts: 1/2 and 1 on 64^3 crops
-    assert refine.RefineSettings(steps=(60, 60, 20)).resolved([1.0] * 3).level_steps == (60, 20)
+    assert RefineSettings(steps=(60, 60, 20)).resolved([1.0] * 3).level_steps == (60, 20)
     with pytest.raises(ValueError, match="auto levels"):
-        refine.RefineSettings(steps=(60,)).resolved([2.5, 3.0, 2.5])
+        RefineSettings(steps=(60,)).resolved([2.5, 3.0, 2.5])
 
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="resolution"):
-        refine.RefineSettings(resolution=0.0)
+        RefineSettings(resolution=0.0)
     with pytest.raises(ValueError, match="similarity"):
-        refine.RefineSettings(similarity="mi")
-    assert refine.RefineSettings(resolution=0.5).factors == (2,) and refine.RefineSettings(resolution=1).factors == (1,)
-    assert refine.RefineSettings(resolution=(1 / 3, 0.5)).factors == (3, 2)
+        RefineSettings(similarity="mi")
+    assert RefineSettings(resolution=0.5).factors == (2,) and RefineSettings(resolution=1).factors == (1,)
+    assert RefineSettings(resolution=(1 / 3, 0.5)).factors == (3, 2)
     with pytest.raises(ValueError, match="coarse to fine"):
-        refine.RefineSettings(resolution=(0.5, 0.25))
+        RefineSettings(resolution=(0.5, 0.25))
 
 
 def test_auto_levels_follow_the_network_grid_spacing():
     # A 160x192x160 brain on a 64^3 network grid: network voxels of 2.5, 3, 2.5 fixed voxels.
-    assert refine.RefineSettings().resolved([2.5, 3.0, 2.5]).factors == (4, 3, 2)
+    assert RefineSettings().resolved([2.5, 3.0, 2.5]).factors == (4, 3, 2)
     # 64^3 crops on a 64^3 network grid: never finer than the fixed grid.
-    assert refine.RefineSettings().resolved([1.0, 1.0, 1.0]).factors == (2, 1)
-    assert refine.RefineSettings(resolution=0.5).resolved([1.0] * 3).factors == (2,)  # explicit levels kept
+    assert RefineSettings().resolved([1.0, 1.0, 1.0]).factors == (2, 1)
+    assert RefineSettings(resolution=0.5).resolved([1.0] * 3).factors == (2,)  # explicit levels kept
     with pytest.raises(ValueError, match="network grid"):
-        refine.RefineSettings().factors
+        RefineSettings().factors
 
 
 def test_coarsen_is_the_cell_average():
     data = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
-    low = refine.coarsen(data, 2).numpy()
+    low = optimiser.coarsen(data, 2).numpy()
     assert low.shape == (3, 2, 2)
     np.testing.assert_allclose(low[0, 0, 0], data[:2, :2, :2].mean())
     np.testing.assert_allclose(low[2, 1, 1], data[4:, 2:, 2:].mean())  # edge cell: what exists
@@ -124,11 +126,11 @@ def test_level_maps_read_the_coarser_grid_as_scipy_does(factor, previous):
     coarse = [-(-int(n) // previous) for n in box]
     values = rng.normal(size=coarse + [3]).astype(np.float32)
     if factor is None:
-        matrix, out_shape = np.linalg.inv(refine.coarse_to_fine(previous, low)), full
+        matrix, out_shape = np.linalg.inv(optimiser.coarse_to_fine(previous, low)), full
     else:
-        matrix = np.linalg.inv(refine.coarse_to_fine(previous, low)) @ refine.coarse_to_fine(factor, low)
+        matrix = np.linalg.inv(optimiser.coarse_to_fine(previous, low)) @ optimiser.coarse_to_fine(factor, low)
         out_shape = [-(-int(n) // factor) for n in box]
-    got = refine._separable_resample(tf.constant(values), refine._axis_reads(matrix, out_shape, coarse)).numpy()
+    got = refinement.separable_resample(tf.constant(values), refinement.axis_reads_of(matrix, out_shape, coarse)).numpy()
     assert got.shape == tuple(out_shape) + (3,)
     np.testing.assert_allclose(got, scipy_read(values, matrix, out_shape), atol=1e-5)
 
@@ -137,14 +139,14 @@ def test_the_finish_in_slabs_adds_the_change_read_as_scipy_does(monkeypatch):
     """The last level's change brought onto F and added to the field, in slabs of F's rows
     (a ragged last one): scipy's order-1 map_coordinates of the change plus the field, and the
     largest change's length."""
-    monkeypatch.setattr(registration, "SLAB_VOXELS", 4 * 15 * 13)
+    monkeypatch.setattr(kernels, "SLAB_VOXELS", 4 * 15 * 13)
     rng = np.random.default_rng(7)
     low, full, previous = np.array([3, 1, 2]), (22, 15, 13), 2
     coarse = [-(-int(n) // previous) for n in (17, 12, 9)]
     change = rng.normal(size=coarse + [3]).astype(np.float32)
     flow = rng.normal(size=full + (3,)).astype(np.float32)
-    matrix = np.linalg.inv(refine.coarse_to_fine(previous, low))
-    refined, largest = refine._finish(tf.constant(flow), tf.constant(change), refine._axis_reads(matrix, full, coarse))
+    matrix = np.linalg.inv(optimiser.coarse_to_fine(previous, low))
+    refined, largest = refinement.finish(tf.constant(flow), tf.constant(change), refinement.axis_reads_of(matrix, full, coarse))
     expected = scipy_read(change, matrix, full)
     np.testing.assert_allclose(refined.numpy(), flow + expected, atol=1e-5)
     np.testing.assert_allclose(float(largest), np.linalg.norm(expected, axis=-1).max(), rtol=1e-5)
@@ -154,14 +156,14 @@ def test_axis_reads_refuse_a_rotation():
     rotation = np.eye(4)
     rotation[:2, :2] = [[0, -1], [1, 0]]
     with pytest.raises(ValueError, match="axis-aligned"):
-        refine._axis_reads(rotation, (4, 4, 4), (4, 4, 4))
+        refinement.axis_reads_of(rotation, (4, 4, 4), (4, 4, 4))
 
 
 def test_affine_search_recovers_a_known_header_move():
     """The moving file holds the fixed image's voxels under a header moved by a known rigid
     transform M (world): fixed point p shows the same anatomy as moving point M p, so the
     search, started from the identity, must return T = M (measured on points of the volume)."""
-    from vtn_tf import alignment
+    from vtn_tf.preprocessing import alignment
 
     shape = (40, 36, 32)
     rng = np.random.default_rng(3)
@@ -176,7 +178,7 @@ def test_affine_search_recovers_a_known_header_move():
     world_centre = fixed_affine[:3, :3] @ centre + fixed_affine[:3, 3]
     M[:3, 3] = world_centre - M[:3, :3] @ world_centre + [4.0, -3.0, 2.0]
     net_to_world = fixed_affine  # the network grid is the fixed grid here
-    T, before, after = refine.search_affine(image, net_to_world, image, M @ fixed_affine, np.eye(4), steps=300,
+    T, before, after = affine_search.search_affine(image, net_to_world, image, M @ fixed_affine, np.eye(4), steps=300,
                                             moving_spacing_factor=1)
     assert after > before
     points = fixed_affine @ np.concatenate([grid[body > 0.3].T, np.ones((1, int((body > 0.3).sum())))])
@@ -192,7 +194,7 @@ def test_sublattices_read_every_voxel_once_with_its_own_point():
     image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
     points = grid * [2.0, 3.0, 1.5] + [10.0, -5.0, 1.0]
-    images, lattice_points = refine._sublattices(tf.constant(image[None, ..., None]), tf.constant(points), stride)
+    images, lattice_points = affine_search.sublattices(tf.constant(image[None, ..., None]), tf.constant(points), stride)
     assert images.shape == (8, 1, 3, 2, 4, 1) and lattice_points.shape == (8, 3, 2, 4, 3)
     np.testing.assert_array_equal(np.sort(images.numpy().ravel()), image.ravel())
     for k, offset in enumerate(np.ndindex(2, 2, 2)):
@@ -205,7 +207,7 @@ def test_affine_search_with_no_steps_keeps_the_start():
     image = blobs((16, 16, 16), 1)
     start = np.eye(4)
     start[:3, 3] = [1.0, 0.0, 0.0]
-    T, before, after = refine.search_affine(image, np.eye(4), image, np.eye(4), start, steps=0)
+    T, before, after = affine_search.search_affine(image, np.eye(4), image, np.eye(4), start, steps=0)
     np.testing.assert_array_equal(T, start)
     assert before == after
 
@@ -214,11 +216,11 @@ def test_refinement_of_pairs_of_different_sizes_in_one_process():
     """Batch mode refines pairs of any size one after another (the compiled steps retrace)."""
     for shape in ((20, 18, 16), (17, 15, 13), (23, 14, 19)):
         image = blobs(shape, 4)
-        settings = refine.RefineSettings(steps=2, resolution=0.5)
-        refined, history = refine.refine_field(image, np.eye(4), image, np.eye(4), np.zeros(shape + (3,), np.float32),
+        settings = RefineSettings(steps=2, resolution=0.5)
+        refined, history = refinement.refine_field(image, np.eye(4), image, np.eye(4), np.zeros(shape + (3,), np.float32),
                                                settings, log=lambda *_: None)
         assert refined.shape == shape + (3,) and np.isfinite(history[-1][1])
-        T, _, _ = refine.search_affine(image, np.eye(4), image, np.eye(4), np.eye(4), steps=4)
+        T, _, _ = affine_search.search_affine(image, np.eye(4), image, np.eye(4), np.eye(4), steps=4)
         assert T.shape == (4, 4)
 
 
@@ -230,7 +232,7 @@ def test_forward_determinant_matches_numpy():
         shifted = np.roll(u, -1, axis=a)[:4, :5, :3] - u[:4, :5, :3]
         jacobians[..., :, a] = shifted
     jacobians += np.eye(3)
-    np.testing.assert_allclose(refine.forward_determinant(tf.constant(u)).numpy(), np.linalg.det(jacobians),
+    np.testing.assert_allclose(fields.forward_jacobian_determinant(tf.constant(u)).numpy(), np.linalg.det(jacobians),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -246,8 +248,8 @@ def test_folding_penalty_unfolds_a_folded_start():
     assert before > 0.1
     folded = {}
     for weight in (0.0, 1.0):
-        settings = refine.RefineSettings(steps=60, resolution=1.0, smoothness=0.0, folding=weight, learning_rate=0.05)
-        flow, _ = refine.refine_field(image, np.eye(4), image, np.eye(4), start, settings, log=lambda *_: None)
+        settings = RefineSettings(steps=60, resolution=1.0, smoothness=0.0, folding=weight, learning_rate=0.05)
+        flow, _ = refinement.refine_field(image, np.eye(4), image, np.eye(4), start, settings, log=lambda *_: None)
         folded[weight] = np.mean(metrics.forward_jacobian_determinant(flow.numpy()) <= 0)
     assert folded[0.0] == pytest.approx(before)
     assert folded[1.0] < 0.2 * before, folded
@@ -256,8 +258,8 @@ def test_folding_penalty_unfolds_a_folded_start():
 def test_refinement_is_deterministic_on_the_cpu():
     shape = (21, 18, 16)
     fixed, moving = blobs(shape, 5), blobs(shape, 6)
-    settings = refine.RefineSettings(steps=20, resolution=(0.25, 0.5))
-    runs = [refine.refine_field(fixed, np.eye(4), moving, np.eye(4), np.zeros(shape + (3,), np.float32), settings,
+    settings = RefineSettings(steps=20, resolution=(0.25, 0.5))
+    runs = [refinement.refine_field(fixed, np.eye(4), moving, np.eye(4), np.zeros(shape + (3,), np.float32), settings,
                                 log=lambda *_: None)[0].numpy() for _ in range(2)]
     assert np.abs(runs[0]).max() > 0.01
     np.testing.assert_array_equal(runs[0], runs[1])
@@ -275,7 +277,7 @@ def test_network_fine_tuning_fits_the_pair_and_restores_the_weights():
     before_flow = model({"fixed": inputs[0], "moving": inputs[1]})["flow"].numpy()
     trained = [v.numpy() for v in model.trainable_variables]
     loss_before = float(model.loss_terms(*inputs)["loss"])
-    with refine.finetuned(model, *inputs, steps=60, learning_rate=1e-3, log=lambda *_: None):
+    with finetune.finetuned(model, *inputs, steps=60, learning_rate=1e-3, log=lambda *_: None):
         loss_after = float(model.loss_terms(*inputs)["loss"])
         tuned_flow = model({"fixed": inputs[0], "moving": inputs[1]})["flow"].numpy()
     inside = (0, slice(12, -12), slice(12, -12), slice(12, -12))
@@ -301,9 +303,9 @@ def test_a_header_rotation_absorbed_by_the_alignment_changes_nothing():
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
     true = np.stack([2.0 * np.sin(grid[..., 1] / 7.0), 1.5 * np.cos(grid[..., 2] / 6.0), np.full(shape, 1.0)], -1)
     moving = ndimage.map_coordinates(fixed, np.moveaxis(grid - true, -1, 0), order=1, mode="nearest")
-    settings = refine.RefineSettings(steps=60, learning_rate=0.1, resolution=(0.25, 0.5), smoothness=1.0)
+    settings = RefineSettings(steps=60, learning_rate=0.1, resolution=(0.25, 0.5), smoothness=1.0)
     quiet = lambda *_: None
-    plain, _ = refine.refine_field(fixed, np.eye(4), moving, np.eye(4), np.zeros(shape + (3,), np.float32),
+    plain, _ = refinement.refine_field(fixed, np.eye(4), moving, np.eye(4), np.zeros(shape + (3,), np.float32),
                                    settings, log=quiet)
     # about 25 degrees about the volume's centre (voxels = mm: identity fixed affine)
     R = np.eye(4)
@@ -314,7 +316,7 @@ def test_a_header_rotation_absorbed_by_the_alignment_changes_nothing():
     inside = (slice(8, -8),) * 3
     errors = {}
     for alignment in (None, R):
-        refined, _ = refine.refine_field(fixed, np.eye(4), moving, R, start, settings, log=quiet, alignment=alignment)
+        refined, _ = refinement.refine_field(fixed, np.eye(4), moving, R, start, settings, log=quiet, alignment=alignment)
         moving_positions = (grid + refined.numpy() - R[:3, 3]) @ np.linalg.inv(R[:3, :3]).T
         errors[alignment is not None] = np.abs(moving_positions - grid - true)[inside].mean()
         if alignment is not None:
@@ -337,7 +339,7 @@ def test_the_smoothness_term_and_its_written_out_gradient_match_numpy():
     x = tf.constant(d, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        value = refine.smoothness(x)
+        value = refinement.smoothness(x)
     grad = tape.gradient(value, x).numpy()
     np.testing.assert_allclose(float(value), reference(d), rtol=1e-5)
     for index in [(0, 0, 0, 0), (6, 4, 5, 2), (3, 2, 0, 1), (1, 4, 3, 0), (6, 0, 2, 1)]:
@@ -370,7 +372,7 @@ def test_the_folding_term_and_its_written_out_gradient_match_numpy():
     x = tf.constant(u, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        value = refine.regularisers(x, tf.constant(aligned, tf.float32), factor, smooth, fold)
+        value = refinement.regularisers(x, tf.constant(aligned, tf.float32), factor, smooth, fold)
     grad = tape.gradient(value, x).numpy()
     np.testing.assert_allclose(float(value), value_np, rtol=1e-5)
     checked = 0
@@ -402,7 +404,7 @@ def test_adam_loop_follows_keras_adam_in_chunks(anneal):
 
     x, m, v, t = tf.constant(start), tf.zeros((4, 3)), tf.zeros((4, 3)), tf.constant(0.0)
     for count in (3, 4, 3):
-        x, m, v, t, _, _ = refine._adam_loop(loss_of, x, m, v, t, count, tf.constant(0.3),
+        x, m, v, t, _, _ = optimiser.adam_loop(loss_of, x, m, v, t, count, tf.constant(0.3),
                                              tf.constant(10.0) if anneal else None)
     def keras_adam(rate):
         optimizer, reference = keras.optimizers.Adam(rate), tf.Variable(start)

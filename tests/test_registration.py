@@ -13,10 +13,20 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tests.conftest import REPO
-from vtn_tf import alignment, io, preprocess, registration, spatial
+from vtn_tf import io
+from vtn_tf.core import fields, grids
+from vtn_tf.preprocessing import alignment, preparation
+from vtn_tf.registration import (
+    inputs,
+    inverse,
+    kernels,
+    network,
+    outputs,
+    pipeline,
+    resampling,
+)
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -46,15 +56,15 @@ def save(path, data, affine):
 @pytest.fixture(scope="module")
 def identity_run(tmp_path_factory):
     """A run directory whose tiny AD model outputs exactly the zero flow."""
-    from vtn_tf import training
-    from vtn_tf.model import VTN
+    from vtn_tf.nn.model import VTN
+    from vtn_tf.training import loop
 
     model = VTN("AD", width=0.125, flow_head_initializer="small")
     model.build((None, *NET, 1))
     affine, dense = model.stages
     for variable in (affine.matrix_head.kernel, affine.translation_head.kernel, dense.output_layer.kernel):
         variable.assign(np.zeros(variable.shape, np.float32))
-    return training.save_model_dir(model, NET, tmp_path_factory.mktemp("identity_run"))
+    return loop.save_model_dir(model, NET, tmp_path_factory.mktemp("identity_run"))
 
 
 @pytest.fixture
@@ -71,7 +81,7 @@ def pair(tmp_path):
 
 
 def test_identity_model_reproduces_fixed_in_world_space(identity_run, pair):
-    written = registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
+    written = pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
                                           moving_labels=[pair["labels"]], log=lambda *_: None, init="none")
     names = sorted(os.path.basename(p) for p in written)
     assert names == sorted(["warped.nii.gz", "flow_voxels.nii.gz", "flow_itk.nii.gz",
@@ -100,8 +110,8 @@ def test_network_grid_samples_the_same_anatomy_from_an_oblique_moving_header():
     moving_affine[:3, 3] = [40, 30, 5]
     shape = (90, 90, 60)
     moving = io.Volume(smooth(world_of(shape, moving_affine)), moving_affine, io.spacing_of(moving_affine))
-    contract = registration.default_contract(NET, "none")
-    fixed_net, moving_net, G, T, _, _ = registration._network_inputs(contract, fixed, moving, "none", print)
+    contract = network.default_contract(NET, "none")
+    fixed_net, moving_net, G, T, _, _ = inputs.network_inputs(contract, fixed, moving, "none", print)
     np.testing.assert_array_equal(T, np.eye(4))
     inside = (slice(8, -8),) * 3
     covered = moving_net[inside] != 0
@@ -116,14 +126,14 @@ def test_network_grid_samples_the_same_anatomy_from_an_oblique_moving_header():
 
 def test_flow_to_fixed_grid_scales_and_interpolates():
     constant = np.broadcast_to(np.float32([2.0, -1.0, 0.5]), NET + (3,))
-    G = preprocess.grid_map(preprocess.full_box((32, 128, 64)), NET)
-    flow = registration.network_flow_on_fixed(constant, G, (32, 128, 64)).numpy()
+    G = preparation.grid_map(preparation.full_box((32, 128, 64)), NET)
+    flow = resampling.network_flow_on_fixed(constant, G, (32, 128, 64)).numpy()
     assert flow.shape == (32, 128, 64, 3) and flow.dtype == np.float32
     np.testing.assert_allclose(flow[5, 7, 9], [1.0, -2.0, 0.5], rtol=1e-6)
     # A field linear in the network index stays linear (and consistent) on the fixed grid.
-    grid = spatial.identity_grid(NET).numpy()
+    grid = grids.identity_grid(NET).numpy()
     linear = 0.1 * grid[..., [1, 2, 0]]
-    flow = registration.network_flow_on_fixed(linear, G, (32, 128, 64)).numpy()
+    flow = resampling.network_flow_on_fixed(linear, G, (32, 128, 64)).numpy()
     x = np.array([10.0, 50.0, 30.0])
     n = np.linalg.solve(G[:3, :3], x - G[:3, 3])
     np.testing.assert_allclose(flow[10, 50, 30], np.diag(G)[:3] * 0.1 * n[[1, 2, 0]], rtol=1e-5)
@@ -138,9 +148,9 @@ class StubModel:
 
     def __call__(self, inputs, dense=True):
         W = (self.A - np.eye(3, dtype=np.float32))[None]
-        flow = spatial.affine_flow(W, self.b[None], NET).numpy()
+        flow = fields.affine_flow(W, self.b[None], NET).numpy()
         if dense:
-            grid = spatial.identity_grid(NET).numpy()
+            grid = grids.identity_grid(NET).numpy()
             flow = flow + 1.5 * np.sin(grid[..., [1, 2, 0]] / 9.0)[None]
         return {"flow": flow, "warped": inputs["moving"], "affine_matrix": self.A[None],
                 "affine_translation": self.b[None]}
@@ -155,15 +165,15 @@ def _labels_pair(tmp_path):
     paths = {"fixed": save(tmp_path / "fixed.nii.gz", fixed_data, FIXED_AFFINE),
              "moving": save(tmp_path / "moving.nii.gz", moving, moving_affine),
              "labels": save(tmp_path / "labels.nii.gz", labels, moving_affine)}
-    fixed, moving, label_volumes = registration.read_inputs(paths["fixed"], paths["moving"], [paths["labels"]])
+    fixed, moving, label_volumes = pipeline.read_inputs(paths["fixed"], paths["moving"], [paths["labels"]])
     return paths, fixed, moving, label_volumes
 
 
 def test_itk_field_and_affine_match_simpleitk(tmp_path):
     paths, fixed, moving, labels = _labels_pair(tmp_path)
-    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
+    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
     out = tmp_path / "out"
-    registration.write_result(result, fixed, [paths["labels"]], labels, out, log=lambda *_: None)
+    outputs.write_result(result, fixed, [paths["labels"]], labels, out, log=lambda *_: None)
 
     flow = nib.load(out / "flow_voxels.nii.gz")
     assert flow.shape == FIXED_SHAPE + (3,) and flow.get_data_dtype() == np.float32
@@ -184,9 +194,9 @@ def test_itk_field_and_affine_match_simpleitk(tmp_path):
 
     # The world affine (affine.txt, LPS) equals the affine stage's field where no dense part.
     affine_only = StubModel()
-    result = registration.register_volumes(lambda inputs: affine_only(inputs, dense=False), NET, fixed, moving,
+    result = pipeline.register_volumes(lambda inputs: affine_only(inputs, dense=False), NET, fixed, moving,
                                            log=lambda *_: None, init="none")
-    registration.write_result(result, fixed, [], [], tmp_path / "affine", log=lambda *_: None)
+    outputs.write_result(result, fixed, [], [], tmp_path / "affine", log=lambda *_: None)
     itk_affine = sitk.ReadTransform(str(tmp_path / "affine" / "affine.txt"))
     field = nib.load(tmp_path / "affine" / "flow_itk.nii.gz").get_fdata()[:, :, :, 0]
     for index in [(20, 18, 16), (10, 25, 8), (30, 6, 24)]:
@@ -198,7 +208,7 @@ def test_itk_field_and_affine_match_simpleitk(tmp_path):
 def test_labels_off_the_moving_grid_are_refused_before_writing(identity_run, pair, tmp_path):
     off = save(tmp_path / "off.nii.gz", np.zeros((36, 40, 28), np.uint8), FIXED_AFFINE)
     with pytest.raises(io.InputError, match="off.nii.gz.*must match"):
-        registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
+        pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
                                     moving_labels=[off], log=lambda *_: None)
     assert not pair["out"].exists()
 
@@ -217,40 +227,40 @@ def test_bad_images_are_refused(identity_run, pair, tmp_path, problem):
     else:
         bad.write_bytes(b"not an image at all" * 20)
     with pytest.raises(io.InputError, match="moving image bad.nii.gz"):
-        registration.register_files(identity_run, pair["fixed"], str(bad), pair["out"], log=lambda *_: None)
+        pipeline.register_files(identity_run, pair["fixed"], str(bad), pair["out"], log=lambda *_: None)
     assert not pair["out"].exists()
 
 
 def test_missing_or_corrupt_model_is_refused(identity_run, pair, tmp_path):
     with pytest.raises(io.InputError, match="does not exist"):
-        registration.register_files(tmp_path / "nowhere", pair["fixed"], pair["moving"], pair["out"])
+        pipeline.register_files(tmp_path / "nowhere", pair["fixed"], pair["moving"], pair["out"])
     other = tmp_path / "other_run"
     other.mkdir()
     (other / "checkpoints").symlink_to(os.path.join(identity_run, "checkpoints"))
     text = open(os.path.join(identity_run, "model.json")).read().replace('"width": 0.125', '"width": 0.25')
     (other / "model.json").write_text(text)
     with pytest.raises(io.InputError, match="does not fit the model"):
-        registration.register_files(other, pair["fixed"], pair["moving"], pair["out"], log=lambda *_: None)
+        pipeline.register_files(other, pair["fixed"], pair["moving"], pair["out"], log=lambda *_: None)
     (other / "model.json").write_text("{not json")
     with pytest.raises(io.InputError, match="other_run cannot be used"):
-        registration.register_files(other, pair["fixed"], pair["moving"], pair["out"], log=lambda *_: None)
+        pipeline.register_files(other, pair["fixed"], pair["moving"], pair["out"], log=lambda *_: None)
     assert not pair["out"].exists()
 
 
 def test_existing_outputs_refused_without_overwrite(identity_run, pair):
     quiet = {"log": lambda *_: None}
-    registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], **quiet)
+    pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], **quiet)
     before = (pair["out"] / "warped.nii.gz").stat().st_mtime_ns
     with pytest.raises(io.InputError, match="already exists"):
-        registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], **quiet)
+        pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], **quiet)
     assert (pair["out"] / "warped.nii.gz").stat().st_mtime_ns == before
-    registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], overwrite=True, **quiet)
+    pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], overwrite=True, **quiet)
     assert not [n for n in os.listdir(pair["out"]) if n.startswith(".")]  # no temporary files left
 
 
 def _cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "vtn_tf.apps.register", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "vtn_tf.cli.register", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -276,7 +286,7 @@ def test_lpba40_outputs_land_in_the_fixed_world_space(identity_run, vtn_data, tm
     labels = vtn_data / "lpba40" / "labels" / "S02.nii.gz"
     if not fixed.exists():
         pytest.skip(f"{fixed} not found")
-    registration.register_files(identity_run, fixed, moving, tmp_path, moving_labels=[labels],
+    pipeline.register_files(identity_run, fixed, moving, tmp_path, moving_labels=[labels],
                                 overwrite=True, log=lambda *_: None)
     reference = nib.load(fixed)
     for name in ("warped.nii.gz", "flow_voxels.nii.gz", "flow_itk.nii.gz", "warped_labels_S02.nii.gz"):
@@ -288,8 +298,8 @@ def test_lpba40_outputs_land_in_the_fixed_world_space(identity_run, vtn_data, tm
 def test_itk_field_matches_ants_apply_transforms(tmp_path):
     ants = pytest.importorskip("ants", reason="antspyx not installed (pip install antspyx)")
     paths, fixed, moving, labels = _labels_pair(tmp_path)
-    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
-    registration.write_result(result, fixed, [paths["labels"]], labels, tmp_path / "out", log=lambda *_: None)
+    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
+    outputs.write_result(result, fixed, [paths["labels"]], labels, tmp_path / "out", log=lambda *_: None)
     reference = ants.image_read(paths["fixed"])
     field = [str(tmp_path / "out" / "flow_itk.nii.gz")]
     theirs = ants.apply_transforms(reference, ants.image_read(paths["labels"]), transformlist=field,
@@ -323,7 +333,7 @@ def test_batch_mode_registers_rows_and_reports_a_failed_one(identity_run, pair, 
 
 
 def test_pairs_file_without_a_column_is_refused(tmp_path):
-    from vtn_tf import batch
+    from vtn_tf.registration import batch
 
     bad = tmp_path / "pairs.csv"
     bad.write_text("fixed,moving\na.nii.gz,b.nii.gz\n")
@@ -333,7 +343,7 @@ def test_pairs_file_without_a_column_is_refused(tmp_path):
 
 def test_uncompressed_outputs_and_nothing_left_after_a_failed_write(identity_run, pair, tmp_path, monkeypatch):
     quiet = {"log": lambda *_: None, "init": "none"}
-    written = registration.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
+    written = pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
                                           compression=0, **quiet)
     assert sorted(os.path.basename(p) for p in written) == sorted(
         ["warped.nii", "flow_voxels.nii", "flow_itk.nii", "affine.json", "affine.txt"])
@@ -342,9 +352,9 @@ def test_uncompressed_outputs_and_nothing_left_after_a_failed_write(identity_run
     def broken(image, path, compression):
         raise OSError("disk full")
 
-    monkeypatch.setattr(registration, "_save", broken)
+    monkeypatch.setattr(outputs, "save_image", broken)
     with pytest.raises(OSError, match="disk full"):
-        registration.register_files(identity_run, pair["fixed"], pair["moving"], tmp_path / "new", **quiet)
+        pipeline.register_files(identity_run, pair["fixed"], pair["moving"], tmp_path / "new", **quiet)
     assert not (tmp_path / "new").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".new")]
 
@@ -362,7 +372,7 @@ def test_files_written_side_by_side_read_back_exactly(tmp_path, level):
               rng.integers(0, 60, (20, 18, 16)).astype(np.uint8), rng.integers(-5, 900, (20, 18, 16)).astype(np.int16)]
     affine = np.diag([1.5, 1.0, 2.0, 1.0])
     jobs = [(tmp_path / f"{i}.nii.gz", nib.Nifti1Image(a, affine)) for i, a in enumerate(arrays)]
-    registration._save_all(jobs, compression=level)
+    outputs.save_all(jobs, compression=level)
     for (path, image), expected in zip(jobs, arrays):
         with gzip.open(path, "rb") as stream:
             assert stream.read() == image.to_bytes()
@@ -375,8 +385,8 @@ def test_files_written_side_by_side_read_back_exactly(tmp_path, level):
 
 
 def test_gzip_levels_1_to_3_use_isal():  # isal is an install requirement (setup.py)
-    assert registration._gzip_module(1).__name__ == "isal.igzip"
-    assert registration._gzip_module(4).__name__ == "gzip"
+    assert outputs.gzip_module(1).__name__ == "isal.igzip"
+    assert outputs.gzip_module(4).__name__ == "gzip"
 
 
 @pytest.mark.data
@@ -385,8 +395,8 @@ def test_lpba40_pair_moved_in_its_header_scores_as_the_aligned_pair(identity_run
     initial alignment (the default, with its affine search) and the pipeline must give the same
     Dice (within 0.01), and the world transform found for the moved copy must be the move
     composed with the one found for the original."""
-    from vtn_tf import metrics
-    from vtn_tf.native_evaluation import moved_copy
+    from vtn_tf.core import metrics
+    from vtn_tf.evaluation.native import moved_copy
 
     root = vtn_data / "lpba40"
     fixed_labels = io.read_labels(root / "labels" / "S01.nii.gz")
@@ -399,8 +409,8 @@ def test_lpba40_pair_moved_in_its_header_scores_as_the_aligned_pair(identity_run
         image, labels = root / "images" / "S02.nii.gz", root / "labels" / "S02.nii.gz"
         if moved:
             image, labels = (moved_copy(p, move, str(tmp_path), role) for p, role in ((image, "image"), (labels, "labels")))
-        registrar = registration.Registrar(str(identity_run), log=lambda *_: None)
-        fixed, moving, label_volumes = registration.read_inputs(root / "images" / "S01.nii.gz", image, [labels])
+        registrar = pipeline.Registrar(str(identity_run), log=lambda *_: None)
+        fixed, moving, label_volumes = pipeline.read_inputs(root / "images" / "S01.nii.gz", image, [labels])
         result = registrar.register(fixed, moving, label_volumes)
         transforms.append(np.asarray(result.affine["initial_alignment_ras"], float))
         scores.append(metrics.overlap_table(fixed_labels.data.astype(np.int32),
@@ -428,8 +438,8 @@ def test_inverse_of_an_analytic_affine_between_two_grids():
     A = np.array([[1.03, 0.02, 0.0], [-0.01, 0.98, 0.03], [0.0, 0.01, 1.01]])
     x = _grid(FIXED_SHAPE)
     flow = (x @ (A - np.eye(3)).T + np.array([0.7, -0.4, 0.2])).astype(np.float32)  # x + u = A x + c
-    inverse, residual = registration.inverse_field(flow, fixed_affine, moving_affine, T, (36, 40, 29))
-    inverse = inverse.numpy()
+    inverse_flow, residual = inverse.inverse_field(flow, fixed_affine, moving_affine, T, (36, 40, 29))
+    inverse_flow = inverse_flow.numpy()
     # The forward map (T included in the field): fixed voxel x -> moving voxel P (A x + c); its
     # inverse in closed form. T only splits the field (the result must not depend on it).
     m = _grid((36, 40, 29))
@@ -442,7 +452,7 @@ def test_inverse_of_an_analytic_affine_between_two_grids():
     expected = x_expected @ P[:3, :3].T + P[:3, 3] - m
     within = np.all((x_expected >= 0) & (x_expected <= np.array(FIXED_SHAPE) - 1), axis=-1)
     assert within.mean() > 0.8  # beyond the fixed grid the field is edge-clamped: not compared
-    np.testing.assert_allclose(inverse[within], expected[within], atol=2e-3)
+    np.testing.assert_allclose(inverse_flow[within], expected[within], atol=2e-3)
     assert float(np.max(residual)) < 1e-3
 
 
@@ -454,16 +464,16 @@ def test_inverse_of_a_smooth_random_field_composes_to_the_identity():
     field = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), 4.0) for _ in range(3)], -1)
     field *= 3.0 / np.abs(field).max()  # up to 3 voxels, smooth (no folding)
     flow = field.astype(np.float32)
-    inverse, _ = registration.inverse_field(flow, np.eye(4), np.eye(4), np.eye(4), shape)
-    inverse = inverse.numpy()
+    inverse_flow, _ = inverse.inverse_field(flow, np.eye(4), np.eye(4), np.eye(4), shape)
+    inverse_flow = inverse_flow.numpy()
     x = _grid(shape)
     target = x + flow  # forward: fixed x -> moving x + u(x); inverse sampled there with scipy
-    v = np.stack([ndimage.map_coordinates(inverse[..., c], np.moveaxis(target, -1, 0), order=1, mode="nearest")
+    v = np.stack([ndimage.map_coordinates(inverse_flow[..., c], np.moveaxis(target, -1, 0), order=1, mode="nearest")
                   for c in range(3)], -1)
     inside = (slice(5, -5),) * 3
     error = np.linalg.norm((target + v - x)[inside], axis=-1)
     assert np.sqrt(np.mean(error ** 2)) < 0.1
-    rms, p95 = registration.inverse_consistency(flow, inverse, np.eye(4), np.eye(4), np.ones(shape, bool))
+    rms, p95 = inverse.inverse_consistency(flow, inverse_flow, np.eye(4), np.eye(4), np.ones(shape, bool))
     assert rms < 0.2 and p95 < 0.3
 
 
@@ -471,11 +481,11 @@ def test_inverse_outputs_match_ants_and_simpleitk(identity_run, tmp_path):
     paths, fixed, moving, labels = _labels_pair(tmp_path)
     fixed_labels_path = save(tmp_path / "atlas.nii.gz",
                              (smooth(world_of(FIXED_SHAPE, FIXED_AFFINE)) > 3.2).astype(np.int16) * 5, FIXED_AFFINE)
-    result = registration.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
+    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
     fixed_label_volume = io.read_labels(fixed_labels_path, reference=fixed)
-    registration.invert(result, fixed, moving, [fixed_label_volume], log=lambda *_: None)
+    inverse.invert(result, fixed, moving, [fixed_label_volume], log=lambda *_: None)
     out = tmp_path / "inv"
-    registration.write_result(result, fixed, [paths["labels"]], labels, out, log=lambda *_: None, moving=moving,
+    outputs.write_result(result, fixed, [paths["labels"]], labels, out, log=lambda *_: None, moving=moving,
                               fixed_label_paths=[fixed_labels_path], fixed_labels=[fixed_label_volume])
     mine = np.asarray(nib.load(out / "warped_fixed_labels_atlas.nii.gz").dataobj)
     assert mine.shape == moving.data.shape and mine.dtype == np.int16
@@ -498,7 +508,7 @@ def test_resampling_through_a_field_matches_scipy_in_slabs(monkeypatch, dtype):
     their own dtype."""
     from scipy import ndimage
 
-    monkeypatch.setattr(registration, "SLAB_VOXELS", 7 * 30 * 26)  # several slabs, a ragged last one
+    monkeypatch.setattr(kernels, "SLAB_VOXELS", 7 * 30 * 26)  # several slabs, a ragged last one
     rng = np.random.default_rng(5)
     source = ndimage.gaussian_filter(rng.normal(size=(33, 29, 24)), 2).astype(np.float32)
     labels = rng.choice(np.array([0, 3, 17, 120], dtype), size=source.shape)
@@ -512,12 +522,12 @@ def test_resampling_through_a_field_matches_scipy_in_slabs(monkeypatch, dtype):
     positions = (x + field) @ matrix[:3, :3].T + matrix[:3, 3]
     inside = np.all((positions >= 0) & (positions <= np.array(source.shape) - 1), axis=-1)
     coords = np.moveaxis(positions, -1, 0)
-    image = registration.resample_through(source, matrix, shape, "linear", "zero", field)
+    image = resampling.resample_through(source, matrix, shape, "linear", "zero", field)
     expected = ndimage.map_coordinates(source, coords, order=1)
     assert image.dtype == np.float32 and inside.mean() > 0.5
     np.testing.assert_allclose(image[inside], expected[inside], atol=1e-5)
     assert np.all(image[np.any((positions < -0.5) | (positions > np.array(source.shape) - 0.5), -1)] == 0)
-    warped = registration.resample_through(labels, matrix, shape, "nearest", "zero", field)
+    warped = resampling.resample_through(labels, matrix, shape, "nearest", "zero", field)
     expected_labels = ndimage.map_coordinates(labels, coords, order=0)
     assert warped.dtype == dtype
     np.testing.assert_array_equal(warped[inside], expected_labels[inside])
@@ -528,68 +538,68 @@ def test_network_flow_on_fixed_matches_scipy_with_a_crop_and_an_alignment(monkey
     clamping: ``K (x + S f(G^-1 x)) - x`` for a random flow, a crop box and an affine ``K``."""
     from scipy import ndimage
 
-    monkeypatch.setattr(registration, "SLAB_VOXELS", 9 * 40 * 30)  # several slabs, a ragged last one
+    monkeypatch.setattr(kernels, "SLAB_VOXELS", 9 * 40 * 30)  # several slabs, a ragged last one
     rng = np.random.default_rng(11)
-    network = rng.normal(size=(12, 10, 9, 3)).astype(np.float32)
+    network_flow = rng.normal(size=(12, 10, 9, 3)).astype(np.float32)
     shape = (37, 40, 30)
-    G = preprocess.grid_map((np.array([3, 0, 2]), np.array([33, 38, 30])), network.shape[:3])
+    G = preparation.grid_map((np.array([3, 0, 2]), np.array([33, 38, 30])), network_flow.shape[:3])
     K = np.eye(4)
     K[:3, :3] = alignment.rotation_about([0.3, 1, 0.2], 9.0) * 1.05
     K[:3, 3] = [1.5, -2.0, 0.5]
-    flow = registration.network_flow_on_fixed(network, G, shape, K).numpy()
+    flow = resampling.network_flow_on_fixed(network_flow, G, shape, K).numpy()
     x = _grid(shape).reshape(-1, 3)
     n = (x - G[:3, 3]) / np.diag(G)[:3]  # network positions; beyond the edges map_coordinates clamps
-    f = np.stack([ndimage.map_coordinates(network[..., c], n.T, order=1, mode="nearest") for c in range(3)], -1)
+    f = np.stack([ndimage.map_coordinates(network_flow[..., c], n.T, order=1, mode="nearest") for c in range(3)], -1)
     expected = ((x + f * np.diag(G)[:3]) @ K[:3, :3].T + K[:3, 3] - x).reshape(shape + (3,))
     assert flow.shape == shape + (3,) and flow.dtype == np.float32
     np.testing.assert_allclose(flow, expected, atol=2e-5)
 
 
 def test_the_compiled_intensity_map_matches_numpy(monkeypatch):
-    """`registration.normalised` (XLA, float32, binary search of the segments, in slabs)
+    """`resampling.normalised` (XLA, float32, binary search of the segments, in slabs)
     against the numpy `IntensityMap` (np.interp, float64), with tied knots and values beyond
     the bounds."""
-    monkeypatch.setattr(registration, "SLAB_VOXELS", 7 * 20 * 25)  # 5 slabs, a ragged last one
+    monkeypatch.setattr(kernels, "SLAB_VOXELS", 7 * 20 * 25)  # 5 slabs, a ragged last one
     rng = np.random.default_rng(2)
     data = rng.normal(100.0, 40.0, size=(30, 20, 25)).astype(np.float32)
     data[0, 0, :5] = [-500, 1e4, 100, 0, 60]
     reference = np.sort(rng.uniform(0.05, 0.95, 101))
     reference[40:45] = reference[40]  # tied target quantiles
-    contract = preprocess.InputContract(modality="MRI", grid=(8, 8, 8), crop="none",
+    contract = preparation.InputContract(modality="MRI", grid=(8, 8, 8), crop="none",
                                         reference_quantiles=tuple(reference))
-    intensity_map, _ = preprocess.fit_intensity(np.round(data / 10) * 10, contract)  # tied source quantiles
+    intensity_map, _ = preparation.fit_intensity(np.round(data / 10) * 10, contract)  # tied source quantiles
     assert intensity_map.curve is not None
     for volume in (data, data.astype(np.int16)):
-        np.testing.assert_allclose(registration.normalised(volume, intensity_map), intensity_map(volume),
+        np.testing.assert_allclose(resampling.normalised(volume, intensity_map), intensity_map(volume),
                                    atol=1e-7, rtol=0)
-    plain = preprocess.IntensityMap(20.0, 180.0)
-    np.testing.assert_allclose(registration.normalised(data, plain), plain(data), atol=1e-6)
+    plain = preparation.IntensityMap(20.0, 180.0)
+    np.testing.assert_allclose(resampling.normalised(data, plain), plain(data), atol=1e-6)
 
 
 def test_itk_displacement_in_slabs_is_the_voxel_field_in_lps_millimetres(monkeypatch):
     """`itk_displacement` (slabs of the grid) against the field mapped by the fixed affine in
     numpy: ``d = diag(-1, -1, 1) A_f[:3, :3] u``, float32, ``[X, Y, Z, 1, 3]``."""
-    monkeypatch.setattr(registration, "SLAB_VOXELS", 4 * 6 * 5)  # several slabs, a ragged last one
+    monkeypatch.setattr(kernels, "SLAB_VOXELS", 4 * 6 * 5)  # several slabs, a ragged last one
     rng = np.random.default_rng(12)
     flow = rng.normal(size=(11, 6, 5, 3)).astype(np.float32)
     affine = np.eye(4)
     affine[:3, :3] = alignment.rotation_about([1, 0.5, 2], 25.0) @ np.diag([0.8, 1.2, 2.0])
     affine[:3, 3] = [10, -20, 5]
     expected = np.einsum("ij,xyzj->xyzi", np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3], flow.astype(np.float64))
-    got = registration.itk_displacement(flow, affine)
+    got = outputs.itk_displacement(flow, affine)
     assert got.shape == (11, 6, 5, 1, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got[:, :, :, 0], expected, atol=1e-5)
 
 
 def test_the_network_runs_as_one_graph_with_the_eager_outputs():
-    from vtn_tf.model import VTN
+    from vtn_tf.nn.model import VTN
 
     model = VTN("AD", width=0.25, flow_head_initializer="small")
     rng = np.random.default_rng(0)
     fixed, moving = (rng.random((1, 64, 64, 64, 1)).astype(np.float32) for _ in range(2))
     eager = model({"fixed": fixed, "moving": moving})
     for passes in (1, 2):
-        graph = registration.network_outputs(model, fixed, moving, passes)
+        graph = network.network_outputs(model, fixed, moving, passes)
         reference = eager if passes == 1 else model.register(fixed, moving, passes=2)
         for key in ("flow", "affine_matrix", "affine_translation"):
             np.testing.assert_allclose(np.asarray(graph[key]), np.asarray(reference[key]), atol=1e-5)
@@ -609,11 +619,11 @@ def test_retracing_warnings_are_quiet_only_inside_the_registration_calls():
 
     logger, handler = logging.getLogger("tensorflow"), Keep()
     retracing = "5 out of the last 7 calls to <function f at 0x1> triggered tf.function retracing."
-    tools_filter = registration.expected_retracing in logger.filters  # the command-line tools' own, for good
-    logger.removeFilter(registration.expected_retracing)
+    tools_filter = kernels.expected_retracing in logger.filters  # the command-line tools' own, for good
+    logger.removeFilter(kernels.expected_retracing)
     logger.addHandler(handler)
     try:
-        @registration._quiet_retracing
+        @kernels.quiet_retracing
         def inside():
             logger.warning(retracing)
             logger.warning("another warning")
@@ -625,26 +635,26 @@ def test_retracing_warnings_are_quiet_only_inside_the_registration_calls():
     finally:
         logger.removeHandler(handler)
         if tools_filter:
-            logger.addFilter(registration.expected_retracing)
-    for function in (registration.register_volumes, registration.invert):
+            logger.addFilter(kernels.expected_retracing)
+    for function in (pipeline.register_volumes, inverse.invert):
         assert function.__wrapped__.__name__ == function.__name__  # wrapped by _quiet_retracing
 
 
 def test_passes_0_runs_no_network(tmp_path, pair):
     """With ``passes=0`` the network's field is not used: a model whose flow head is far from
     zero registers like the identity, and moves the image with ``passes=1``."""
-    from vtn_tf import training
-    from vtn_tf.model import VTN
+    from vtn_tf.nn.model import VTN
+    from vtn_tf.training import loop
 
     model = VTN("D", width=0.125, flow_head_initializer="small")
     model.build((None, *NET, 1))
     kernel = model.stages[0].output_layer.kernel
     kernel.assign(np.random.default_rng(0).normal(0, 0.05, kernel.shape).astype(np.float32))
-    run = training.save_model_dir(model, NET, tmp_path / "shift_run")
+    run = loop.save_model_dir(model, NET, tmp_path / "shift_run")
     flows = {}
     for passes in (0, 1):
         out = tmp_path / f"out{passes}"
-        registration.register_files(run, pair["fixed"], pair["moving"], out, log=lambda *_: None, init="none",
+        pipeline.register_files(run, pair["fixed"], pair["moving"], out, log=lambda *_: None, init="none",
                                     passes=passes)
         flows[passes] = nib.load(out / "flow_voxels.nii.gz").get_fdata()
         warped = nib.load(out / "warped.nii.gz").get_fdata()

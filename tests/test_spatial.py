@@ -1,4 +1,4 @@
-"""Tests of vtn_tf.spatial against independent references (scipy, numpy, analytic fields).
+"""Tests of vtn_tf.core against independent references (scipy, numpy, analytic fields).
 
 Conventions under test: images [B, X, Y, Z, C], flows [B, X, Y, Z, 3] in voxels of the
 fixed grid, channel c along axis c, pulling: warp(I, f)(x) = I(x + f(x)), edges clamped.
@@ -9,13 +9,13 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from vtn_tf import spatial
+from vtn_tf.core import fields, sampling
 
 RNG_SEED = 1234
 
 
 def reference_warp(image, flow, order=1):
-    """scipy reference of `spatial.warp`: per batch element and channel, edge-clamped."""
+    """scipy reference of `sampling.warp`: per batch element and channel, edge-clamped."""
     image, flow = np.asarray(image), np.asarray(flow, dtype=np.float64)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape[1:4]], indexing="ij"), -1)
     out = np.empty_like(image)
@@ -41,7 +41,7 @@ def test_warp_linear_matches_scipy(shape, batch, channels, scale):
     rng = np.random.default_rng(RNG_SEED)
     image = rng.normal(size=(batch, *shape, channels)).astype(np.float32)
     flow = (rng.uniform(-1, 1, size=(batch, *shape, 3)) * scale).astype(np.float32)
-    out = spatial.warp(image, flow).numpy()
+    out = sampling.warp(image, flow).numpy()
     assert out.shape == image.shape and out.dtype == np.float32
     np.testing.assert_allclose(out, reference_warp(image, flow), atol=2e-5)
     if scale > 10:  # many sample positions really were out of range
@@ -55,7 +55,7 @@ def test_warp_nearest_matches_scipy_on_labels():
     # Integer part anywhere (also far outside), fractional part away from the .5 ties.
     frac = rng.uniform(-0.4, 0.4, size=(2, *shape, 3))
     flow = (rng.integers(-12, 13, size=(2, *shape, 3)) + frac).astype(np.float32)
-    out = spatial.warp(labels, flow, "nearest").numpy()
+    out = sampling.warp(labels, flow, "nearest").numpy()
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, reference_warp(labels, flow, order=0))
     assert set(np.unique(out)) <= set(np.unique(labels))
@@ -63,7 +63,7 @@ def test_warp_nearest_matches_scipy_on_labels():
 
 def test_warp_nearest_keeps_uint8_dtype():
     labels = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(1, 4, 5, 6, 1)
-    out = spatial.warp(labels, np.full((1, 4, 5, 6, 3), 0.3, np.float32), "nearest")
+    out = sampling.warp(labels, np.full((1, 4, 5, 6, 3), 0.3, np.float32), "nearest")
     assert out.dtype == tf.uint8
     np.testing.assert_array_equal(out.numpy(), labels)
 
@@ -72,8 +72,8 @@ def test_zero_flow_is_identity():
     rng = np.random.default_rng(RNG_SEED)
     image = rng.normal(size=(2, 9, 12, 7, 2)).astype(np.float32)
     zero = np.zeros((2, 9, 12, 7, 3), np.float32)
-    np.testing.assert_array_equal(spatial.warp(image, zero).numpy(), image)
-    np.testing.assert_array_equal(spatial.warp(image, zero, "nearest").numpy(), image)
+    np.testing.assert_array_equal(sampling.warp(image, zero).numpy(), image)
+    np.testing.assert_array_equal(sampling.warp(image, zero, "nearest").numpy(), image)
 
 
 @pytest.mark.parametrize("interpolation", ["linear", "nearest"])
@@ -83,7 +83,7 @@ def test_constant_integer_flow_pulls_along_its_channel_axis(interpolation):
     image = np.random.default_rng(0).normal(size=(1, *shape, 1)).astype(np.float32)
     flow = np.zeros((1, *shape, 3), np.float32)
     flow[..., 1] = 2.0
-    out = spatial.warp(image, flow, interpolation).numpy()
+    out = sampling.warp(image, flow, interpolation).numpy()
     np.testing.assert_allclose(out[:, :, :-2], image[:, :, 2:], atol=1e-6)
     # The last two planes along axis 1 are clamped to the edge plane.
     np.testing.assert_allclose(out[:, :, -2:], np.repeat(image[:, :, -1:], 2, axis=2), atol=1e-6)
@@ -93,15 +93,15 @@ def test_warp_rejects_bad_inputs():
     image = np.zeros((1, 4, 4, 4, 1), np.float32)
     flow = np.zeros((1, 4, 4, 4, 3), np.float32)
     with pytest.raises(ValueError):
-        spatial.warp(image[0], flow)
+        sampling.warp(image[0], flow)
     with pytest.raises(ValueError):
-        spatial.warp(image, flow[..., :2])
+        sampling.warp(image, flow[..., :2])
     with pytest.raises(ValueError):
-        spatial.warp(image, np.zeros((1, 4, 4, 5, 3), np.float32))
+        sampling.warp(image, np.zeros((1, 4, 4, 5, 3), np.float32))
     with pytest.raises(ValueError):
-        spatial.warp(image.astype(np.int32), flow)  # linear warp of integers
+        sampling.warp(image.astype(np.int32), flow)  # linear warp of integers
     with pytest.raises(ValueError):
-        spatial.warp(image, flow, "cubic")
+        sampling.warp(image, flow, "cubic")
 
 
 def _central_difference_jacobian(fn, x, delta=1e-4):
@@ -137,12 +137,12 @@ def test_warp_gradients_match_finite_differences(batch, shape):
     weights = rng.normal(size=image.shape)  # a random linear functional of the output
 
     def loss_of(image_, flow_):
-        return np.array([np.sum(weights * spatial.warp(image_, flow_).numpy())])
+        return np.array([np.sum(weights * sampling.warp(image_, flow_).numpy())])
 
     image_t, flow_t = tf.constant(image), tf.constant(flow)
     with tf.GradientTape() as tape:
         tape.watch([image_t, flow_t])
-        loss = tf.reduce_sum(weights * spatial.warp(image_t, flow_t))
+        loss = tf.reduce_sum(weights * sampling.warp(image_t, flow_t))
     grad_image, grad_flow = tape.gradient(loss, [image_t, flow_t])
     assert np.all(np.isfinite(grad_image.numpy())) and np.all(np.isfinite(grad_flow.numpy()))
     fd_image = _central_difference_jacobian(lambda im: loss_of(im, flow), image).reshape(image.shape)
@@ -165,12 +165,12 @@ def test_warp_flow_gradient_alone_in_a_graph():
     @tf.function
     def flow_only():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(weights * spatial.warp(image, flow))
+            loss = tf.reduce_sum(weights * sampling.warp(image, flow))
         return tape.gradient(loss, flow)
 
     with tf.GradientTape() as tape:
         tape.watch(image)
-        loss = tf.reduce_sum(weights * spatial.warp(image, flow))
+        loss = tf.reduce_sum(weights * sampling.warp(image, flow))
     _, both = tape.gradient(loss, [image, flow])
     np.testing.assert_allclose(flow_only().numpy(), both.numpy(), rtol=1e-6, atol=1e-6)
 
@@ -180,7 +180,7 @@ def test_warp_gradients_finite_far_outside_volume():
     flow = tf.constant(np.full((1, 4, 4, 4, 3), 30.0, np.float32))
     with tf.GradientTape() as tape:
         tape.watch([image, flow])
-        loss = tf.reduce_sum(spatial.warp(image, flow) ** 2)
+        loss = tf.reduce_sum(sampling.warp(image, flow) ** 2)
     grads = tape.gradient(loss, [image, flow])
     for g in grads:
         assert np.all(np.isfinite(g.numpy()))
@@ -208,9 +208,9 @@ def test_compose_law_on_smooth_fields():
     image = smooth_image(grid)[None, ..., None].astype(np.float32)
     g1 = smooth_flow(grid, 1.5, 0.4)[None].astype(np.float32)
     g2 = smooth_flow(grid, 2.0, 1.3)[None].astype(np.float32)
-    twice = spatial.warp(spatial.warp(image, g1), g2).numpy()
-    composed = spatial.compose(g1, g2)
-    once = spatial.warp(image, composed).numpy()
+    twice = sampling.warp(sampling.warp(image, g1), g2).numpy()
+    composed = fields.compose(g1, g2)
+    once = sampling.warp(image, composed).numpy()
     # Analytic truth: I(x + g2(x) + g1(x + g2(x))).
     y = grid + g2[0]
     exact = smooth_image(y + smooth_flow(y, 1.5, 0.4))[None, ..., None]
@@ -225,8 +225,8 @@ def test_compose_law_on_smooth_fields():
     assert np.abs(once - exact)[inner].max() < tolerance
     assert np.abs(twice - exact)[inner].max() < tolerance
     # The law is discriminating: the wrong order or plain addition is much worse.
-    wrong_order = spatial.warp(image, spatial.compose(g2, g1)).numpy()
-    added = spatial.warp(image, g1 + g2).numpy()
+    wrong_order = sampling.warp(image, fields.compose(g2, g1)).numpy()
+    added = sampling.warp(image, g1 + g2).numpy()
     assert np.abs(wrong_order - exact)[inner].max() > 3 * tolerance
     assert np.abs(added - exact)[inner].max() > 3 * tolerance
     # And the composed field itself is g2 + g1∘(id + g2), checked against the analytic one.
@@ -238,16 +238,16 @@ def test_compose_with_zero_flows():
     rng = np.random.default_rng(3)
     g = rng.normal(size=(2, 6, 7, 5, 3)).astype(np.float32) * 2
     zero = np.zeros_like(g)
-    np.testing.assert_allclose(spatial.compose(g, zero).numpy(), g, atol=1e-6)
-    np.testing.assert_allclose(spatial.compose(zero, g).numpy(), g, atol=1e-6)
-    np.testing.assert_array_equal(spatial.compose(zero, zero).numpy(), zero)
+    np.testing.assert_allclose(fields.compose(g, zero).numpy(), g, atol=1e-6)
+    np.testing.assert_allclose(fields.compose(zero, g).numpy(), g, atol=1e-6)
+    np.testing.assert_array_equal(fields.compose(zero, zero).numpy(), zero)
 
 
 def test_compose_of_translations_adds_them():
     shape = (6, 7, 5)
     t1 = np.broadcast_to(np.array([1.0, -2.0, 0.5], np.float32), (1, *shape, 3))
     t2 = np.broadcast_to(np.array([-0.25, 3.0, 1.0], np.float32), (1, *shape, 3))
-    np.testing.assert_allclose(spatial.compose(t1, t2).numpy(), t1 + t2, atol=1e-6)
+    np.testing.assert_allclose(fields.compose(t1, t2).numpy(), t1 + t2, atol=1e-6)
 
 
 # ----- affine_flow -------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_affine_flow_moves_points_where_the_matrix_says(degrees):
     shape = (9, 12, 7)
     A = rotation_about_axis2(degrees) * np.array([1.0, 1.1, 0.9])  # rotation + anisotropic scale
     b = np.array([1.5, -2.0, 0.75])
-    flow = spatial.affine_flow((A - np.eye(3))[None].astype(np.float32), b[None].astype(np.float32), shape)
+    flow = fields.affine_flow((A - np.eye(3))[None].astype(np.float32), b[None].astype(np.float32), shape)
     assert flow.shape == (1, *shape, 3)
     p = voxel_grid(shape)
     c = (np.array(shape) - 1) / 2.0
@@ -271,11 +271,11 @@ def test_affine_flow_moves_points_where_the_matrix_says(degrees):
 
 def test_affine_flow_batch_and_identity():
     shape = (4, 6, 5)
-    zero = spatial.affine_flow(np.zeros((2, 3, 3), np.float32), np.zeros((2, 3), np.float32), shape)
+    zero = fields.affine_flow(np.zeros((2, 3, 3), np.float32), np.zeros((2, 3), np.float32), shape)
     np.testing.assert_array_equal(zero.numpy(), np.zeros((2, *shape, 3)))
     W = np.stack([np.zeros((3, 3)), 0.1 * np.eye(3)]).astype(np.float32)
     b = np.array([[1, 2, 3], [0, 0, 0]], np.float32)
-    flow = spatial.affine_flow(W, b, shape).numpy()
+    flow = fields.affine_flow(W, b, shape).numpy()
     np.testing.assert_allclose(flow[0], np.broadcast_to(b[0], (*shape, 3)), atol=1e-6)
     c = (np.array(shape) - 1) / 2.0
     np.testing.assert_allclose(flow[1], 0.1 * (voxel_grid(shape) - c), atol=1e-6)
@@ -288,8 +288,8 @@ def test_translation_moves_a_bright_voxel_the_right_way():
     b = np.array([2.0, -3.0, 1.0])
     image = np.zeros((1, *shape, 1), np.float32)
     image[0, q[0], q[1], q[2], 0] = 1.0
-    flow = spatial.affine_flow(np.zeros((1, 3, 3), np.float32), b[None].astype(np.float32), shape)
-    out = spatial.warp(image, flow).numpy()[0, ..., 0]
+    flow = fields.affine_flow(np.zeros((1, 3, 3), np.float32), b[None].astype(np.float32), shape)
+    out = sampling.warp(image, flow).numpy()[0, ..., 0]
     assert np.isclose(out.sum(), 1.0)
     assert tuple(np.argwhere(out == 1.0)[0]) == tuple(q - b.astype(int))
 
@@ -300,8 +300,8 @@ def test_rotation_warp_moves_a_bright_voxel_to_inverse_rotated_position():
     q = np.array([6, 2, 3])
     image = np.zeros((1, *shape, 1), np.float32)
     image[0, q[0], q[1], q[2], 0] = 1.0
-    flow = spatial.affine_flow((A - np.eye(3))[None].astype(np.float32), np.zeros((1, 3), np.float32), shape)
-    out = spatial.warp(image, flow).numpy()[0, ..., 0]
+    flow = fields.affine_flow((A - np.eye(3))[None].astype(np.float32), np.zeros((1, 3), np.float32), shape)
+    out = sampling.warp(image, flow).numpy()[0, ..., 0]
     c = (np.array(shape) - 1) / 2.0
     expected = np.round(np.linalg.solve(A, q - c) + c).astype(int)  # A (p - c) + c = q
     assert out[tuple(expected)] == pytest.approx(1.0, abs=1e-5)
@@ -316,11 +316,11 @@ def test_jacobian_determinant_of_affine_field_is_det_of_I_plus_W():
     b = rng.normal(size=(2, 3))
     grid = voxel_grid(shape)
     flow = np.einsum("xyzj,bij->bxyzi", grid, W) + b[:, None, None, None]
-    det = spatial.jacobian_determinant(flow.astype(np.float32)).numpy()
+    det = fields.jacobian_determinant(flow.astype(np.float32)).numpy()
     assert det.shape == (2, *shape)
     for k in range(2):
         np.testing.assert_allclose(det[k], np.linalg.det(np.eye(3) + W[k]), rtol=1e-4, atol=1e-4)
-    single = spatial.jacobian_determinant(flow[0].astype(np.float32)).numpy()
+    single = fields.jacobian_determinant(flow[0].astype(np.float32)).numpy()
     assert single.shape == shape
 
 
@@ -339,7 +339,7 @@ def test_jacobian_determinant_of_nonlinear_field_matches_analytic():
     jac[..., 2, 0] = -a * w * np.sin(w * x[..., 0])
     jac[..., 2, 2] = 1 + 0.3 * w * np.cos(w * x[..., 2])
     exact = np.linalg.det(jac)
-    det = spatial.jacobian_determinant(flow[None].astype(np.float32)).numpy()[0]
+    det = fields.jacobian_determinant(flow[None].astype(np.float32)).numpy()[0]
     # Central differences: error a·w³/6 ≈ 0.004 per entry; quadratics are exact.
     np.testing.assert_allclose(det[1:-1, 1:-1, 1:-1], exact[1:-1, 1:-1, 1:-1], atol=0.02)
     assert exact.min() < 0.75 and exact.max() > 1.2  # the field really varies
@@ -350,7 +350,7 @@ def test_jacobian_determinant_matches_numpy_gradient():
     flow = np.random.default_rng(9).normal(size=(6, 7, 5, 3))
     grads = np.stack([np.stack(np.gradient(flow[..., c]), -1) for c in range(3)], -2)
     expected = np.linalg.det(np.eye(3) + grads)
-    det = spatial.jacobian_determinant(flow[None].astype(np.float32)).numpy()[0]
+    det = fields.jacobian_determinant(flow[None].astype(np.float32)).numpy()[0]
     np.testing.assert_allclose(det, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -367,10 +367,10 @@ def test_sample_linear_matches_scipy_with_clamping_and_zero_outside():
     clipped = np.clip(positions[0], 0, np.array([6, 8, 4], float))
     expected = np.stack([ndimage.map_coordinates(image[0, ..., c], np.moveaxis(clipped, -1, 0), order=1,
                                                  mode="nearest") for c in range(2)], -1)
-    got = spatial.sample(image, positions, "linear", "clamp").numpy()[0]
+    got = sampling.sample(image, positions, "linear", "clamp").numpy()[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     inside = np.all((positions[0] >= -0.5) & (positions[0] < np.array([7, 9, 5]) - 0.5), axis=-1)
-    got_zero = spatial.sample(image, positions, "linear", "zero").numpy()[0]
+    got_zero = sampling.sample(image, positions, "linear", "zero").numpy()[0]
     np.testing.assert_allclose(got_zero, np.where(inside[..., None], expected, 0.0), atol=1e-5)
     assert (~inside).any() and inside.any()
 
@@ -382,7 +382,7 @@ def test_sample_nearest_keeps_ids_and_rounds_half_up():
     positions[0, 0, 0, 0] = (1.5, 2.5, 0.5)  # exact halves go up
     index = np.minimum(np.floor(np.clip(positions[0], 0, [5, 4, 3]) + 0.5).astype(int), [5, 4, 3])
     expected = labels[0, index[..., 0], index[..., 1], index[..., 2]]
-    got = spatial.sample(labels, positions, "nearest").numpy()[0]
+    got = sampling.sample(labels, positions, "nearest").numpy()[0]
     np.testing.assert_array_equal(got, expected)
     assert got.dtype == np.int32 and got[0, 0, 0, 0] == labels[0, 2, 3, 1, 0]
 
@@ -395,7 +395,7 @@ def test_sample_position_gradient_matches_central_differences():
     weights = tf.constant(rng.normal(size=(2, 3, 3, 2, 1)), tf.float32)
     p = tf.Variable(positions.astype(np.float32))
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(spatial.sample(image, p, "linear", "zero") * weights)
+        loss = tf.reduce_sum(sampling.sample(image, p, "linear", "zero") * weights)
     grad = tape.gradient(loss, p).numpy()
     eps = 1e-2
     numeric = np.zeros_like(positions)
@@ -403,7 +403,7 @@ def test_sample_position_gradient_matches_central_differences():
         for sign in (1, -1):
             shifted = positions.copy()
             shifted[index] += sign * eps
-            value = tf.reduce_sum(spatial.sample(image, shifted.astype(np.float32), "linear") * weights)
+            value = tf.reduce_sum(sampling.sample(image, shifted.astype(np.float32), "linear") * weights)
             numeric[index] += sign * float(value) / (2 * eps)
     np.testing.assert_allclose(grad, numeric, atol=2e-3)
 
@@ -412,7 +412,7 @@ def test_sample_on_the_identity_positions_is_warp_with_a_zero_flow():
     rng = np.random.default_rng(6)
     image = rng.normal(size=(1, 5, 6, 4, 1)).astype(np.float32)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in (5, 6, 4)], indexing="ij"), -1)[None]
-    np.testing.assert_array_equal(spatial.sample(image, grid.astype(np.float32)).numpy(), image)
+    np.testing.assert_array_equal(sampling.sample(image, grid.astype(np.float32)).numpy(), image)
 
 
 # ---- sample_mapped: the corner-table sampler of instance optimisation ---------------------
@@ -425,7 +425,7 @@ def _mapping(rng):
 def test_corner_table_rows_hold_the_8_neighbours_edge_repeated():
     rng = np.random.default_rng(21)
     image = rng.normal(size=(4, 3, 1)).astype(np.float32)  # an axis of length 1 too
-    table = spatial.corner_table(image).numpy()
+    table = sampling.corner_table(image).numpy()
     assert table.shape == (4, 3, 1, 8)
     padded = np.pad(image, [(0, 1)] * 3, mode="edge")
     for k, (dx, dy, dz) in enumerate((a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)):
@@ -442,7 +442,7 @@ def test_sample_mapped_matches_scipy_through_the_matrix_with_zero_outside():
     expected = ndimage.map_coordinates(image, np.moveaxis(clipped, -1, 0), order=1, mode="nearest")
     inside = np.all((raw >= -0.5) & (raw < np.array([7, 9, 5]) - 0.5), axis=-1)
     assert (~inside).any() and inside.any()
-    got = spatial.sample_mapped(spatial.corner_table(image), tf.constant(points), tf.constant(matrix)).numpy()
+    got = sampling.sample_mapped(sampling.corner_table(image), tf.constant(points), tf.constant(matrix)).numpy()
     np.testing.assert_allclose(got, np.where(inside, expected, 0.0), atol=1e-5)
 
 
@@ -455,10 +455,10 @@ def test_sample_mapped_point_gradient_matches_central_differences():
     keep = np.all(np.abs(raw - np.round(raw)) > 0.05, -1)  # away from cell faces
     assert keep.sum() >= 5
     weights = rng.normal(size=points.shape[:3]) * keep
-    table = spatial.corner_table(image)
+    table = sampling.corner_table(image)
 
     def value(p):
-        return tf.reduce_sum(spatial.sample_mapped(table, p, tf.constant(matrix)) * weights.astype(np.float32))
+        return tf.reduce_sum(sampling.sample_mapped(table, p, tf.constant(matrix)) * weights.astype(np.float32))
 
     p = tf.constant(points.astype(np.float32))
     with tf.GradientTape() as tape:

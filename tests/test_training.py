@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vtn_tf import checkpoints
-from vtn_tf import config as config_lib
-from vtn_tf import training
-from vtn_tf.model import VTN
+from vtn_tf.nn import checkpoints
+from vtn_tf.nn.model import VTN
+from vtn_tf.training import config as config_lib
+from vtn_tf.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny-ci.json"
@@ -39,10 +39,10 @@ def tiny_config(manifest, *overrides):
 
 def test_affine_ranges_follow_the_switch():
     data = config_lib.load_config(overrides=["data.rotation_degrees=10"])["data"]
-    assert training.affine_ranges(data) == dict(rotation_degrees=0.0, scale=0.0, shear=0.0,
+    assert loop.affine_ranges(data) == dict(rotation_degrees=0.0, scale=0.0, shear=0.0,
                                                 translation_mm=0.0)
     data["affine_augment"] = True
-    assert training.affine_ranges(data) == dict(rotation_degrees=10, scale=0.1, shear=0.05,
+    assert loop.affine_ranges(data) == dict(rotation_degrees=10, scale=0.1, shear=0.05,
                                                 translation_mm=20.0)
 
 
@@ -57,7 +57,7 @@ def event_tags(log_dir):
 
 def test_training_writes_config_checkpoints_and_tensorboard(toy_manifest, tmp_path):
     config = tiny_config(toy_manifest)
-    summary = training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+    summary = loop.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
     total = config["train"]["epochs"] * config["train"]["steps_per_epoch"]
     assert summary["steps"] == total
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
@@ -73,9 +73,9 @@ def test_training_writes_config_checkpoints_and_tensorboard(toy_manifest, tmp_pa
 
 
 def test_a_different_config_is_not_resumed(toy_manifest, tmp_path):
-    training.train(tiny_config(toy_manifest), tmp_path / "run", verbose=0, log=lambda *_: None)
+    loop.train(tiny_config(toy_manifest), tmp_path / "run", verbose=0, log=lambda *_: None)
     with pytest.raises(config_lib.ConfigError, match="model.width"):
-        training.train(tiny_config(toy_manifest, "model.width=0.25"), tmp_path / "run", verbose=0)
+        loop.train(tiny_config(toy_manifest, "model.width=0.25"), tmp_path / "run", verbose=0)
 
 
 def test_more_epochs_extend_a_finished_run(toy_manifest, tmp_path):
@@ -84,18 +84,18 @@ def test_more_epochs_extend_a_finished_run(toy_manifest, tmp_path):
     or more epochs together with another change, are refused."""
     quiet = {"verbose": 0, "log": lambda *_: None}
     one, two = tiny_config(toy_manifest, "train.epochs=1"), tiny_config(toy_manifest, "train.epochs=2")
-    training.train(two, tmp_path / "straight", **quiet)
-    training.train(one, tmp_path / "extended", **quiet)
+    loop.train(two, tmp_path / "straight", **quiet)
+    loop.train(one, tmp_path / "extended", **quiet)
     messages = []
-    summary = training.train(two, tmp_path / "extended", verbose=0, log=messages.append)
+    summary = loop.train(two, tmp_path / "extended", verbose=0, log=messages.append)
     assert summary["start_step"] == 4 and summary["steps"] == 8
     assert any("extending" in m and "1 to 2 epochs" in m for m in messages)
     for a, b in zip(_trained_weights(tmp_path / "straight"), _trained_weights(tmp_path / "extended")):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(config_lib.ConfigError, match="train.epochs"):
-        training.train(one, tmp_path / "extended", **quiet)
+        loop.train(one, tmp_path / "extended", **quiet)
     with pytest.raises(config_lib.ConfigError, match="model.width"):
-        training.train(tiny_config(toy_manifest, "train.epochs=3", "model.width=0.25"),
+        loop.train(tiny_config(toy_manifest, "train.epochs=3", "model.width=0.25"),
                        tmp_path / "extended", **quiet)
 
 
@@ -110,7 +110,7 @@ def test_sigkill_then_restart_resumes_exactly(toy_manifest, tmp_path):
     uninterrupted run ends: same step count, same weights (CPU is deterministic here)."""
     overrides = ["--set", f"data.manifest={toy_manifest}", "--set", "train.epochs=3",
                  "--set", "train.validate_every=1000"]
-    command = [sys.executable, "-m", "vtn_tf.apps.train", "--config", str(TINY), "--progress", "0"]
+    command = [sys.executable, "-m", "vtn_tf.cli.train", "--config", str(TINY), "--progress", "0"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     subprocess.run(command + ["--run_dir", str(tmp_path / "straight")] + overrides, check=True,
                    capture_output=True, env=env)
@@ -147,14 +147,14 @@ def _nan_stream(batches=4):
 
 def _small_model(on_nonfinite):
     config = config_lib.load_config(TINY, [f"train.on_nonfinite={on_nonfinite}"])
-    return training.build_model(config, (64, 64, 64))
+    return loop.build_model(config, (64, 64, 64))
 
 
 def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
     model = _small_model("stop")
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(tmp_path), 2)
     with pytest.raises(FloatingPointError, match="loss became nan at step 2"):
-        model.fit(_nan_stream(), callbacks=[training.NonFiniteGuard(), training.Checkpoints(manager, 1, 10)],
+        model.fit(_nan_stream(), callbacks=[loop.NonFiniteGuard(), loop.Checkpoints(manager, 1, 10)],
                   verbose=0)
     assert manager.latest_checkpoint.endswith("-1")  # the good step 1 only
 
@@ -174,12 +174,12 @@ def test_paper_schedule_is_the_config_schedule():
 
     config = config_lib.load_config(overrides=SMALL_SCHEDULE + ["model.spec=D", "model.width=0.125"])
     train = config["train"]
-    schedule = training.PaperSchedule(train["learning_rate"], train["steps_per_epoch"], train["halve_after_epoch"])
+    schedule = loop.PaperSchedule(train["learning_rate"], train["steps_per_epoch"], train["halve_after_epoch"])
     for step, rate in SMALL_RATES.items():
         assert float(schedule(tf.constant(step, tf.int64))) == pytest.approx(rate, rel=1e-6)
-    again = training.PaperSchedule.from_config(schedule.get_config())
+    again = loop.PaperSchedule.from_config(schedule.get_config())
     assert float(again(7)) == pytest.approx(5e-4, rel=1e-6)
-    optimizer = training.build_model(config, (64, 64, 64)).optimizer  # the schedule training uses
+    optimizer = loop.build_model(config, (64, 64, 64)).optimizer  # the schedule training uses
     for step in (0, 9, 30):
         optimizer.iterations.assign(step)
         assert float(optimizer.learning_rate) == pytest.approx(SMALL_RATES[step], rel=1e-6)
@@ -191,7 +191,7 @@ def test_a_half_written_checkpoint_never_replaces_the_last_good_one(toy_manifest
     last complete checkpoint."""
     config = tiny_config(toy_manifest)
     run = tmp_path / "run"
-    training.train(config, run, verbose=0, log=lambda *_: None)
+    loop.train(config, run, verbose=0, log=lambda *_: None)
     folder = run / "checkpoints"
     good = tf.train.latest_checkpoint(str(folder))
     for source in folder.glob(pathlib.Path(good).name + ".*"):
@@ -235,9 +235,9 @@ def test_training_puts_the_global_policy_back(toy_manifest, tmp_path, monkeypatc
         config = tiny_config(toy_manifest, "train.mixed_precision=true")
         if fails:
             with pytest.raises(RuntimeError, match="failed in fit"):
-                training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+                loop.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
         else:
-            training.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
+            loop.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -245,20 +245,21 @@ def test_training_puts_the_global_policy_back(toy_manifest, tmp_path, monkeypatc
 
 
 def test_validation_dice_is_the_evaluation_metric(toy_manifest, tmp_path):
-    """Validation scores each held-out pair as vtn-evaluate does (`vtn_tf.evaluation.pair_metrics`
-    over `vtn_tf.metrics`): the mean over pairs of the label-mean Dice of the moving labels
+    """Validation scores each held-out pair as vtn-evaluate does (`vtn_tf.evaluation.protocols.pair_metrics`
+    over `vtn_tf.core.metrics`): the mean over pairs of the label-mean Dice of the moving labels
     warped with nearest neighbour, the unregistered Dice, and the folding percentage."""
     from scipy import ndimage
 
-    from vtn_tf import data as data_lib
-    from vtn_tf import evaluation, spatial
+    from vtn_tf.core import sampling
+    from vtn_tf.evaluation import protocols
+    from vtn_tf.training import data as data_lib
 
     dataset = data_lib.load_prepared(toy_manifest, splits=("validation",))
     pairs = data_lib.evaluation_pairs(dataset.ids("validation"), "pairwise")
     batches = list(data_lib.evaluation_batches(dataset, pairs, include_labels=True))
     keras.utils.set_random_seed(1)
     model = VTN("AD", width=0.125)  # the paper's flow head: random flows of a few voxels
-    validation = training.Validation(batches, dataset.label_values, tf.summary.create_file_writer(str(tmp_path)),
+    validation = loop.Validation(batches, dataset.label_values, tf.summary.create_file_writer(str(tmp_path)),
                                      every=1, log=lambda *_: None)
     validation.set_model(model)
     result = validation.evaluate(0)
@@ -266,9 +267,9 @@ def test_validation_dice_is_the_evaluation_metric(toy_manifest, tmp_path):
     for batch in batches:
         flow = model({"fixed": batch["fixed"], "moving": batch["moving"]})["flow"]
         fixed_labels, moving_labels = (batch[name].numpy()[0, ..., 0] for name in ("fixed_labels", "moving_labels"))
-        warped = spatial.warp(batch["moving_labels"], flow, "nearest").numpy()[0, ..., 0]
-        registered.append(evaluation.pair_metrics(fixed_labels, warped, dataset.label_values, flow.numpy()[0]))
-        unregistered.append(evaluation.pair_metrics(fixed_labels, moving_labels, dataset.label_values, None))
+        warped = sampling.warp(batch["moving_labels"], flow, "nearest").numpy()[0, ..., 0]
+        registered.append(protocols.pair_metrics(fixed_labels, warped, dataset.label_values, flow.numpy()[0]))
+        unregistered.append(protocols.pair_metrics(fixed_labels, moving_labels, dataset.label_values, None))
         # The labels really move with the flow (scipy's nearest neighbour, up to rounding ties).
         grid = np.stack(np.meshgrid(*[np.arange(n) for n in warped.shape], indexing="ij"), -1)
         coords = np.moveaxis(grid + flow.numpy()[0], -1, 0)
@@ -286,7 +287,7 @@ def test_a_run_directory_under_a_file_is_an_input_error(tmp_path):
 
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(InputError, match="file.txt/run cannot be created"):
-        training.prepare_run_dir(tmp_path / "file.txt" / "run", config_lib.load_config())
+        loop.prepare_run_dir(tmp_path / "file.txt" / "run", config_lib.load_config())
 
 
 def test_the_register_section_is_not_part_of_what_a_run_trains(tmp_path):
@@ -294,12 +295,12 @@ def test_the_register_section_is_not_part_of_what_a_run_trains(tmp_path):
     trained run; config.json then holds the new ones. A change to a trained field is still
     refused, and an unknown register field is a config error."""
     config = config_lib.load_config()
-    training.prepare_run_dir(tmp_path / "run", config)
+    loop.prepare_run_dir(tmp_path / "run", config)
     recommended = config_lib.apply_overrides(config, ["register.passes=2", "register.refine=40x12"])
-    training.prepare_run_dir(tmp_path / "run", recommended, log=lambda *_: None)
+    loop.prepare_run_dir(tmp_path / "run", recommended, log=lambda *_: None)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["register"]["passes"] == 2 and saved["register"]["refine"] == "40x12"
     with pytest.raises(config_lib.ConfigError, match="model.width"):
-        training.prepare_run_dir(tmp_path / "run", config_lib.apply_overrides(recommended, ["model.width=0.25"]))
+        loop.prepare_run_dir(tmp_path / "run", config_lib.apply_overrides(recommended, ["model.width=0.25"]))
     with pytest.raises(config_lib.ConfigError, match="unknown field register.refine_steps"):
         config_lib.apply_overrides(config, ["register.refine_steps=3"])

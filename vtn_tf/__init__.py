@@ -19,12 +19,17 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "warp": "vtn_tf.spatial", "compose": "vtn_tf.spatial", "affine_flow": "vtn_tf.spatial",
-    "SpatialTransformer": "vtn_tf.layers", "ComposeFlows": "vtn_tf.layers", "AffineFlow": "vtn_tf.layers",
-    "AffineSubnetwork": "vtn_tf.networks", "DenseSubnetwork": "vtn_tf.networks", "VTN": "vtn_tf.model",
+    "warp": "vtn_tf.core.sampling", "compose": "vtn_tf.core.fields", "affine_flow": "vtn_tf.core.fields",
+    "SpatialTransformer": "vtn_tf.nn.layers", "ComposeFlows": "vtn_tf.nn.layers", "AffineFlow": "vtn_tf.nn.layers",
+    "AffineSubnetwork": "vtn_tf.nn.networks", "DenseSubnetwork": "vtn_tf.nn.networks", "VTN": "vtn_tf.nn.model",
 }
-_MODULES = {"losses", "metrics", "spatial", "layers", "networks", "model", "checkpoints", "io", "data",
-            "augment", "config", "training", "evaluation", "registration", "export", "baselines"}
+# Modules reachable as attributes (``vtn_tf.core.metrics``), loaded on first use.
+_MODULES = {"losses": "vtn_tf.nn.losses", "metrics": "vtn_tf.core.metrics", "layers": "vtn_tf.nn.layers",
+            "networks": "vtn_tf.nn.networks", "model": "vtn_tf.nn.model", "checkpoints": "vtn_tf.nn.checkpoints",
+            "augment": "vtn_tf.preprocessing.augment", "config": "vtn_tf.training.config",
+            "data": "vtn_tf.training.data", "export": "vtn_tf.serving.export",
+            "baselines": "vtn_tf.evaluation.baselines"}
+_PACKAGES = {"core", "nn", "preprocessing", "io", "registration", "training", "evaluation", "serving", "cli"}
 __all__ = sorted(_PUBLIC) + ["losses", "metrics"]
 
 
@@ -32,9 +37,11 @@ def __getattr__(name):
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     if name in _MODULES:
+        return importlib.import_module(_MODULES[name])
+    if name in _PACKAGES:
         return importlib.import_module(f"vtn_tf.{name}")
     raise AttributeError(f"module 'vtn_tf' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC) | _MODULES)
+    return sorted(set(globals()) | set(_PUBLIC) | set(_MODULES) | _PACKAGES)

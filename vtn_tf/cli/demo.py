@@ -1,6 +1,6 @@
 """The quickstart: prepare data, train briefly, evaluate held-out pairs, register one, draw.
 
-``make demo`` (or ``python -m vtn_tf.apps.demo``). Uses the real hippocampus MRI crops
+``make demo`` (or ``python -m vtn_tf.cli.demo``). Uses the real hippocampus MRI crops
 under ``VTN_DATA`` (default ../shared/data) when present; otherwise synthesises toy
 volumes and says so. Minutes on 2 CPU cores. Writes ``outputs/demo/``.
 """
@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from vtn_tf.apps.common import user_errors
+from vtn_tf.cli.common import setup, user_errors
 from vtn_tf.io import InputError
 
 FLAGS = flags.FLAGS
@@ -56,29 +56,29 @@ def _check(status):
 
 
 def train(manifest, run_dir, steps):
-    from vtn_tf import config as config_lib
-    from vtn_tf import training
+    from vtn_tf.training import config as config_lib
+    from vtn_tf.training import loop
 
     config = config_lib.load_config(REPO / "experiments" / "hippocampus-cpu.json", [
         f"data.manifest={manifest}", f"train.steps_per_epoch={steps}", "train.epochs=1",
         "train.halve_after_epoch=1", f"train.checkpoint_every={min(100, steps)}",
         f"train.validate_every={min(100, steps)}"])
-    return training.train(config, run_dir, verbose=2 if not sys.stdout.isatty() else 1)
+    return loop.train(config, run_dir, verbose=2 if not sys.stdout.isatty() else 1)
 
 
 def evaluate(manifest, run_dir, pairs):
     """Dice of the held-out pairs before and after registration (`vtn_tf.evaluation`)."""
-    from vtn_tf import evaluation
+    from vtn_tf.evaluation import protocols
 
-    dataset, chosen = evaluation.load_pairs(manifest, "evaluation", "consecutive", max_pairs=pairs)
-    methods, _ = evaluation.make_methods(["identity", "vtn"], run_dir)
-    rows = evaluation.evaluate(dataset, chosen, methods)
+    dataset, chosen = protocols.load_pairs(manifest, "evaluation", "consecutive", max_pairs=pairs)
+    methods, _ = protocols.make_methods(["identity", "vtn"], run_dir)
+    rows = protocols.evaluate(dataset, chosen, methods)
     before = {(r["fixed"], r["moving"]): r["dice"] for r in rows if r["method"] == "identity"}
     print("\n| fixed | moving | Dice before | Dice after | folding % |\n|---|---|---|---|---|")
     for row in (r for r in rows if r["method"] == "vtn"):
         print(f"| {row['fixed']} | {row['moving']} | {before[row['fixed'], row['moving']]:.3f} "
               f"| {row['dice']:.3f} | {row['folding_percent']:.3f} |")
-    print("\n" + evaluation.summary_table(rows) + "\n")
+    print("\n" + protocols.summary_table(rows) + "\n")
     return methods["vtn"].model, dataset, chosen[0]
 
 
@@ -90,14 +90,14 @@ def draw(model, dataset, pair, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from vtn_tf import spatial
+    from vtn_tf.core import sampling
 
     fixed_id, moving_id = pair
     fixed, moving = dataset.images[fixed_id], dataset.images[moving_id]
     out = model({"fixed": fixed[None, ..., None], "moving": moving[None, ..., None]})
     flow = out["flow"].numpy()[0]
     warped = out["warped"].numpy()[0, ..., 0]
-    warped_labels = spatial.warp(dataset.labels[moving_id][None, ..., None], out["flow"], "nearest").numpy()[0, ..., 0]
+    warped_labels = sampling.warp(dataset.labels[moving_id][None, ..., None], out["flow"], "nearest").numpy()[0, ..., 0]
     z = int(np.argmax((dataset.labels[fixed_id] > 0).sum(axis=(0, 1))))
     panels = [("fixed", fixed, dataset.labels[fixed_id]), ("moving", moving, dataset.labels[moving_id]),
               ("warped moving", warped, warped_labels)]
@@ -141,6 +141,7 @@ def draw(model, dataset, pair, path):
 
 
 def main(argv):
+    setup()
     del argv
     with user_errors("vtn-demo", FLAGS.verbose):
         manifest, description = prepare(FLAGS.data, FLAGS.prepared, FLAGS.synthetic)
@@ -155,14 +156,14 @@ def main(argv):
 def register_pair(manifest, dataset, pair, out):
     """Register the pair's source NIfTI files with the command-line tool's library."""
     try:
-        from vtn_tf import registration
+        from vtn_tf.registration import pipeline
     except ImportError:
         return
     subjects = {s["id"]: s for s in __import__("json").loads(pathlib.Path(manifest).read_text())["subjects"]}
     fixed, moving = (subjects[i] for i in pair)
     root = pathlib.Path(manifest).parent
     print(f"registering {moving['id']} to {fixed['id']} with vtn-register into {out}")
-    registration.register_files(FLAGS.run_dir, root / fixed["image"], root / moving["image"], out,
+    pipeline.register_files(FLAGS.run_dir, root / fixed["image"], root / moving["image"], out,
                                 moving_labels=[root / moving["labels"]], overwrite=True)
 
 

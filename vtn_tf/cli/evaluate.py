@@ -16,8 +16,7 @@ import sys
 
 from absl import app, flags
 
-from vtn_tf.apps.common import (apply_recommended, define_inference_flags, define_refine_flags, refine_settings,
-                                user_errors)
+from vtn_tf.cli.common import apply_recommended, define_inference_flags, define_refine_flags, refine_settings, setup, user_errors
 from vtn_tf.io import InputError
 
 FLAGS = flags.FLAGS
@@ -55,30 +54,30 @@ def log(line):
 
 
 def compare(files, methods):
-    from vtn_tf import evaluation
+    from vtn_tf.evaluation import protocols
 
     if len(files) == 1:
         if len(methods) != 2:
             raise InputError("--compare with one file needs --methods naming two methods, "
                              "e.g. --methods vtn,ants")
-        rows = evaluation.read_results(files[0])
-        sides = [(evaluation.select_method(rows, m, files[0]), m) for m in methods]
+        rows = protocols.read_results(files[0])
+        sides = [(protocols.select_method(rows, m, files[0]), m) for m in methods]
     elif len(files) == 2:
         if len(methods) > 2:
             raise InputError("--compare with two files takes at most two --methods")
         chosen = methods * 2 if len(methods) == 1 else (methods or [None, None])
         sides = []
         for path, method in zip(files, chosen):
-            rows = evaluation.select_method(evaluation.read_results(path), method, path)
+            rows = protocols.select_method(protocols.read_results(path), method, path)
             sides.append((rows, f"{rows[0]['method']} ({os.path.basename(path)})"))
     else:
         raise InputError(f"--compare takes one or two result files; got {len(files)}")
-    result = evaluation.compare(sides[0][0], sides[1][0], FLAGS.metric)
-    print(evaluation.format_comparison(result, sides[0][1], sides[1][1]))
+    result = protocols.compare(sides[0][0], sides[1][0], FLAGS.metric)
+    print(protocols.format_comparison(result, sides[0][1], sides[1][1]))
 
 
 def evaluate():
-    from vtn_tf import evaluation
+    from vtn_tf.evaluation import protocols
 
     if not FLAGS.manifest:
         raise InputError("--manifest is required (a prepared dataset's manifest.json)")
@@ -89,9 +88,9 @@ def evaluate():
             raise InputError("--recommended needs --native (its settings are vtn-register's)")
         apply_recommended(FLAGS.model, log)
     if FLAGS.native:
-        from vtn_tf import native_evaluation
+        from vtn_tf.evaluation import native
 
-        _, summary = native_evaluation.run(
+        _, summary = native.run(
             FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
             split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
             overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes, precision=FLAGS.precision, init=FLAGS.init,
@@ -101,7 +100,7 @@ def evaluate():
         return
     if FLAGS.misalign or refine_settings() is not None or FLAGS.inverse:
         raise InputError("--misalign, --refine and --inverse need --native (the original files)")
-    _, summary = evaluation.run_protocol(
+    _, summary = protocols.run_protocol(
         FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
         split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
         overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes, precision=FLAGS.precision)
@@ -109,6 +108,7 @@ def evaluate():
 
 
 def main(argv):
+    setup()
     with user_errors("vtn-evaluate", FLAGS.verbose):
         if FLAGS.compare:
             # `--compare a.csv b.csv`: absl leaves b.csv as a positional argument.

@@ -3,18 +3,18 @@
 Usage:
   vtn-export --model runs/X --out exported/X [--xla] [--overwrite] [--verbose]
 
-(``python -m vtn_tf.apps.export`` is the same.) The SavedModel's ``serving_default``
+(``python -m vtn_tf.cli.export`` is the same.) The SavedModel's ``serving_default``
 signature takes ``fixed`` and ``moving`` float32 ``[None, X, Y, Z, 1]`` (the run's grid,
 intensities normalised as in training) and returns ``flow`` ``[None, X, Y, Z, 3]`` (voxels,
 pulling) and ``warped`` ``[None, X, Y, Z, 1]``. It loads with TensorFlow alone:
 ``tf.saved_model.load("exported/X").signatures["serving_default"]``. ``--xla`` keeps the
 XLA-compiled warp (TensorFlow Serving then needs ``--xla_cpu_compilation_enabled=true``);
-see `vtn_tf.export` for TensorFlow Serving commands and the REST request format.
+see `vtn_tf.serving.export` for TensorFlow Serving commands and the REST request format.
 """
 
 from absl import app, flags, logging
 
-from vtn_tf.apps.common import define_inference_flags, user_errors
+from vtn_tf.cli.common import define_inference_flags, setup, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -27,6 +27,7 @@ flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 
 def main(argv):
+    setup()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.model or not FLAGS.out:
@@ -34,7 +35,7 @@ def main(argv):
     if not FLAGS.verbose:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's saving chatter
     with user_errors("vtn-export", FLAGS.verbose):
-        from vtn_tf import export
+        from vtn_tf.serving import export
 
         export.export_model(FLAGS.model, FLAGS.out, overwrite=FLAGS.overwrite, xla=FLAGS.xla,
                              passes=FLAGS.passes, precision=FLAGS.precision)

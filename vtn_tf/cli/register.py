@@ -7,7 +7,7 @@ Usage:
       [--inverse [--fixed_labels atlas_labels.nii.gz ...]]
   vtn-register --model runs/X --pairs pairs.csv [options]      # many pairs, one model load
 
-(``python -m vtn_tf.apps.register`` is the same; ``--fixed`` / ``--moving`` may replace the
+(``python -m vtn_tf.cli.register`` is the same; ``--fixed`` / ``--moving`` may replace the
 two positional arguments.) Images of any size, spacing and orientation (.nii, .nii.gz, .mha,
 .mhd, .nrrd), prepared as the model's training volumes were (its ``preprocessing.json``).
 Outputs in ``outdir``, all on the fixed image's grid with its affine: ``warped.nii.gz``,
@@ -28,7 +28,7 @@ import sys
 
 from absl import app, flags
 
-from vtn_tf.apps.common import define_inference_flags, define_refine_flags, user_errors
+from vtn_tf.cli.common import define_inference_flags, define_refine_flags, setup, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -53,24 +53,24 @@ flags.DEFINE_boolean("verbose", False, "show tracebacks")
 
 
 def _registrar(log):
-    from vtn_tf import registration
-    from vtn_tf.apps.common import apply_recommended, refine_settings
+    from vtn_tf.cli.common import apply_recommended, refine_settings
+    from vtn_tf.registration import pipeline
 
     if FLAGS.recommended:
         apply_recommended(FLAGS.model, lambda line: print(line, file=sys.stderr))
-    return registration.Registrar(FLAGS.model, FLAGS.precision, FLAGS.passes, FLAGS.init,
+    return pipeline.Registrar(FLAGS.model, FLAGS.precision, FLAGS.passes, FLAGS.init,
                                   refine_settings(), FLAGS.intensity, log, FLAGS.inverse, FLAGS.init_steps)
 
 
 def register_one(fixed, moving, inputs=None):
-    """``inputs``: the pair as `vtn_tf.registration.read_inputs` already read it (not read again)."""
+    """``inputs``: the pair as `vtn_tf.registration.pipeline.read_inputs` already read it (not read again)."""
     registrar = _registrar(print)
     registrar.register_files(fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
                              FLAGS.fixed_labels, inputs)
 
 
 def register_batch():
-    from vtn_tf import batch
+    from vtn_tf.registration import batch
 
     rows = batch.read_pairs(FLAGS.pairs)
     quiet = (lambda *_: None) if not FLAGS.verbose else print
@@ -80,6 +80,7 @@ def register_batch():
 
 
 def main(argv):
+    setup()
     positional = list(argv[1:])
     if FLAGS.pairs:
         if positional or FLAGS.fixed or FLAGS.moving or FLAGS.out or FLAGS.moving_labels:
@@ -99,11 +100,11 @@ def main(argv):
         raise app.UsageError(f"missing {', '.join(missing)}; usage: vtn-register --model RUN_DIR "
                              "FIXED MOVING --out OUT_DIR")
     with user_errors("vtn-register", FLAGS.verbose):
-        from vtn_tf import registration
+        from vtn_tf.registration import outputs, pipeline
 
-        registration.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
+        outputs.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
                                    FLAGS.inverse, FLAGS.fixed_labels)
-        inputs = registration.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
+        inputs = pipeline.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
         register_one(fixed, moving, inputs)
 
 

@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from vtn_tf.apps.common import user_errors
+from vtn_tf.cli.common import setup, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "experiment config (JSON), e.g. experiments/hippocampus-cpu.json")
@@ -30,15 +30,16 @@ flags.DEFINE_integer("progress", None, "Keras progress display: 0 silent, 1 bar,
 
 
 def main(argv):
+    setup()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     with user_errors("vtn-train", FLAGS.verbose):
-        from vtn_tf import config as config_lib
-        from vtn_tf import training
+        from vtn_tf.training import config as config_lib
+        from vtn_tf.training import loop
 
         config = config_lib.load_config(FLAGS.config, FLAGS.set)
         run_dir = FLAGS.run_dir or str(pathlib.Path("runs") / pathlib.Path(FLAGS.config or "default").stem)
-        summary = training.train(config, run_dir, restart=FLAGS.restart, verbose=FLAGS.progress if FLAGS.progress is not None else (1 if sys.stdout.isatty() else 2))
+        summary = loop.train(config, run_dir, restart=FLAGS.restart, verbose=FLAGS.progress if FLAGS.progress is not None else (1 if sys.stdout.isatty() else 2))
         print(json.dumps(summary, indent=2))
 
 

@@ -2,13 +2,14 @@
 
 Overlap metrics work on label maps (numpy arrays or tensors) of integer ids, stored as
 integers or as floats with whole values (nibabel's ``get_fdata``). Field
-metrics take flows in voxels, pulling, as in `vtn_tf.spatial`.
+metrics take flows in voxels, pulling, as in `vtn_tf.core`.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from vtn_tf import spatial
+from vtn_tf.core import fields
+from vtn_tf.core.fields import forward_jacobian_determinant  # noqa: F401 - a metric of this module too
 
 
 def _label_ids(name, labels):
@@ -72,7 +73,7 @@ def jaccard(fixed_labels, warped_labels, label_values=None):
                     lambda inter, na, nb: inter / (na + nb - inter))
 
 
-jacobian_determinant = spatial.jacobian_determinant
+jacobian_determinant = fields.jacobian_determinant
 
 
 def folding_fraction(flow):
@@ -83,7 +84,7 @@ def folding_fraction(flow):
     Returns:
       float in [0, 1] (over all voxels of all batch elements).
     """
-    det = spatial.jacobian_determinant(flow)
+    det = fields.jacobian_determinant(flow)
     return float(tf.reduce_mean(tf.cast(det <= 0.0, tf.float32)))
 
 
@@ -131,27 +132,6 @@ def _sample_points(field, points):
         weight = np.prod(np.where(corner, frac, 1 - frac), axis=1)
         out += weight[:, None] * field[pick[:, 0], pick[:, 1], pick[:, 2]]
     return out
-
-
-def forward_jacobian_determinant(flow):
-    """``det(I + ∇flow)`` with **forward** differences, as the authors' code counts folding.
-
-    Central differences skip the voxel itself, so a field that folds in a checkerboard
-    (alternating voxels) looks smooth to them; forward differences see it.
-
-    Args:
-      flow: ``[X, Y, Z, 3]`` numpy float, voxels, pulling (channel c along axis c).
-    Returns:
-      ``[X-1, Y-1, Z-1]`` float32 determinants (the last slice of each axis has no forward
-      neighbour).
-    """
-    flow = np.asarray(flow, np.float32)
-    base = flow[:-1, :-1, :-1]
-    columns = [flow[1:, :-1, :-1] - base, flow[:-1, 1:, :-1] - base, flow[:-1, :-1, 1:] - base]
-    j = [[columns[a][..., c] + (1.0 if a == c else 0.0) for a in range(3)] for c in range(3)]  # j[c][a] = d x'_c / d x_a
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])).astype(np.float32)
 
 
 def overlap_table(fixed_labels, warped_labels, label_values):

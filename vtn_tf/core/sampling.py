@@ -1,4 +1,4 @@
-"""Spatial maths on dense fields: warping, composition, affine grids, Jacobians.
+"""Sampling images: warping through a flow, resampling at absolute positions, corner tables.
 
 Conventions, used everywhere in vtn_tf (paper §III-A):
 
@@ -11,58 +11,39 @@ Conventions, used everywhere in vtn_tf (paper §III-A):
 * Sampling is trilinear; positions outside the volume are clamped to the nearest
   edge voxel.
 
-This module is the bottom floor of the package: pure tensor maths, no Keras, no I/O.
+This is the bottom floor of the package: pure tensor maths, no Keras, no I/O. Grids and
+point maps live in `vtn_tf.core.grids`, compositions and Jacobians in `vtn_tf.core.fields`.
 """
 
-import numpy as np
 import tensorflow as tf
+
+from vtn_tf.core.grids import identity_grid_dynamic, map_points
 
 INTERPOLATIONS = ("linear", "nearest")
 
 
-def _check_rank(name, tensor, rank, layout):
+def check_rank(name, tensor, rank, layout):
     if tensor.shape.rank != rank:
         raise ValueError(
             f"{name} must be a rank-{rank} tensor {layout}; got shape {tensor.shape}."
         )
 
 
-def _check_flow(flow, name="flow"):
-    _check_rank(name, flow, 5, "[B, X, Y, Z, 3]")
+def check_flow(flow, name="flow"):
+    check_rank(name, flow, 5, "[B, X, Y, Z, 3]")
     if flow.shape[-1] != 3:
         raise ValueError(f"{name} must have 3 channels (one per axis); got shape {flow.shape}.")
     if not flow.dtype.is_floating:
         raise ValueError(f"{name} must be a floating-point tensor; got {flow.dtype.name}.")
 
 
-def _check_same_grid(image, flow, image_name="image"):
+def check_same_grid(image, flow, image_name="image"):
     a, b = image.shape[1:4], flow.shape[1:4]
     if a.is_fully_defined() and b.is_fully_defined() and a != b:
         raise ValueError(
             f"{image_name} grid {tuple(a)} and flow grid {tuple(b)} differ; the flow must "
             "live on the grid it samples for (pass them on the same grid)."
         )
-
-
-def identity_grid(spatial_shape, dtype=tf.float32):
-    """Voxel index coordinates of a grid.
-
-    Args:
-      spatial_shape: ``(X, Y, Z)``.
-    Returns:
-      ``[X, Y, Z, 3]`` tensor, ``grid[i, j, k] = (i, j, k)`` in voxels.
-    """
-    axes = [tf.range(n, dtype=dtype) for n in spatial_shape]
-    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
-
-
-def centred_grid(spatial_shape, dtype=tf.float32):
-    """Voxel coordinates measured from the volume centre: ``index_j - (size_j - 1) / 2``.
-
-    Returns ``[X, Y, Z, 3]`` in voxels; the affine subnetwork's transform acts on these.
-    """
-    centre = tf.constant([(n - 1) / 2.0 for n in spatial_shape], dtype=dtype)
-    return identity_grid(spatial_shape, dtype) - centre
 
 
 def _linear_corners(image_shape, flow):
@@ -127,7 +108,7 @@ def _trilinear(image, raw):
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _sample_linear_forward(image, flow):
+def sample_linear_forward(image, flow):
     """Trilinear sampling with edge clamping (XLA-compiled). Shapes as in `warp`."""
     return _trilinear(image, identity_grid_dynamic(tf.shape(image)[1:4], flow.dtype) + flow)
 
@@ -161,14 +142,14 @@ def _trilinear_position_gradient(image, raw, upstream):
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _linear_flow_gradient(image, flow, upstream):
+def linear_flow_gradient(image, flow, upstream):
     """d loss / d flow, ``[B, X, Y, Z, 3]``, given ``upstream`` = d loss / d warped image."""
     raw = identity_grid_dynamic(tf.shape(image)[1:4], flow.dtype) + flow
     return _trilinear_position_gradient(image, raw, upstream)
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _linear_image_gradient(image, flow, upstream):
+def linear_image_gradient(image, flow, upstream):
     """d loss / d image, ``[B, X, Y, Z, C]``: each output voxel's upstream value, times its 8
     trilinear weights, added back onto the corners it read.
 
@@ -189,8 +170,8 @@ def _linear_image_gradient(image, flow, upstream):
 
 
 @tf.custom_gradient
-def _sample_linear(image, flow):
-    """`_sample_linear_forward` with hand-written gradients in two separate XLA functions.
+def sample_linear(image, flow):
+    """`sample_linear_forward` with hand-written gradients in two separate XLA functions.
 
     Autodiff through the gathers was 10x the forward's time at 128^3; these are about 3x
     faster together (``benchmarks/bench_warp.py``). Being separate ops, the image gradient
@@ -198,13 +179,13 @@ def _sample_linear(image, flow):
     training), which leaves the flow gradient alone.
     """
     def gradient(upstream):
-        return _linear_image_gradient(image, flow, upstream), _linear_flow_gradient(image, flow, upstream)
+        return linear_image_gradient(image, flow, upstream), linear_flow_gradient(image, flow, upstream)
 
-    return _sample_linear_forward(image, flow), gradient
+    return sample_linear_forward(image, flow), gradient
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _sample_nearest(image, flow):
+def sample_nearest(image, flow):
     """Nearest-neighbour sampling with edge clamping; works on integer images too."""
     shape = tf.shape(image)
     batch, size = shape[0], shape[1:4]
@@ -215,12 +196,6 @@ def _sample_nearest(image, flow):
     flat = tf.reshape(image, [batch, -1, shape[4]])
     values = tf.gather(flat, tf.reshape(flat_index, [batch, -1]), batch_dims=1)
     return tf.reshape(values, shape)
-
-
-def identity_grid_dynamic(size, dtype):
-    """`identity_grid` for a shape known only at run time (a 3-element int tensor)."""
-    axes = [tf.range(size[i], dtype=tf.int32) for i in range(3)]
-    return tf.cast(tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1), dtype)
 
 
 def warp(image, flow, interpolation="linear"):
@@ -244,15 +219,15 @@ def warp(image, flow, interpolation="linear"):
     """
     image = tf.convert_to_tensor(image)
     flow = tf.convert_to_tensor(flow)
-    _check_rank("image", image, 5, "[B, X, Y, Z, C]")
-    _check_flow(flow)
-    _check_same_grid(image, flow)
+    check_rank("image", image, 5, "[B, X, Y, Z, C]")
+    check_flow(flow)
+    check_same_grid(image, flow)
     if image.shape[0] is not None and flow.shape[0] is not None and image.shape[0] != flow.shape[0]:
         raise ValueError(f"image batch {image.shape[0]} and flow batch {flow.shape[0]} differ.")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}; got {interpolation!r}.")
     if interpolation == "nearest":
-        return _sample_nearest(image, flow)
+        return sample_nearest(image, flow)
     if not image.dtype.is_floating:
         raise ValueError(
             f"linear warp needs a floating-point image; got {image.dtype.name} "
@@ -260,7 +235,7 @@ def warp(image, flow, interpolation="linear"):
         )
     if flow.dtype != image.dtype:
         flow = tf.cast(flow, image.dtype)
-    return _sample_linear(image, flow)
+    return sample_linear(image, flow)
 
 
 OUTSIDE_MODES = ("clamp", "zero")
@@ -275,7 +250,7 @@ def _outside_mask(image_shape, raw):
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _sample_at_linear(image, positions, zero_outside):
+def sample_at_linear(image, positions, zero_outside):
     values = _trilinear(image, positions)
     if zero_outside:
         values = tf.where(_outside_mask(tf.shape(image), positions), values, tf.zeros_like(values))
@@ -290,7 +265,7 @@ def _sample_at_linear_gradient(image, positions, upstream, zero_outside):
 
 
 @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _sample_at_nearest(image, positions, zero_outside):
+def sample_at_nearest(image, positions, zero_outside):
     shape = tf.shape(image)
     size = shape[1:4]
     top = tf.cast(size - 1, positions.dtype)
@@ -330,8 +305,8 @@ def sample(image, positions, interpolation="linear", outside="clamp"):
     """
     image = tf.convert_to_tensor(image)
     positions = tf.convert_to_tensor(positions)
-    _check_rank("image", image, 5, "[B, X, Y, Z, C]")
-    _check_flow(positions, "positions")
+    check_rank("image", image, 5, "[B, X, Y, Z, C]")
+    check_flow(positions, "positions")
     if image.shape[0] is not None and positions.shape[0] is not None and image.shape[0] != positions.shape[0]:
         raise ValueError(f"image batch {image.shape[0]} and positions batch {positions.shape[0]} differ.")
     if interpolation not in INTERPOLATIONS:
@@ -340,7 +315,7 @@ def sample(image, positions, interpolation="linear", outside="clamp"):
         raise ValueError(f"outside must be one of {OUTSIDE_MODES}; got {outside!r}.")
     zero = outside == "zero"
     if interpolation == "nearest":
-        return _sample_at_nearest(image, positions, zero)
+        return sample_at_nearest(image, positions, zero)
     if not image.dtype.is_floating:
         raise ValueError(f"linear sampling needs a floating-point image; got {image.dtype.name} "
                          "(use interpolation='nearest' for label maps).")
@@ -350,16 +325,9 @@ def sample(image, positions, interpolation="linear", outside="clamp"):
     def linear(positions):
         def gradient(upstream):
             return _sample_at_linear_gradient(image, positions, upstream, zero)
-        return _sample_at_linear(image, positions, zero), gradient
+        return sample_at_linear(image, positions, zero), gradient
 
     return linear(positions)
-
-
-def map_points(points, matrix):
-    """``matrix`` ``[3, 4]`` (or 4x4) applied to ``points`` ``[..., 3]``: ``[..., 3]``, one
-    multiply-add per entry (no matrix product: under XLA on the CPU it fuses with what follows)."""
-    return tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1] + points[..., 2] * matrix[i, 2]
-                     + matrix[i, 3] for i in range(3)], -1)
 
 
 def corner_table(image):
@@ -417,117 +385,3 @@ def sample_mapped(table, points, matrix):
     return mapped(points)
 
 
-def axis_reads(position, size):
-    """Where positions along one axis read it, for a linear interpolation with edge clamping.
-
-    Args:
-      position: ``[n]`` numpy float, continuous indices into an axis of ``size`` entries.
-    Returns:
-      ``(lower, upper, weight)`` tf int32, int32, float32 ``[n]``: each position clamped to
-      ``[0, size - 1]`` lies between entries ``lower`` and ``upper`` with the weight ``weight``
-      of the upper one. An axis-aligned map (a scaling and a shift per axis) reads a grid as
-      these per axis: trilinear sampling with ``"clamp"`` (:func:`sample`), one axis at a time
-      (:func:`lerp_axis`).
-    """
-    position = np.clip(np.asarray(position, np.float64), 0.0, size - 1)
-    lower = np.clip(np.floor(position), 0, max(size - 2, 0))
-    upper = np.minimum(lower + 1, size - 1)
-    return tf.constant(lower, tf.int32), tf.constant(upper, tf.int32), tf.constant(position - lower, tf.float32)
-
-
-def lerp_axis(values, lower, upper, weight, axis):
-    """Linear interpolation of ``values`` along ``axis`` between the entries ``lower`` and
-    ``upper`` with the weights ``weight`` of the upper ones (one per output entry,
-    :func:`axis_reads`)."""
-    shape = [1] * len(values.shape)
-    shape[axis] = -1
-    weight = tf.reshape(weight, shape)
-    return tf.gather(values, lower, axis=axis) * (1.0 - weight) + tf.gather(values, upper, axis=axis) * weight
-
-
-def compose(g1, g2):
-    """Compose two flows (paper eq. 3): ``g1 ⋆ g2 = g2 + warp(g1, g2)``.
-
-    Warping with ``g1`` then with ``g2`` equals warping once with ``g1 ⋆ g2``:
-    ``warp(warp(I, g1), g2) = warp(I, compose(g1, g2))``.
-
-    Args:
-      g1: ``[B, X, Y, Z, 3]`` float flow in voxels, applied first.
-      g2: ``[B, X, Y, Z, 3]`` float flow in voxels on the same grid, applied second.
-    Returns:
-      ``[B, X, Y, Z, 3]`` flow in voxels, pulling, on the same grid.
-    """
-    g1 = tf.convert_to_tensor(g1)
-    g2 = tf.convert_to_tensor(g2)
-    _check_flow(g1, "g1")
-    _check_flow(g2, "g2")
-    _check_same_grid(g1, g2, "g1")
-    return g2 + warp(g1, g2)
-
-
-def affine_flow(W, b, spatial_shape):
-    """The flow of the affine transform ``A = I + W`` on centred voxel coordinates.
-
-    ``flow(x) = W x + b`` with ``x_j = index_j - (size_j - 1) / 2`` so that the
-    sampled position is ``A x + b`` (paper eq. 11).
-
-    Args:
-      W: ``[B, 3, 3]`` float; ``A = I + W`` (W = 0 is the identity). Row i gives
-        the displacement along axis i.
-      b: ``[B, 3]`` float translation, in voxels.
-      spatial_shape: ``(X, Y, Z)`` of the fixed grid.
-    Returns:
-      ``[B, X, Y, Z, 3]`` flow in voxels, pulling (fixed grid → moving image).
-    """
-    W = tf.convert_to_tensor(W)
-    b = tf.convert_to_tensor(b, dtype=W.dtype)
-    if W.shape.rank != 3 or tuple(W.shape[1:]) != (3, 3):
-        raise ValueError(f"W must have shape [B, 3, 3]; got {W.shape}.")
-    if b.shape.rank != 2 or b.shape[1] != 3:
-        raise ValueError(f"b must have shape [B, 3]; got {b.shape}.")
-    spatial_shape = tuple(int(n) for n in spatial_shape)
-    if len(spatial_shape) != 3:
-        raise ValueError(f"spatial_shape must be (X, Y, Z); got {spatial_shape}.")
-    grid = centred_grid(spatial_shape, W.dtype)
-    return tf.einsum("xyzj,bij->bxyzi", grid, W) + b[:, None, None, None, :]
-
-
-def spatial_gradient(flow):
-    """Derivatives of a field along each axis (central differences, one-sided at edges).
-
-    Args:
-      flow: ``[B, X, Y, Z, C]`` float, each spatial size ≥ 2.
-    Returns:
-      ``[B, X, Y, Z, C, 3]``: ``out[..., c, a] = d flow_c / d x_a`` per voxel.
-    """
-    grads = []
-    for axis in (1, 2, 3):
-        n = flow.shape[axis]
-        if n is not None and n < 2:
-            raise ValueError(f"every spatial size must be ≥ 2 for derivatives; got {flow.shape}.")
-        first = tf.gather(flow, [1], axis=axis) - tf.gather(flow, [0], axis=axis)
-        last = tf.gather(flow, [n - 1], axis=axis) - tf.gather(flow, [n - 2], axis=axis)
-        ahead = tf.gather(flow, tf.range(2, n), axis=axis)
-        behind = tf.gather(flow, tf.range(0, n - 2), axis=axis)
-        middle = (ahead - behind) / 2.0
-        grads.append(tf.concat([first, middle, last], axis=axis))
-    return tf.stack(grads, axis=-1)
-
-
-def jacobian_determinant(flow):
-    """Jacobian determinant of the map ``x ↦ x + flow(x)`` at every voxel.
-
-    Args:
-      flow: ``[B, X, Y, Z, 3]`` (or ``[X, Y, Z, 3]``) float, voxels, pulling.
-    Returns:
-      ``[B, X, Y, Z]`` (or ``[X, Y, Z]``) float: ``det(I + ∇flow)``; 1 means no
-      volume change, ≤ 0 means folding. Derivatives are central differences.
-    """
-    flow = tf.convert_to_tensor(flow)
-    single = flow.shape.rank == 4
-    if single:
-        flow = flow[None]
-    _check_flow(flow)
-    jac = spatial_gradient(flow) + tf.eye(3, dtype=flow.dtype)
-    det = tf.linalg.det(jac)
-    return det[0] if single else det

@@ -10,7 +10,7 @@ voxel spacing, origin 0 and identity direction), each with its stock parameters:
 
 Both also return their displacement field as a flow ``[X, Y, Z, 3]`` float32 in voxels of the
 fixed grid, pulling (``moved(x) = moving(x + flow(x))``, channel c along array axis c), the
-convention of :mod:`vtn_tf.spatial`, so that the same Jacobian, folding and landmark metrics
+convention of :mod:`vtn_tf.core`, so that the same Jacobian, folding and landmark metrics
 apply. Both tools are optional (``pip install .[baselines]``); :func:`unavailable` says why one
 cannot run instead of failing at import.
 

@@ -2,13 +2,13 @@
 
 The prepared 64^3 volumes are a fast development proxy. This protocol takes the *original*
 scans a prepared dataset was made from (its manifest's ``source`` paths), registers them
-through the same code as ``vtn-register`` (:class:`vtn_tf.registration.Registrar`) and
+through the same code as ``vtn-register`` (:class:`vtn_tf.registration.pipeline.Registrar`) and
 scores on the fixed image's own grid:
 
 * ``dice``, ``iou``, ``dice_<label>``: the moving labels carried onto the fixed grid
   (nearest neighbour) against the fixed labels;
 * ``folding_percent``: voxels whose Jacobian determinant of ``x + u(x)`` is ≤ 0, counted with
-  forward differences (`vtn_tf.metrics.forward_jacobian_determinant`), and
+  forward differences (`vtn_tf.core.metrics.forward_jacobian_determinant`), and
   ``folding_central_percent`` with central differences; ``jacobian_std`` (forward);
 * ``seconds``: the registration of the pair (read and write excluded; for VTN the
   preprocessing, network, field, refinement and resampling).
@@ -33,7 +33,13 @@ import time
 import nibabel as nib
 import numpy as np
 
-from vtn_tf import alignment, baselines, data, evaluation, io, metrics, registration
+from vtn_tf import io
+from vtn_tf.core import metrics
+from vtn_tf.evaluation import baselines, protocols
+from vtn_tf.preprocessing import alignment
+from vtn_tf.registration import inverse, pipeline, resampling
+from vtn_tf.registration.settings import INIT_STEPS
+from vtn_tf.training import data
 
 MISALIGN_MODES = ("rigid", "affine")
 MISALIGN_DEGREES = 20.0
@@ -71,7 +77,7 @@ def moved_copy(path, matrix, folder, role):
 
 def field_metrics(flow):
     """Folding (forward and central differences, %) and the std of the forward Jacobian."""
-    forward = metrics.forward_jacobian_determinant(flow)
+    forward = metrics.forward_jacobian_determinant(np.asarray(flow, np.float32))
     central = metrics.jacobian_determinant(np.asarray(flow, np.float32)).numpy()
     return {"folding_percent": 100.0 * float(np.mean(forward <= 0)),
             "folding_central_percent": 100.0 * float(np.mean(central <= 0)),
@@ -124,14 +130,14 @@ def _elastix(fixed_path, moving_path, labels_path, fixed_affine):
 
 def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evaluation", protocol="atlas",
         atlas=None, max_pairs=None, overwrite=False, log=print, passes=1, precision="float32", init="best",
-        refine=None, misalign=None, misalign_seed=0, inverse=False, init_steps=registration.INIT_STEPS):
+        refine=None, misalign=None, misalign_seed=0, inverse=False, init_steps=INIT_STEPS):
     """``vtn-evaluate --native``: register the original files of ``split`` and score them.
 
     Returns ``(rows, summary_markdown)``; writes the CSV and the summary like
-    `vtn_tf.evaluation.run_protocol`.
+    `vtn_tf.evaluation.protocols.run_protocol`.
     """
-    evaluation.check_output(out, overwrite)
-    names = evaluation.parse_methods(methods if isinstance(methods, str) else ",".join(methods))
+    protocols.check_output(out, overwrite)
+    names = protocols.parse_methods(methods if isinstance(methods, str) else ",".join(methods))
     if misalign not in (None,) + MISALIGN_MODES:
         raise io.InputError(f"misalign must be one of {', '.join(MISALIGN_MODES)}; got {misalign!r}")
     where = os.fspath(manifest)
@@ -153,7 +159,7 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
                                     f"{where} is missing; --native needs the original scans")
     registrar = None
     if "vtn" in names:
-        registrar = registration.Registrar(model_dir, precision, passes, init, refine, "auto", lambda *_: None,
+        registrar = pipeline.Registrar(model_dir, precision, passes, init, refine, "auto", lambda *_: None,
                                            inverse, init_steps)
     for name in [n for n in names if n in baselines.METHODS]:
         reason = baselines.unavailable(name)
@@ -192,7 +198,7 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
     extra = COLUMNS_EXTRA + (INVERSE_COLUMNS if inverse else ())
     for row in rows:
         row.update({name: row.get(name, float("nan")) for name in extra})
-    summary = evaluation.write_results(rows, out, label_values, overwrite, header, extra=extra)
+    summary = protocols.write_results(rows, out, label_values, overwrite, header, extra=extra)
     if inverse:
         mine = [r for r in rows if r["method"] == "vtn"]
         summary += (f"\nInverse (vtn, moving space): Dice of the fixed labels carried into the moving space "
@@ -220,7 +226,7 @@ def _refinement(refine):
 
 def _levels(refine):
     if refine.resolution == "auto":
-        from vtn_tf.refine import AUTO_LEVELS
+        from vtn_tf.registration.settings import AUTO_LEVELS
 
         return f"levels at {', '.join(f'{c:g}' for c in AUTO_LEVELS)} network voxels"
     return "levels " + ", ".join(f"1/{f}" for f in refine.factors)
@@ -230,21 +236,21 @@ def _score(name, registrar, fixed_image, fixed_labels, moving_image, moving_labe
     fixed_labels_volume = io.read_labels(fixed_labels, role="fixed labels")
     affine = fixed_labels_volume.affine
     if name == "vtn":
-        fixed, moving, labels = registration.read_inputs(fixed_image, moving_image, [moving_labels])
+        fixed, moving, labels = pipeline.read_inputs(fixed_image, moving_image, [moving_labels])
         result = registrar.register(fixed, moving, labels)
         warped, flow = result.warped_labels[0], result.flow_voxels
         seconds = sum(result.seconds.values())
         if registrar.inverse:
-            registration.invert(result, fixed, moving, [fixed_labels_volume], lambda *_: None)
+            inverse.invert(result, fixed, moving, [fixed_labels_volume], lambda *_: None)
             inverse_row = {"inverse_dice": metrics.overlap_table(labels[0].data.astype(np.int32),
                                                                  result.inverse.warped_fixed_labels[0].astype(np.int32),
                                                                  label_values)[1]}
-            inverse_row["inverse_rms_mm"], inverse_row["inverse_p95_mm"] = registration.inverse_consistency(
+            inverse_row["inverse_rms_mm"], inverse_row["inverse_p95_mm"] = inverse.inverse_consistency(
                 flow, result.inverse.flow, fixed.affine, moving.affine, fixed_labels_volume.data > 0)
     elif name == "identity":
         moving_volume = io.read_labels(moving_labels, role="moving labels")
         matrix = np.linalg.inv(moving_volume.affine) @ affine
-        warped = registration.resample_through(moving_volume.data, matrix, fixed_labels_volume.data.shape,
+        warped = resampling.resample_through(moving_volume.data, matrix, fixed_labels_volume.data.shape,
                                                "nearest", "zero")
         flow, seconds = np.zeros(fixed_labels_volume.data.shape + (3,), np.float32), 0.0
     else:

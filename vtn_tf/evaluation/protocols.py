@@ -1,7 +1,7 @@
 """Evaluation of registration methods on a prepared dataset (paper §V), and their comparison.
 
 For every pair ``(fixed, moving)`` of a protocol, a method gives a flow ``[X, Y, Z, 3]`` (voxels
-of the fixed grid, pulling; see :mod:`vtn_tf.spatial`) and the moving labels warped with nearest
+of the fixed grid, pulling; see :mod:`vtn_tf.core`) and the moving labels warped with nearest
 neighbour. Each pair and method gives one row:
 
 * ``fixed``, ``moving``, ``method``;
@@ -17,8 +17,8 @@ neighbour. Each pair and method gives one row:
 * ``device``: ``GPU`` or ``CPU`` (what VTN ran on; the classical tools always run on CPU).
 
 Methods: ``vtn`` (a trained run directory), ``identity`` (no registration: the unregistered
-baseline), ``ants`` and ``elastix`` (:mod:`vtn_tf.baselines`, optional packages).
-Protocols (:func:`vtn_tf.data.evaluation_pairs`): ``consecutive`` (sorted ids, pairs
+baseline), ``ants`` and ``elastix`` (:mod:`vtn_tf.evaluation.baselines`, optional packages).
+Protocols (:func:`vtn_tf.training.data.evaluation_pairs`): ``consecutive`` (sorted ids, pairs
 (2k fixed, 2k+1 moving)), ``pairwise`` (all ordered pairs), ``atlas`` (atlas fixed, every other
 subject of the split moving).
 """
@@ -32,7 +32,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from vtn_tf import baselines, data, io, metrics, spatial
+from vtn_tf import io
+from vtn_tf.core import metrics, sampling
+from vtn_tf.evaluation import baselines
+from vtn_tf.training import data
 
 METHODS = ("vtn", "identity") + baselines.METHODS
 PROTOCOLS = ("consecutive", "pairwise", "atlas")
@@ -93,8 +96,8 @@ class VTNMethod:
     """A trained VTN as an evaluation method; the first call also does an untimed warm-up.
 
     Args:
-      model: a built :class:`vtn_tf.model.VTN`.
-      passes: test-time recursion of the cascade (:meth:`vtn_tf.model.VTN.register`; 1 = the paper).
+      model: a built :class:`vtn_tf.nn.model.VTN`.
+      passes: test-time recursion of the cascade (:meth:`vtn_tf.nn.model.VTN.register`; 1 = the paper).
     """
 
     def __init__(self, model, passes=1):
@@ -105,7 +108,7 @@ class VTNMethod:
         @tf.function(reduce_retracing=True, autograph=False)
         def register(fixed, moving, moving_labels):
             flow = model.register(fixed, moving, self.passes)["flow"]
-            return spatial.warp(moving_labels, flow, "nearest"), flow
+            return sampling.warp(moving_labels, flow, "nearest"), flow
 
         self._register = register
 
@@ -129,7 +132,7 @@ class VTNMethod:
 
 
 def baseline_method(name):
-    """ANTs or elastix as an evaluation method (see :mod:`vtn_tf.baselines`)."""
+    """ANTs or elastix as an evaluation method (see :mod:`vtn_tf.evaluation.baselines`)."""
     def register(fixed, moving, moving_labels, spacing):
         result = baselines.register(name, fixed, moving, moving_labels, spacing)
         return result["warped_labels"], result["flow"], result["seconds"]
@@ -145,7 +148,7 @@ def make_methods(names, model_dir=None, log=print, passes=1, precision="float32"
       model_dir: run directory of a trained VTN (needed for ``"vtn"``).
       log: told, in one line, about every skipped method.
       passes: test-time recursion passes of the VTN (1 = the paper).
-      precision: the VTN network's compute type (`vtn_tf.training.restore_model`).
+      precision: the VTN network's compute type (`vtn_tf.training.loop.restore_model`).
     Returns:
       ``({name: callable}, image_shape or None)``, the model's grid for ``"vtn"``.
     Raises:
@@ -159,7 +162,7 @@ def make_methods(names, model_dir=None, log=print, passes=1, precision="float32"
             if not os.path.isdir(model_dir):
                 raise FileNotFoundError(f"model {model_dir} does not exist (a run directory "
                                         "with model.json and checkpoints/ is required)")
-            from vtn_tf import checkpoints
+            from vtn_tf.nn import checkpoints
 
             model, image_shape, _ = checkpoints.restore_model(model_dir, precision)
             methods[name] = VTNMethod(model, passes)
@@ -193,7 +196,7 @@ def load_pairs(manifest, split="evaluation", protocol="consecutive", atlas=None,
     """Load the subjects of ``split`` and make the protocol's pairs.
 
     Returns:
-      ``(dataset, pairs)``: :class:`vtn_tf.data.PreparedDataset` and ``[(fixed, moving)]``.
+      ``(dataset, pairs)``: :class:`vtn_tf.training.data.PreparedDataset` and ``[(fixed, moving)]``.
     Raises:
       io.InputError / ValueError: unknown protocol or split, no atlas, no pairs, a subject
         without labels.
@@ -243,7 +246,7 @@ def evaluate(dataset, pairs, methods, log=None):
     """Run every method on every pair and score it.
 
     Args:
-      dataset: :class:`vtn_tf.data.PreparedDataset` holding every subject of ``pairs``.
+      dataset: :class:`vtn_tf.training.data.PreparedDataset` holding every subject of ``pairs``.
       pairs: ``[(fixed_id, moving_id)]``.
       methods: ``{name: callable}``; each callable takes ``(fixed, moving, moving_labels,
         spacing)`` (``[X, Y, Z]`` arrays) and returns ``(warped_labels [X, Y, Z], flow

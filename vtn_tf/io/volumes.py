@@ -1,4 +1,4 @@
-"""Volume and dataset-manifest input/output with early, one-line errors.
+"""Reading and writing volumes (NIfTI, MetaImage, NRRD) and label maps, with early, one-line errors.
 
 Conventions:
 
@@ -17,28 +17,21 @@ checked before any work (:func:`check_output_file`, :func:`check_output_folder`)
 This module does no tensor maths and imports no TensorFlow.
 """
 
-import contextlib
 import dataclasses
 import gzip
-import json
 import os
-import pathlib
-import shutil
-import tempfile
 import zlib
 
 import nibabel as nib
 import numpy as np
 
+from vtn_tf.core import geometry
+from vtn_tf.io.errors import InputError, error_line
+from vtn_tf.io.staging import atomic_write
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mhd", ".mha", ".nrrd")
 MAX_SPACING_MM = 100.0
-MANIFEST_FORMAT = "vtn-tf-dataset/1"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
-
-class InputError(ValueError):
-    """A user-supplied file or setting is unusable; the message says which and why."""
 
 
 @dataclasses.dataclass
@@ -83,9 +76,7 @@ def _check_file(path, role):
             + ", ".join(NIFTI_SUFFIXES + ITK_SUFFIXES))
 
 
-def spacing_of(affine):
-    """Voxel size in mm per array axis: the norms of the affine's first three columns."""
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+spacing_of = geometry.spacing  # the name the readers and data_prep use
 
 
 def itk_to_ras_affine(spacing, direction, origin):
@@ -95,18 +86,18 @@ def itk_to_ras_affine(spacing, direction, origin):
     """
     direction = np.asarray(direction, float).reshape(3, 3)
     affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(np.asarray(spacing, float))
-    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin, float)
+    affine[:3, :3] = geometry.LPS_FLIP @ direction @ np.diag(np.asarray(spacing, float))
+    affine[:3, 3] = geometry.LPS_FLIP @ np.asarray(origin, float)
     return affine
 
 
 def ras_affine_to_itk(affine):
     """Inverse of :func:`itk_to_ras_affine`: ``(spacing, direction (9,), origin)`` in LPS."""
     affine = np.asarray(affine, float)
-    lps = _LPS_TO_RAS @ affine[:3, :3]
+    lps = geometry.LPS_FLIP @ affine[:3, :3]
     spacing = np.linalg.norm(lps, axis=0)
     direction = lps / spacing
-    return tuple(spacing), tuple(direction.ravel()), tuple(_LPS_TO_RAS @ affine[:3, 3])
+    return tuple(spacing), tuple(direction.ravel()), tuple(geometry.LPS_FLIP @ affine[:3, 3])
 
 
 def memory_limit():
@@ -303,179 +294,6 @@ def check_not_constant(volume, role="image"):
                          "is required")
 
 
-def error_line(error):
-    """The first non-blank line of ``error``'s message, or its type name when it has none."""
-    text = str(error).strip()
-    return text.splitlines()[0].strip() if text else type(error).__name__
-
-
-def _refuse_existing(path):
-    raise InputError(f"output {path} already exists; pass --overwrite to replace it")
-
-
-def _check_writable(folder):
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"output folder {folder} is not writable")
-
-
-def check_output_file(path, overwrite=False):
-    """Check, before any work, that a file can be written at ``path``.
-
-    Args:
-      path: the file to write.
-      overwrite: allow replacing an existing file.
-
-    Returns:
-      ``(path, folder)``: ``path`` as a string and its folder's absolute path.
-
-    Raises:
-      InputError: ``path`` is a folder, exists without ``overwrite``, or its folder is
-        missing or not writable.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise InputError(f"output {path} is a folder; a file name is required")
-    if os.path.lexists(path) and not overwrite:
-        _refuse_existing(path)
-    if not os.path.isdir(folder):
-        raise InputError(f"output folder {folder} does not exist")
-    _check_writable(folder)
-    return path, folder
-
-
-def check_output_folder(out, overwrite=False, names=()):
-    """Check, before any work, that the output folder ``out`` can be written.
-
-    Missing folders (``out`` and those above it) count as creatable when the nearest
-    existing one is a writable folder.
-
-    Args:
-      out: the output folder.
-      overwrite: allow replacing what exists.
-      names: the entries to be written inside ``out``. With none, ``out`` as a whole is the
-        output (it is replaced); with some, only these entries are (other files stay).
-
-    Returns:
-      ``out`` as a `pathlib.Path`.
-
-    Raises:
-      InputError: ``out`` or a folder above it is a file; without ``overwrite``, ``out``
-        exists (no ``names``) or one of ``names`` exists in it; the folder written into
-        (``out`` when it exists and ``names`` are given, else the nearest existing folder
-        above ``out``) is not writable.
-    """
-    out = pathlib.Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} is a file; an output folder is required")
-    if names:
-        existing = [out / n for n in names if os.path.lexists(out / n)]
-    else:
-        existing = [out] if out.exists() else []
-    if existing and not overwrite:
-        _refuse_existing(existing[0])
-    start = out.absolute() if names and out.exists() else out.absolute().parent
-    parent = next(p for p in (start, *start.parents) if p.exists())
-    if not parent.is_dir():
-        raise InputError(f"output {out} is inside {parent}, which is a file; a folder is required")
-    _check_writable(parent)
-    return out
-
-
-def _staging(folder, out, suffix):
-    return pathlib.Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}.", suffix=suffix))
-
-
-@contextlib.contextmanager
-def staged_folder(out, replace=False):
-    """Write a folder's contents elsewhere first, and into ``out`` only once all is written.
-
-    The staging folder ``.{name}.XXXX.part`` is made beside ``out`` (inside ``out`` when it
-    exists and is merged into, so the moves stay on one file system). On normal exit:
-
-    * ``out`` missing: the staging folder is renamed to ``out`` (missing folders above are
-      created first).
-    * ``out`` exists, ``replace`` false: each entry of the staging folder is moved into
-      ``out`` with `os.replace`; other entries of ``out`` stay (a folder entry replaces only
-      an absent or empty one).
-    * ``out`` exists, ``replace`` true: ``out`` is moved aside, the staging folder renamed to
-      ``out``, then the old one removed (put back if the rename fails).
-
-    If the block raises, the staging folder is removed and ``out`` is left untouched. The
-    output checks are the caller's (:func:`check_output_folder`).
-
-    Args:
-      out: the output folder.
-      replace: replace ``out`` as a whole instead of merging into it.
-
-    Yields:
-      The staging folder, a `pathlib.Path`, empty.
-    """
-    out = pathlib.Path(out)
-    merge = out.exists() and not replace
-    if not merge:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(out if merge else out.parent, out, ".part")
-    try:
-        yield staging
-        if merge:
-            for entry in os.listdir(staging):
-                os.replace(staging / entry, out / entry)
-            return
-        os.chmod(staging, 0o755)
-        if not out.exists():
-            os.replace(staging, out)
-            return
-        old = _staging(out.parent, out, ".old")
-        try:
-            os.replace(out, old / "previous")
-            try:
-                os.replace(staging, out)
-            except BaseException:
-                os.replace(old / "previous", out)
-                raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _atomic_write(path, write, overwrite, suffix=""):
-    """Call ``write(temporary_path)`` then rename it onto ``path`` (same folder)."""
-    path, folder = check_output_file(path, overwrite)
-    handle, temporary = tempfile.mkstemp(
-        dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".part" + suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
-
-
-def atomic_write_bytes(path, payload, overwrite=False):
-    """Write ``payload`` (bytes) to ``path`` via a temporary file and a rename.
-
-    Raises:
-      InputError: as :func:`check_output_file`, before anything is written.
-    """
-    def write(temporary):
-        with open(temporary, "wb") as stream:
-            stream.write(payload)
-    return _atomic_write(path, write, overwrite)
-
-
-def atomic_write_text(path, text, overwrite=False):
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file and a rename (as
-    :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
-
-
 def _itk_voxels(data, path):
     """``data`` as SimpleITK wants it (``[z, y, x]`` or ``[z, y, x, components]``) and whether
     it is a vector image: ``[X, Y, Z]`` is scalar; ``[X, Y, Z, C]`` and NIfTI's vector layout
@@ -529,78 +347,7 @@ def write_volume(path, data, affine, overwrite=False):
 
     if suffix not in NIFTI_SUFFIXES:
         voxels, vector = _itk_voxels(data, path)  # refused before any file is written
-    return _atomic_write(path, write_nifti if suffix in NIFTI_SUFFIXES else write_itk,
+    return atomic_write(path, write_nifti if suffix in NIFTI_SUFFIXES else write_itk,
                          overwrite, suffix=suffix)
 
 
-def load_manifest(path):
-    """Read and check a prepared-dataset manifest (format ``vtn-tf-dataset/1``).
-
-    Returns the manifest dict, with every subject's ``image``, ``labels`` and ``landmarks``
-    path made absolute (relative paths are relative to the manifest's folder). Raises
-    InputError naming the manifest if the format is unknown, a key is missing, a split names
-    an unknown subject or a listed file does not exist.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "manifest.json")
-    name = f"manifest {path}"
-    if not os.path.isfile(path):
-        raise InputError(f"{name} does not exist")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            manifest = json.load(stream)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{name} is not valid JSON ({error_line(error)[:160]})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise InputError(f"{name} has format {found!r}; expected {MANIFEST_FORMAT!r}")
-    for key in ("name", "modality", "grid", "label_values", "subjects", "splits"):
-        if key not in manifest:
-            raise InputError(f"{name} has no {key!r} entry")
-    root = os.path.dirname(os.path.abspath(path))
-    ids = set()
-    for subject in manifest["subjects"]:
-        if "id" not in subject or "image" not in subject:
-            raise InputError(f"{name} lists a subject without 'id' or 'image'")
-        ids.add(subject["id"])
-        for key in ("image", "labels", "landmarks"):
-            if subject.get(key) is None:
-                continue
-            resolved = os.path.join(root, subject[key])
-            if not os.path.isfile(resolved):
-                raise InputError(f"{name}: {key} of subject {subject['id']} "
-                                 f"({subject[key]}) does not exist")
-            subject[key] = resolved
-    for split, members in manifest["splits"].items():
-        unknown = [m for m in members if m not in ids]
-        if unknown:
-            raise InputError(f"{name}: split {split!r} names unknown subject {unknown[0]!r}")
-    return manifest
-
-
-def read_landmarks(path):
-    """``[N, 3]`` float64 point coordinates from a CSV/TXT file (one ``x, y, z`` per line).
-
-    Comma, semicolon or space separated; blank lines, ``#`` comments and one header
-    line are skipped. The coordinates' frame (voxels, RAS or LPS mm) is the caller's.
-    """
-    rows = []
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, 1):
-            fields = line.replace(",", " ").replace(";", " ").split()
-            if not fields or line.lstrip().startswith("#"):
-                continue
-            try:
-                values = [float(f) for f in fields]
-            except ValueError:
-                if rows:
-                    raise InputError(f"landmarks {path} line {number} is not numeric") from None
-                continue  # header
-            if len(values) != 3:
-                raise InputError(f"landmarks {path} line {number} has {len(values)} values; "
-                                 "x, y, z are required")
-            rows.append(values)
-    if not rows:
-        raise InputError(f"landmarks {path} holds no points")
-    return np.array(rows)

@@ -1,6 +1,6 @@
 """A trained model's files: the run directory's ``model.json`` and checkpoints.
 
-A run directory (written by `vtn_tf.training.train`, or by `save_model_dir`) holds
+A run directory (written by `vtn_tf.training.loop.train`, or by `save_model_dir`) holds
 
 * ``model.json``: the VTN's constructor arguments, its grid ``image_shape`` ``(X, Y, Z)``
   and the dataset's ``label_values`` (plain JSON; nothing in it is executed);
@@ -19,9 +19,9 @@ import pathlib
 import keras
 import tensorflow as tf
 
-from vtn_tf import config as config_lib
 from vtn_tf import io
-from vtn_tf.model import VTN
+from vtn_tf.nn.model import VTN
+from vtn_tf.nn.spec import MODEL_DEFAULTS
 
 
 def make_checkpoint(model, optimizer=None):
@@ -52,7 +52,7 @@ def save_model_dir(model, image_shape, run_dir, label_values=()):
     """Write a run directory for ``model`` (model.json + one checkpoint), e.g. for tests."""
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in model.get_config().items() if k in config_lib.DEFAULTS["model"]}
+    config = {k: v for k, v in model.get_config().items() if k in MODEL_DEFAULTS}
     write_model_description(run_dir, config, image_shape, label_values)
     tf.train.CheckpointManager(make_checkpoint(model), str(run_dir / "checkpoints"), 1).save(0)
     return run_dir
@@ -60,7 +60,7 @@ def save_model_dir(model, image_shape, run_dir, label_values=()):
 
 # Inference precisions: the Keras policy each one builds the network under. Weights stay
 # float32 (checkpoints are shared by all); the network's convolutions compute in the named
-# type; flows, warps and compositions stay float32 (`vtn_tf.model.VTN` casts the flows).
+# type; flows, warps and compositions stay float32 (`vtn_tf.nn.model.VTN` casts the flows).
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 

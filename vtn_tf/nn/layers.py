@@ -1,10 +1,10 @@
-"""Keras layers around `vtn_tf.spatial`: warping, flow composition, affine flows.
+"""Keras layers around `vtn_tf.core`: warping, flow composition, affine flows.
 
-The layers hold no weights; each calls the matching function of `vtn_tf.spatial` (which
+The layers hold no weights; each calls the matching function of `vtn_tf.core` (which
 stays the functional API) so that a Keras model, functional or subclassed, can carry the
 spatial transformer as a layer that serialises with it.
 
-Conventions (as in `vtn_tf.spatial`): images ``[B, X, Y, Z, C]``, flows ``[B, X, Y, Z, 3]``
+Conventions (as in `vtn_tf.core`): images ``[B, X, Y, Z, C]``, flows ``[B, X, Y, Z, 3]``
 as displacements **in voxels of the fixed grid**, channel c along axis c, **pulling**:
 ``warp(moving, f)(x) = moving(x + f(x))``.
 
@@ -17,7 +17,7 @@ Integer label maps are never cast.
 
 import keras
 
-from vtn_tf import spatial
+from vtn_tf.core import fields, sampling
 
 BOUNDARIES = ("clamp",)
 
@@ -55,7 +55,7 @@ class _SpatialLayer(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="vtn_tf")
 class SpatialTransformer(_SpatialLayer):
-    """Resample an image through a flow: ``out(x) = image(x + flow(x))`` (`vtn_tf.spatial.warp`).
+    """Resample an image through a flow: ``out(x) = image(x + flow(x))`` (`vtn_tf.core.sampling.warp`).
 
     Args:
       interpolation: ``"linear"`` (trilinear; differentiable in the image and the flow) or
@@ -84,8 +84,8 @@ class SpatialTransformer(_SpatialLayer):
 
     def __init__(self, interpolation="linear", boundary="clamp", **kwargs):
         super().__init__(**kwargs)
-        if interpolation not in spatial.INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {spatial.INTERPOLATIONS}; got {interpolation!r}.")
+        if interpolation not in sampling.INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sampling.INTERPOLATIONS}; got {interpolation!r}.")
         if boundary not in BOUNDARIES:
             raise ValueError(f"boundary must be one of {BOUNDARIES}; got {boundary!r}.")
         self.interpolation, self.boundary = interpolation, boundary
@@ -100,7 +100,7 @@ class SpatialTransformer(_SpatialLayer):
 
     def call(self, inputs):
         image, flow = inputs
-        return spatial.warp(image, flow, self.interpolation)
+        return sampling.warp(image, flow, self.interpolation)
 
     def compute_output_shape(self, input_shape):
         return _check_pair("SpatialTransformer", input_shape)[0]
@@ -116,7 +116,7 @@ class SpatialTransformer(_SpatialLayer):
 
 @keras.saving.register_keras_serializable(package="vtn_tf")
 class ComposeFlows(_SpatialLayer):
-    """Compose two flows (paper eq. 3): ``g1 ⋆ g2 = g2 + warp(g1, g2)`` (`vtn_tf.spatial.compose`).
+    """Compose two flows (paper eq. 3): ``g1 ⋆ g2 = g2 + warp(g1, g2)`` (`vtn_tf.core.fields.compose`).
 
     Warping with ``g1`` then with ``g2`` equals warping once with the result:
     ``warp(warp(I, g1), g2) = warp(I, g1 ⋆ g2)``. ``g1`` is resampled trilinearly,
@@ -146,7 +146,7 @@ class ComposeFlows(_SpatialLayer):
 
     def call(self, inputs):
         g1, g2 = inputs
-        return spatial.compose(g1, g2)
+        return fields.compose(g1, g2)
 
     def compute_output_shape(self, input_shape):
         return _check_pair("ComposeFlows", input_shape)[1]
@@ -157,7 +157,7 @@ class ComposeFlows(_SpatialLayer):
 
 @keras.saving.register_keras_serializable(package="vtn_tf")
 class AffineFlow(_SpatialLayer):
-    """The dense flow of the affine transform ``A = I + W`` (`vtn_tf.spatial.affine_flow`).
+    """The dense flow of the affine transform ``A = I + W`` (`vtn_tf.core.fields.affine_flow`).
 
     ``flow(x) = W x + b`` over centred voxel coordinates ``x_j = index_j - (size_j - 1) / 2``,
     so that the sampled position is ``A x + b`` (paper eq. 11).
@@ -208,7 +208,7 @@ class AffineFlow(_SpatialLayer):
 
     def call(self, inputs):
         W, b, reference = inputs
-        return spatial.affine_flow(W, b, reference.shape[1:4])
+        return fields.affine_flow(W, b, reference.shape[1:4])
 
     def compute_output_shape(self, input_shape):
         batch, grid = self._grid(input_shape)

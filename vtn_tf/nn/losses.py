@@ -1,15 +1,15 @@
 """Training losses of VTN (paper §III-C and eq. 12).
 
 Every loss returns one value per batch element (shape ``[B]``); the model
-averages over the batch (see `vtn_tf.model.VTN`). Inputs follow the field
-conventions of `vtn_tf.spatial`: flows ``[B, X, Y, Z, 3]`` in voxels, pulling.
+averages over the batch (see `vtn_tf.nn.model.VTN`). Inputs follow the field
+conventions of `vtn_tf.core`: flows ``[B, X, Y, Z, 3]`` in voxels, pulling.
 Losses compute in float32 even under mixed precision.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from vtn_tf import spatial
+from vtn_tf.core import fields
 
 VARIANCE_EPSILON = 1e-6
 ORTHOGONALITY_EPSILON = 1e-5
@@ -272,8 +272,8 @@ def invertibility_loss(f12, f21, central_fraction):
       displacement (voxels²), summed over the two directions.
     """
     f12, f21 = _float32(f12), _float32(f21)
-    there_and_back = spatial.compose(f21, f12)
-    back_and_there = spatial.compose(f12, f21)
+    there_and_back = fields.compose(f21, f12)
+    back_and_there = fields.compose(f12, f21)
     total = 0.0
     for loop in (there_and_back, back_and_there):
         loop = central_region(loop, central_fraction)

@@ -1,64 +1,26 @@
 """The VTN cascade (paper Fig. 2): an optional affine stage, then dense stages.
 
 Stage k sees ``concat([fixed, warped_{k-1}])`` and predicts its own flow ``f_k``;
-the aggregate flow is ``agg_k = agg_{k-1} ⋆ f_k`` (`vtn_tf.layers.ComposeFlows`), and
+the aggregate flow is ``agg_k = agg_{k-1} ⋆ f_k`` (`vtn_tf.nn.layers.ComposeFlows`), and
 the *original* moving image is resampled once with ``agg_k`` (never re-warped,
-`vtn_tf.layers.SpatialTransformer`).
+`vtn_tf.nn.layers.SpatialTransformer`).
 All flows are ``[B, X, Y, Z, 3]`` in voxels of the fixed grid, pulling.
 """
 
-import re
 
 import keras
 import tensorflow as tf
 
-from vtn_tf import config, losses
-from vtn_tf.layers import AffineFlow, ComposeFlows, SpatialTransformer
-from vtn_tf.networks import AffineSubnetwork, DenseSubnetwork, check_spatial_shape
-
-# The defaults of every argument: `vtn_tf.config.DEFAULTS` (a standard-library-only module) is
-# their one source.
-PAPER = config.DEFAULTS["model"]
-SPEC_PATTERN = re.compile(r"^A?D*$")
-# Paper Table I (ADDD): similarity on the dense stages, counted from the last one.
-PAPER_DENSE_SIMILARITY = (0.0, 0.05, 1.0)
-SIMILARITIES = ("cc", "ncc")
-
-
-def parse_spec(spec):
-    """Validate a cascade spec such as "ADDD"; returns it as a string of stage letters."""
-    if not isinstance(spec, str) or not spec or not SPEC_PATTERN.match(spec):
-        raise ValueError(
-            f"spec must be at most one leading 'A' (affine) followed by 'D's (dense), e.g. "
-            f"'ADDD', 'ADD', 'D', 'A'; got {spec!r}.")
-    return spec
-
-
-def stage_names(spec):
-    names, dense = [], 0
-    for letter in spec:
-        if letter == "A":
-            names.append("affine")
-        else:
-            dense += 1
-            names.append(f"dense{dense}")
-    return names
-
-
-def default_similarity_weights(spec, preset="paper"):
-    """Per-stage similarity weights. ``"paper"``: Table I (affine 1; dense stages
-    …, 0, 0.05, 1 counted back from the last). ``"last"``: the authors' code, 1 on the
-    last stage only."""
-    n_dense = spec.count("D")
-    if preset == "last":
-        weights = [0.0] * len(spec)
-        weights[-1] = 1.0
-        return weights
-    if preset != "paper":
-        raise ValueError(f"similarity preset must be 'paper' or 'last'; got {preset!r}.")
-    dense = list(PAPER_DENSE_SIMILARITY[-n_dense:]) if n_dense else []
-    dense = [0.0] * (n_dense - len(dense)) + dense
-    return ([1.0] if spec.startswith("A") else []) + dense
+from vtn_tf.nn import losses
+from vtn_tf.nn.layers import AffineFlow, ComposeFlows, SpatialTransformer
+from vtn_tf.nn.networks import AffineSubnetwork, DenseSubnetwork, check_spatial_shape
+from vtn_tf.nn.spec import MODEL_DEFAULTS as PAPER
+from vtn_tf.nn.spec import (
+    SIMILARITIES,
+    default_similarity_weights,
+    parse_spec,
+    stage_names,
+)
 
 
 def _weights(name, value, spec, default):
@@ -76,14 +38,14 @@ def _weights(name, value, spec, default):
 class VTN(keras.Model):
     """Volume Tweening Network: a cascade of registration subnetworks.
 
-    Args (defaults: ``vtn_tf.config.DEFAULTS["model"]``, the paper's):
+    Args (defaults: ``vtn_tf.nn.spec.MODEL_DEFAULTS``, the paper's):
       spec: stages, e.g. "ADDD": at most one leading "A" (affine), then "D"s (dense).
       width: channel multiplier of every subnetwork (1.0 = the paper).
       flow_scale: dense output multiplier (the authors' 20).
       flow_head_initializer: "lecun_uniform" (paper) or "small" (near-identity start).
       similarity: "cc", the paper's global correlation coefficient (eq. 5-7), or
         "ncc", the squared local correlation in ``ncc_window``³ cubes
-        (`vtn_tf.losses.local_ncc_loss`; not in the paper).
+        (`vtn_tf.nn.losses.local_ncc_loss`; not in the paper).
       ncc_window: odd cube side in voxels, for "ncc".
       similarity_weights: one per stage, or "paper" (Table I, default) or "last".
       smoothness_weights: one per stage (ignored for the affine stage); default 1.
@@ -91,7 +53,7 @@ class VTN(keras.Model):
       invertibility_weight: weight of eq. 12 (0 = off; the paper's liver uses 1e-3).
       central_fraction: region of the invertibility loss (0.5 = drop outer quarters).
       label_weight: weight of the soft Dice loss between the fixed labels and the moving
-        labels warped by the final flow (`vtn_tf.losses.label_dice_loss`; not in the paper).
+        labels warped by the final flow (`vtn_tf.nn.losses.label_dice_loss`; not in the paper).
         0 = off (unsupervised, the paper). When on, training batches carry one-hot
         ``fixed_labels`` / ``moving_labels`` ``[B, X, Y, Z, K]``; registering never needs labels.
 

@@ -5,7 +5,7 @@ fixed image in channel 0, and every spatial size divisible by 64 (six stride-2
 levels). Every convolution has kernel 3, padding 'same', a bias, LeakyReLU with
 slope 0.1 and LeCun-uniform weights. ``width`` scales every channel count
 (1.0 = the paper: about 28.2 M parameters dense, 14.2 M affine at 128^3). The arguments
-have no defaults here: `vtn_tf.model.VTN` passes them from ``vtn_tf.config.DEFAULTS``.
+have no defaults here: `vtn_tf.nn.model.VTN` passes them from ``vtn_tf.training.config.DEFAULTS``.
 """
 
 import keras
@@ -123,7 +123,7 @@ class AffineSubnetwork(keras.layers.Layer):
 
     The encoder is the dense one's; the head is two 'valid' convolutions with the
     bottleneck's size as kernel and no bias, giving ``W`` (9 numbers) and ``b``
-    (3 numbers). The transform is ``A = I + W``; see `vtn_tf.spatial.affine_flow`.
+    (3 numbers). The transform is ``A = I + W``; see `vtn_tf.core.fields.affine_flow`.
 
     Args:
       width: channel multiplier (1.0 = the paper).

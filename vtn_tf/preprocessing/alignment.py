@@ -16,7 +16,7 @@ fixed one, as the ANTs and elastix initialisers do:
   ``moments`` kept the same score after a 20 degree, 25 mm header move, where ``com`` lost 0.18 Dice.
 
 `vtn_tf.registration` then refines ``T`` by a short intensity-based affine search
-(`vtn_tf.refine.search_affine`, ``--init_steps``): two brains' principal axes differ by a few
+(`vtn_tf.registration.affine_search.search_affine`, ``--init_steps``): two brains' principal axes differ by a few
 degrees, and the search brings a pre-aligned scan and the same scan moved in its header to the
 same optimum (within 0.1 mm on the LPBA40 validation subjects).
 

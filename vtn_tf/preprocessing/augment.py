@@ -4,7 +4,7 @@ The paper (§V) augments training pairs with random B-spline fields on 5x5x5 con
 points, "within a maximum displacement of 12" voxels. Only the moving image and its
 labels are deformed; the fixed image is never touched.
 
-Field conventions (as in :mod:`vtn_tf.spatial`): a flow is ``[B, X, Y, Z, 3]`` float32,
+Field conventions (as in :mod:`vtn_tf.core`): a flow is ``[B, X, Y, Z, 3]`` float32,
 a displacement in voxels of the grid it lives on, channel c along axis c, pulling:
 ``warp(m, f)(x) = m(x + f(x))``.
 
@@ -29,11 +29,11 @@ They are drawn in physical millimetres about the volume centre and converted to 
 the grid's per-axis spacing, so a rotation stays a true rotation on an anisotropic grid:
 
 * centred voxel coordinates ``c_j = index_j - (size_j - 1) / 2`` (as in
-  :func:`vtn_tf.spatial.affine_flow`), millimetres ``p = S c`` with ``S = diag(spacing)``;
+  :func:`vtn_tf.core.fields.affine_flow`), millimetres ``p = S c`` with ``S = diag(spacing)``;
 * in millimetres the fixed point ``p`` samples the moving image at ``M p + t`` with
   ``M = R · H · K`` (scale ``K``, then shear ``H``, then rotation ``R``) and ``t`` in mm;
 * in voxels that is ``A c + b`` with ``A = S⁻¹ M S`` and ``b = S⁻¹ t``, i.e. the
-  ``W = A - I`` and ``b`` that :func:`vtn_tf.spatial.affine_flow` takes (pull direction:
+  ``W = A - I`` and ``b`` that :func:`vtn_tf.core.fields.affine_flow` takes (pull direction:
   the flow at ``c`` is ``W c + b``, the sampled moving position ``A c + b``).
 
 All axes are the array axes of the grid (0, 1, 2), not world (RAS/LPS) axes.
@@ -46,7 +46,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from vtn_tf import spatial
+from vtn_tf.core import fields, sampling
 
 
 def bspline_weights(size, control_points):
@@ -209,7 +209,7 @@ def _rotation_about(axis, angle):
 
 
 def affine_from_parameters(parameters, spacing=None, dtype=tf.float32):
-    """The ``(W, b)`` of :func:`vtn_tf.spatial.affine_flow` for transforms given in millimetres.
+    """The ``(W, b)`` of :func:`vtn_tf.core.fields.affine_flow` for transforms given in millimetres.
 
     In millimetres about the volume centre, fixed point ``p`` samples the moving image at
     ``M p + t``, ``M = R · H · K``: ``K = diag(scale)``, ``H`` unit upper triangular with
@@ -253,7 +253,7 @@ def random_affine(batch, seed, rotation_degrees=0.0, scale=0.0, shear=0.0, trans
 
     :func:`random_affine_parameters` then :func:`affine_from_parameters`; arguments as
     there. Returns ``W`` ``[batch, 3, 3]`` float32 (``A - I``) and ``b`` ``[batch, 3]``
-    float32 voxels for :func:`vtn_tf.spatial.affine_flow` (pulling: the sampled moving
+    float32 voxels for :func:`vtn_tf.core.fields.affine_flow` (pulling: the sampled moving
     position is ``A c + b`` on centred voxel coordinates ``c``).
     """
     parameters = random_affine_parameters(batch, seed, rotation_degrees, scale, shear,
@@ -288,7 +288,7 @@ def augmentation_flow(batch, spatial_shape, seed, control_points=5, max_displace
         return flow
     W, b = random_affine(batch, tf.random.experimental.stateless_fold_in(seed, 1),
                          rotation_degrees, scale, shear, translation_mm, spacing)
-    return spatial.compose(flow, spatial.affine_flow(W, b, spatial_shape))
+    return fields.compose(flow, fields.affine_flow(W, b, spatial_shape))
 
 
 def augment_moving(moving, moving_labels, seed, control_points=5, max_displacement=12.0,
@@ -320,7 +320,7 @@ def augment_moving(moving, moving_labels, seed, control_points=5, max_displaceme
     flow = augmentation_flow(tf.shape(moving)[0], spatial_shape, seed, control_points,
                              max_displacement, rotation_degrees, scale, shear, translation_mm,
                              spacing)
-    warped = spatial.warp(moving, tf.cast(flow, moving.dtype), "linear")
+    warped = sampling.warp(moving, tf.cast(flow, moving.dtype), "linear")
     if moving_labels is None:
         return warped, None
-    return warped, spatial.warp(moving_labels, flow, "nearest")
+    return warped, sampling.warp(moving_labels, flow, "nearest")

@@ -2,7 +2,7 @@
 
 The CSV has the header row ``fixed,moving,out`` and an optional ``moving_labels`` column
 holding one or more label files separated by ``;``. Paths are relative to the CSV's folder
-or absolute. Each row is registered with :meth:`vtn_tf.registration.Registrar.register_files`;
+or absolute. Each row is registered with :meth:`vtn_tf.registration.pipeline.Registrar.register_files`;
 a row that fails is reported on one line and skipped.
 """
 

@@ -15,7 +15,7 @@ It loads with TensorFlow alone (no vtn_tf, no Keras)::
     serve = tf.saved_model.load("exported/X").signatures["serving_default"]
     out = serve(fixed=fixed, moving=moving)   # {"flow": ..., "warped": ...}
 
-XLA: the warp (`vtn_tf.spatial`) is an XLA-compiled function (``jit_compile=True``).
+XLA: the warp (`vtn_tf.core`) is an XLA-compiled function (``jit_compile=True``).
 Python TensorFlow runs a SavedModel that keeps it (tensorflow and tensorflow-cpu ship the XLA
 JIT), but TensorFlow Serving runs XLA-marked functions only experimentally (CPU:
 ``--xla_cpu_compilation_enabled=true``; some GPU images fail with "Could not find compiler
@@ -24,7 +24,7 @@ for platform CUDA", tensorflow/serving#2214). So the default export traces the w
 the graph) and runs anywhere; ``--xla`` keeps the compiled warp (faster where XLA runs).
 ``vtn_export.json`` beside ``saved_model.pb`` records the run, checkpoint, spec, grid, this
 choice and ``passes`` (``--passes N`` bakes N test-time passes of the cascade into the
-graph, :meth:`vtn_tf.model.VTN.register`; TensorFlow Serving ignores the file).
+graph, :meth:`vtn_tf.nn.model.VTN.register`; TensorFlow Serving ignores the file).
 
 TensorFlow Serving (REST on port 8501; the export folder becomes version 1 of model "vtn")::
 
@@ -50,7 +50,8 @@ import os
 
 import tensorflow as tf
 
-from vtn_tf import io, spatial
+from vtn_tf import io
+from vtn_tf.core import sampling
 
 SIGNATURE = "serving_default"
 METADATA = "vtn_export.json"
@@ -85,17 +86,17 @@ class ServingModule(tf.Module):
 
 @contextlib.contextmanager
 def warp_without_xla():
-    """While tracing, run `vtn_tf.spatial`'s samplers, and the warp's hand-written gradients
+    """While tracing, run `vtn_tf.core.sampling`'s samplers, and the warp's hand-written gradients
     (which a SavedModel keeps beside the forward), as plain (non-XLA) `tf.function`s."""
-    names = ("_sample_linear_forward", "_linear_flow_gradient", "_linear_image_gradient", "_sample_nearest")
-    saved = {name: getattr(spatial, name) for name in names}
+    names = ("sample_linear_forward", "linear_flow_gradient", "linear_image_gradient", "sample_nearest")
+    saved = {name: getattr(sampling, name) for name in names}
     try:
         for name, function in saved.items():
-            setattr(spatial, name, tf.function(function.python_function, reduce_retracing=True))
+            setattr(sampling, name, tf.function(function.python_function, reduce_retracing=True))
         yield
     finally:
         for name, function in saved.items():
-            setattr(spatial, name, function)
+            setattr(sampling, name, function)
 
 
 def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=False, passes=1):
@@ -107,7 +108,7 @@ def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=Fa
       out: target folder; refused if it exists, unless ``overwrite``.
       metadata: dict written to ``out/vtn_export.json``.
       xla: keep the XLA-compiled warp (see the module doc); default: plain TensorFlow ops.
-      passes: test-time recursion passes served (:meth:`vtn_tf.model.VTN.register`; 1 = the paper).
+      passes: test-time recursion passes served (:meth:`vtn_tf.nn.model.VTN.register`; 1 = the paper).
     Returns:
       ``out`` as a `pathlib.Path`.
     """
@@ -127,12 +128,12 @@ def save_serving(model, image_shape, out, metadata=None, overwrite=False, xla=Fa
 def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, precision="float32"):
     """Export a run directory's model (latest checkpoint) as a SavedModel in ``out``.
 
-    ``precision``: the network's compute type (`vtn_tf.checkpoints.restore_model`); the
+    ``precision``: the network's compute type (`vtn_tf.nn.checkpoints.restore_model`); the
     signature's inputs and outputs are float32 whatever it is.
 
     Raises `vtn_tf.io.InputError` (before writing) for an existing ``out`` without
     ``overwrite`` or a missing or corrupt run directory. Returns ``out``."""
-    from vtn_tf.registration import load_contract, load_model
+    from vtn_tf.registration.network import load_contract, load_model
 
     io.check_output_folder(out, overwrite)  # refused before the model loads
     model, image_shape, checkpoint = load_model(os.fspath(run_dir), precision)
@@ -145,7 +146,7 @@ def export_model(run_dir, out, overwrite=False, xla=False, log=print, passes=1, 
                 "flow_convention": "voxels of the input grid, pulling: warped(x) = moving(x + flow(x))",
                 "xla_warp": bool(xla), "passes": int(passes), "network_precision": precision,
                 "preprocessing": contract,
-                "preprocessing_note": "inputs are prepared as vtn_tf.preprocess does with this contract "
+                "preprocessing_note": "inputs are prepared as vtn_tf.preprocessing.preparation does with this contract "
                                       "(crop box, grid, intensity map); the initial alignment, refinement "
                                       "(--refine, --refine_network) and native-resolution resampling run "
                                       "outside the served graph"}

@@ -17,22 +17,10 @@ import copy
 import json
 import pathlib
 
+from vtn_tf.nn.spec import MODEL_DEFAULTS, parse_spec
+
 DEFAULTS = {
-    "model": {
-        "spec": "ADDD",
-        "width": 1.0,
-        "flow_scale": 20.0,
-        "flow_head_initializer": "lecun_uniform",
-        "similarity_weights": "paper",
-        "smoothness_weights": None,
-        "determinant_weight": 0.1,
-        "orthogonality_weight": 0.1,
-        "invertibility_weight": 0.0,
-        "central_fraction": 0.5,
-        "similarity": "cc",           # "cc": the paper's global correlation; "ncc": local (not in the paper)
-        "ncc_window": 9,              # voxels, for "ncc"
-        "label_weight": 0.0,          # soft Dice on warped training labels (0: unsupervised, the paper)
-    },
+    "model": dict(MODEL_DEFAULTS),
     "data": {
         "manifest": None,             # prepared dataset (data_prep's manifest.json)
         "pair_mode": "pairwise",      # "pairwise": all ordered pairs; "atlas": atlas fixed
@@ -148,12 +136,15 @@ def validate(config):
         raise ConfigError("data.pair_mode is 'atlas' but data.atlas names no subject.")
     if not isinstance(data["affine_augment"], bool):
         raise ConfigError(f"data.affine_augment must be true or false; got {data['affine_augment']!r}.")
-    from vtn_tf.augment import AFFINE_RANGES, check_affine_ranges
+    from vtn_tf.preprocessing.augment import (  # TensorFlow: only when validating
+        AFFINE_RANGES,
+        check_affine_ranges,
+    )
+
     try:
         check_affine_ranges(**{field: data[field] for field in AFFINE_RANGES})
     except ValueError as error:
         raise ConfigError(f"data.{error}") from None
-    from vtn_tf.model import parse_spec  # validates the spec string early, before any work
     try:
         parse_spec(config["model"]["spec"])
     except ValueError as error:
@@ -167,7 +158,7 @@ def learning_rate_at(config, step):
       config: a config (only its ``train`` section's ``learning_rate``, ``steps_per_epoch``
         and ``halve_after_epoch`` are read).
       step: optimizer steps taken so far (0 = the first batch), an int or a floating-point
-        tensor (the Keras schedule `vtn_tf.training.PaperSchedule` passes one).
+        tensor (the Keras schedule `vtn_tf.training.loop.PaperSchedule` passes one).
     Returns:
       the learning rate for that step (epochs count from 1).
     """

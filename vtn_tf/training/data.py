@@ -29,8 +29,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from vtn_tf import io, preprocess
-from vtn_tf.augment import augment_moving, check_affine_ranges
+from vtn_tf import io
+from vtn_tf.preprocessing import preparation
+from vtn_tf.preprocessing.augment import augment_moving, check_affine_ranges
 
 PAIR_MODES = ("pairwise", "atlas")
 EVALUATION_MODES = ("pairwise", "consecutive", "atlas")
@@ -257,7 +258,7 @@ def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
 
     Pairs are drawn uniformly with replacement from ``pairs``; with ``augment`` the moving
     image (and its labels) of each pair is deformed by its own random field
-    (:func:`vtn_tf.augment.augment_moving`): a cubic B-spline field, then, when an affine
+    (:func:`vtn_tf.preprocessing.augment.augment_moving`): a cubic B-spline field, then, when an affine
     range is non-zero, a random affine drawn in millimetres with the **moving subject's**
     voxel spacing (``dataset.subjects[id]["spacing"]``). The image and labels are
     resampled once. The fixed image is never augmented.
@@ -274,7 +275,7 @@ def pair_dataset(dataset, pairs, batch_size, seed=0, start_step=0, augment=True,
       control_points: augmentation lattice points per axis.
       rotation_degrees, scale, shear, translation_mm: affine ranges (degrees about each
         axis, relative scale fraction, shear coefficient, mm along each axis), as in
-        :func:`vtn_tf.augment.random_affine_parameters`; all 0 (the default): no affine,
+        :func:`vtn_tf.preprocessing.augment.random_affine_parameters`; all 0 (the default): no affine,
         the stream is exactly the B-spline-only one.
       one_hot: None, or the label values to keep (foreground structures): with
         ``include_labels``, the labels (after augmentation) become float32 one-hot maps
@@ -376,7 +377,7 @@ def evaluation_batches(dataset, pairs, include_labels=True):
 
 
 def input_contract(manifest_path):
-    """The :class:`vtn_tf.preprocess.InputContract` of a prepared dataset: how its volumes
+    """The :class:`vtn_tf.preprocessing.preparation.InputContract` of a prepared dataset: how its volumes
     were cropped, resampled and normalised, so new scans can follow the same steps.
 
     The histogram-matching reference comes from the manifest (``preparation.
@@ -385,15 +386,15 @@ def input_contract(manifest_path):
     Raises ValueError when the volumes were cropped around labels (no new scan has them).
     """
     manifest = io.load_manifest(manifest_path)
-    preparation = manifest.get("preparation") or {}
-    settings = dict(preparation.get("settings") or {})
+    recorded = manifest.get("preparation") or {}
+    settings = dict(recorded.get("settings") or {})
     settings.setdefault("modality", manifest.get("modality"))
-    reference = preparation.get("reference_quantiles")
+    reference = recorded.get("reference_quantiles")
     if reference is None and settings.get("histogram_matching", True) and preparation.get("reference_subject"):
         entry = next(s for s in manifest["subjects"] if s["id"] == preparation["reference_subject"])
         image = io.read_volume(entry["image"], "reference image")
         scaled = image.data.astype(np.float32)
         mask = (scaled > 0) & (scaled < 1) if settings["modality"] == "CT" else \
             scaled > float(settings.get("foreground_threshold", 0.1))
-        reference = preprocess.reference_quantiles(scaled, mask)
-    return preprocess.contract_from_settings(settings, manifest["grid"], reference)
+        reference = preparation.reference_quantiles(scaled, mask)
+    return preparation.contract_from_settings(settings, manifest["grid"], reference)

@@ -1,7 +1,7 @@
 """Training: a config in, a monitored, checkpointed, resumable VTN run out.
 
 `train(config, run_dir)` builds the model under a `tf.distribute` strategy, feeds it
-the deterministic pair stream of `vtn_tf.data`, and writes to ``run_dir``:
+the deterministic pair stream of `vtn_tf.training.data`, and writes to ``run_dir``:
 
 * ``config.json``: the exact effective config (a later start must match it);
 * ``checkpoints/``: `tf.train.Checkpoint` files of the model and the optimizer
@@ -28,20 +28,29 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vtn_tf import config as config_lib
-from vtn_tf import data as data_lib
-from vtn_tf import augment, io, metrics, spatial
-from vtn_tf.checkpoints import make_checkpoint, network_precision, write_model_description
+from vtn_tf import io
+from vtn_tf.core import metrics, sampling
 from vtn_tf.io import InputError
+
 # Loading a trained model lives in vtn_tf.checkpoints; these names stay importable from here.
-from vtn_tf.checkpoints import PRECISIONS, restore_model, save_model_dir  # noqa: F401
-from vtn_tf.model import VTN
+from vtn_tf.nn.checkpoints import (  # noqa: F401
+    PRECISIONS,
+    make_checkpoint,
+    network_precision,
+    restore_model,
+    save_model_dir,
+    write_model_description,
+)
+from vtn_tf.nn.model import VTN
+from vtn_tf.preprocessing import augment
+from vtn_tf.training import config as config_lib
+from vtn_tf.training import data as data_lib
 
 
 @keras.saving.register_keras_serializable(package="vtn_tf")
 class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Constant rate, halved every epoch after ``halve_after_epoch`` (paper §V): the
-    schedule of `vtn_tf.config.learning_rate_at`, as a Keras schedule."""
+    schedule of `vtn_tf.training.config.learning_rate_at`, as a Keras schedule."""
 
     def __init__(self, learning_rate, steps_per_epoch, halve_after_epoch):
         self.learning_rate = float(learning_rate)
@@ -159,7 +168,7 @@ class Validation(keras.callbacks.Callback):
         scores, folds = [], []
         for k, batch in enumerate(self.batches):
             out = self.model({"fixed": batch["fixed"], "moving": batch["moving"]})
-            warped_labels = spatial.warp(batch["moving_labels"], out["flow"], "nearest")
+            warped_labels = sampling.warp(batch["moving_labels"], out["flow"], "nearest")
             fixed_labels = batch["fixed_labels"].numpy()[0, ..., 0]
             scores.append(metrics.dice(fixed_labels, warped_labels.numpy()[0, ..., 0], self.label_values)[1])
             folds.append(metrics.folding_fraction(out["flow"]))
@@ -345,7 +354,7 @@ def validation_pairs(dataset, data_cfg):
 
 def write_input_contract(run_dir, manifest, log=print):
     """``run_dir/preprocessing.json``: how the training volumes were prepared
-    (`vtn_tf.preprocess.InputContract`), which registration applies to new scans."""
+    (`vtn_tf.preprocessing.preparation.InputContract`), which registration applies to new scans."""
     try:
         contract = data_lib.input_contract(manifest)
     except ValueError as error:

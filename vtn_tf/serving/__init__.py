@@ -1,0 +1,2 @@
+"""Serving: the SavedModel export (`export`).
+"""

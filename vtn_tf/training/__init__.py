@@ -1,0 +1,3 @@
+"""Training: configuration files (`config`), prepared datasets into `tf.data` (`data`) and the training
+run (`loop`).
+"""
