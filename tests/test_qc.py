@@ -335,3 +335,16 @@ def test_real_failures_are_flagged_and_a_real_pair_is_not(vtn_data):
     assert {"intensity", "coverage", "similarity"} <= found
     found, result = judged(*_read(crop))  # a 64 mm hippocampus crop: unrelated anatomy
     assert "similarity" in found and result.figures["similarity"]["after"]["lcc"] < 0.1
+
+
+def test_evaluation_results_come_with_their_box_plots(tmp_path):
+    from vtn_tf.evaluation import protocols
+
+    rows = [{"fixed": f"S0{p}", "moving": "S10", "method": method, "dice": base, "iou": base / 2,
+             "dice_1": base, "dice_2": base + 0.1, "landmark_mm": math.nan, "landmark_voxels": math.nan,
+             "jacobian_std": 0.1, "folding_percent": 0.0, "seconds": 0.5, "device": "CPU"}
+            for p in range(3) for method, base in (("identity", 0.5), ("vtn", 0.7))]
+    summary = protocols.write_results(rows, tmp_path / "results.csv", [0, 1, 2])
+    assert "Dice box plots: results_dice_pairs.png, results_dice_structures.png" in summary
+    assert (tmp_path / "results_dice_structures.png").stat().st_size > 1000
+    assert "Dice box plots" in (tmp_path / "results.md").read_text()

@@ -327,7 +327,8 @@ def _format(value):
 
 
 def write_results(rows, csv_path, label_values, overwrite=False, header="", extra=()):
-    """Write the rows as CSV and the summary as markdown next to it (atomic writes).
+    """Write the rows as CSV and the summary as markdown next to it (atomic writes), and the
+    Dice box plots beside them (:func:`plots_line`).
 
     Returns the markdown summary (``header`` first, then :func:`summary_table`).
     """
@@ -337,10 +338,23 @@ def write_results(rows, csv_path, label_values, overwrite=False, header="", extr
     writer.writeheader()
     for row in rows:
         writer.writerow({key: _format(value) for key, value in row.items()})
-    summary = (header + "\n\n" if header else "") + summary_table(rows) + "\n"
+    summary = (header + "\n\n" if header else "") + summary_table(rows) + "\n" + plots_line(rows, csv_path)
     io.atomic_write_text(csv_path, buffer.getvalue(), overwrite=overwrite)
     io.atomic_write_text(summary_path(csv_path), summary, overwrite=overwrite)
     return summary
+
+
+def plots_line(rows, csv_path):
+    """Draw the Dice box plots beside ``csv_path`` (`vtn_tf.qc.plots`: per pair and per structure,
+    per method) and say where they are; without matplotlib (the ``plot`` extra), say so."""
+    try:
+        import matplotlib  # noqa: F401 - the plot extra
+    except ImportError:
+        return "\nDice box plots: matplotlib is not installed (pip install -e \".[plot]\")\n"
+    from vtn_tf.qc import plots
+
+    written = plots.draw(rows, os.fspath(csv_path))
+    return ("\nDice box plots: " + ", ".join(os.path.basename(p) for p in written) + "\n") if written else ""
 
 
 def read_results(path):
