@@ -348,3 +348,35 @@ def test_evaluation_results_come_with_their_box_plots(tmp_path):
     assert "Dice box plots: results_dice_pairs.png, results_dice_structures.png" in summary
     assert (tmp_path / "results_dice_structures.png").stat().st_size > 1000
     assert "Dice box plots" in (tmp_path / "results.md").read_text()
+
+
+def test_the_pipeline_check_places_the_moving_image_by_its_headers():
+    from types import SimpleNamespace
+
+    from vtn_tf import io
+    from vtn_tf.registration import quality
+
+    fixed_affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    moving_affine = fixed_affine.copy()
+    moving_affine[:3, 3] = [3.0, 0, 2.0]  # another origin: the headers place the moving voxels 2 x, 1 z off
+    fixed = phantom()
+    moving = np.roll(fixed, -3, 0)  # moving voxel m holds fixed voxel m + 3
+    labels = (fixed > 110).astype(np.int16)
+    volume = lambda data, affine, name: io.Volume(data, affine, tuple(np.diag(affine)[:3]), name)  # noqa: E731
+    flow = np.zeros(SHAPE + (3,), np.float32)
+    flow[..., 0] = -1.0  # the world point A_f (x + u) is moving voxel x - 3 (along x), which holds fixed x
+    flow[..., 2] = 1.0
+    world = np.eye(4)
+    world[:3, 3] = [-1.5, 0, 2.0]
+    result = SimpleNamespace(flow_voxels=flow, warped=fixed, warped_labels=[labels], inverse=None,
+                             affine={"world_ras": world}, seconds={"network": 0.1})
+    check = quality.quality_check(result, volume(fixed, fixed_affine, "f.nii"), volume(moving, moving_affine, "m.nii"),
+                                  [volume(np.roll(labels, -3, 0), moving_affine, "l.nii")],
+                                  [volume(labels, fixed_affine, "fl.nii")], modality="MRI", picture=False)
+    expected = _placed_by_headers(moving, moving_affine, SHAPE, fixed_affine)
+    before = figures.correlation(fixed, expected, figures.foreground(fixed))
+    assert check.figures["similarity"]["before"]["cc"] == pytest.approx(before, abs=1e-3)
+    assert check.figures["similarity"]["after"]["cc"] == pytest.approx(1.0)
+    assert check.figures["dice"]["mean"] == 1.0 > check.figures["dice"]["before"]
+    assert check.figures["seconds"]["total"] == pytest.approx(0.1) and check.flags == []
+    assert quality.modality_of(None, "ct") == "CT" and quality.modality_of(SimpleNamespace(modality="MRI")) == "MRI"
