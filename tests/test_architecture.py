@@ -22,7 +22,6 @@ PACKAGE = REPO / "vtn_tf"
 FLOORS = {
     "core": 1,            # spatial maths on tensors, no Keras, no files
     "io": 2,              # files, no TensorFlow
-    "completion": 2, "faults": 2, "folder_lock": 2, "pairs_csv": 2,  # cohort bookkeeping on files
     "preprocessing": 3,   # the input contract, initial alignment, augmentation
     "nn": 4,              # losses, layers, networks, the cascade, checkpoints
     "qc": 5,              # quality-control figures of a registration

@@ -1,11 +1,11 @@
-"""vtn_tf.completion: the record that makes an output folder complete, and its absence."""
+"""vtn_tf.io.completion: the record that makes an output folder complete, and its absence."""
 
 import json
 import shutil
 
 import pytest
 
-from vtn_tf import completion
+from vtn_tf.io import completion
 
 SETTINGS = {"passes": 2, "init": "none", "refine": {"steps": [40, 12], "resolution": (0.5, 1.0)}}
 INPUTS = {"fixed": "/d/f.nii.gz", "moving": "/d/m.nii.gz", "moving_labels": []}
@@ -50,6 +50,8 @@ def test_states_of_an_output_folder(run_dir, tmp_path):
     assert record["format"] == "vtn-tf-registration/1" and record["settings"]["refine"]["resolution"] == [0.5, 1.0]
     other = dict(SETTINGS, passes=1)
     assert completion.status(out, model, other, INPUTS) == (completion.DIFFERENT, "made with other settings (passes)")
+    finer = dict(SETTINGS, refine={"steps": [40, 12], "resolution": [0.5, 0.75]})
+    assert completion.status(out, model, finer, INPUTS)[1] == "made with other settings (refine.resolution)"
     moved = dict(INPUTS, moving="/d/m2.nii.gz")
     assert completion.status(out, model, SETTINGS, moved)[0] == completion.DIFFERENT
     retrained = dict(model, sha256="0" * 64)

@@ -1,16 +1,17 @@
-"""vtn_tf.faults: machine faults become one line and an exit status of their own."""
+"""vtn_tf.io.faults: machine faults become one line and an exit status of their own."""
 
 import errno
 
 import pytest
 
-from vtn_tf import faults
+from vtn_tf.io import faults
 
 
 @pytest.mark.parametrize("code,filename,message,status,stops", [
     (errno.ENOSPC, None, "output folder {out}: no space left on device", faults.DISK_FULL, True),
     (errno.EDQUOT, "{out}/warped.nii.gz", "output folder {out}: disk quota exceeded", faults.DISK_FULL, True),
-    (errno.EROFS, "{out}/.s1.abcd.part", "output folder {out}: read-only file system", faults.NOT_WRITABLE, False),
+    (errno.EROFS, "{parent}/.s1.abcd.part/warped.nii.gz", "output folder {out}: read-only file system",
+     faults.NOT_WRITABLE, False),
     (errno.EACCES, "{parent}/.s1.lock", "output folder {out}: permission denied", faults.NOT_WRITABLE, False),
     (errno.ENOENT, "/data/m.nii.gz", "input /data/m.nii.gz does not exist (removed while it was in use)",
      faults.BAD_INPUT, False),

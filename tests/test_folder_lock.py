@@ -1,4 +1,4 @@
-"""vtn_tf.folder_lock: a second process refuses at once; a killed holder blocks nobody."""
+"""vtn_tf.io.folder_lock: a second process refuses at once; a killed holder blocks nobody."""
 
 import os
 import signal
@@ -9,9 +9,9 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from vtn_tf import faults, folder_lock
+from vtn_tf.io import faults, folder_lock
 
-HOLD = ("import sys, time; from vtn_tf import folder_lock\n"
+HOLD = ("import sys, time; from vtn_tf.io import folder_lock\n"
         "with folder_lock.locked(sys.argv[1]):\n"
         "    print('locked', flush=True); time.sleep(60)\n")
 

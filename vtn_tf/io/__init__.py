@@ -2,7 +2,7 @@
 appear whole or not at all (`vtn_tf.io.staging`), dataset manifests and landmarks (`vtn_tf.io.manifests`),
 and the one-line user error (`vtn_tf.io.errors`). The names below are the package's public API."""
 
-from vtn_tf.io.errors import InputError, error_line
+from vtn_tf.io.errors import InputError, OutputNotWritable, error_line
 from vtn_tf.io.manifests import MANIFEST_FORMAT, load_manifest, read_landmarks
 from vtn_tf.io.staging import (
     atomic_write,
@@ -36,6 +36,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "MAX_SPACING_MM",
     "NIFTI_SUFFIXES",
+    "OutputNotWritable",
     "Volume",
     "atomic_write",
     "atomic_write_bytes",

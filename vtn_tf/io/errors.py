@@ -5,6 +5,10 @@ class InputError(ValueError):
     """A user-supplied file or setting is unusable; the message says which and why."""
 
 
+class OutputNotWritable(InputError):
+    """An output folder that exists but cannot be written (read-only file system, permissions)."""
+
+
 def error_line(error):
     """The first non-blank line of ``error``'s message, or its type name when it has none."""
     text = str(error).strip()

@@ -7,7 +7,7 @@ import pathlib
 import shutil
 import tempfile
 
-from vtn_tf.io.errors import InputError
+from vtn_tf.io.errors import InputError, OutputNotWritable
 
 
 def _refuse_existing(path):
@@ -16,7 +16,8 @@ def _refuse_existing(path):
 
 def _check_writable(folder):
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"output folder {folder} is not writable")
+        why = "read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "permission denied"
+        raise OutputNotWritable(f"output folder {folder} is not writable ({why})")
 
 
 def check_output_file(path, overwrite=False):

@@ -11,8 +11,8 @@ their name looks like a misspelt known one. Paths are relative to the pairs file
 or absolute; ``~`` is the home folder.
 
 Anything else raises :class:`vtn_tf.io.InputError` with one line naming the file, the line
-and the problem: ``pairs file cohort.csv, line 7: 5 cells, but the header names 4 (quote a
-path holding a comma: "a,b.nii.gz")``.
+and the problem: ``pairs file cohort.csv, line 7: 5 cells, but the header has 4 (quote a path
+holding the separator: "a,b.nii.gz")``.
 
 ``--shard K/N`` (:func:`parse_shard`, :func:`shard`) keeps the pairs whose index (0-based,
 counting pairs only) is K modulo N: the N shards are disjoint, together they are the whole
@@ -23,7 +23,7 @@ import csv
 import difflib
 import os
 
-from vtn_tf.io import InputError
+from vtn_tf.io.errors import InputError
 
 REQUIRED = ("fixed", "moving", "out")
 OPTIONAL = ("moving_labels",)

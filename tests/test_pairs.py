@@ -1,10 +1,10 @@
-"""vtn_tf.pairs_csv: pairs files as spreadsheets write them, bad ones on one line, shards."""
+"""vtn_tf.io.pairs: pairs files as spreadsheets write them, bad ones on one line, shards."""
 
 import os
 
 import pytest
 
-from vtn_tf import pairs_csv
+from vtn_tf.io import pairs
 from vtn_tf.io import InputError
 
 
@@ -23,7 +23,7 @@ def test_excel_csv_utf8_with_bom_crlf_quotes_blank_and_comment_lines(tmp_path):
             ",,,,\r\n"
             "\r\n"
             'reg/s2, ,/data/fixed.nii.gz, "my scans/s2.nii.gz",s2\r\n')
-    rows = pairs_csv.read_pairs(write(tmp_path, text))
+    rows = pairs.read_pairs(write(tmp_path, text))
     assert [row["line"] for row in rows] == [3, 6] and [row["index"] for row in rows] == [0, 1]
     assert rows[0]["fixed"] == str(tmp_path / "fixed.nii.gz")
     assert rows[0]["moving"] == str(tmp_path / "scans" / "s1, rescan.nii.gz")
@@ -38,12 +38,12 @@ def test_excel_csv_utf8_with_bom_crlf_quotes_blank_and_comment_lines(tmp_path):
 def test_semicolon_and_tab_separated_files(tmp_path, separator):
     text = separator.join(["fixed", "moving", "out", "moving_labels"]) + "\n" + separator.join(
         ["a.nii.gz", "b.nii.gz", "o", '"l1.nii.gz;l2.nii.gz"']) + "\n"
-    (row,) = pairs_csv.read_pairs(write(tmp_path, text))
+    (row,) = pairs.read_pairs(write(tmp_path, text))
     assert row["moving"] == str(tmp_path / "b.nii.gz") and len(row["moving_labels"]) == 2
 
 
 def test_the_current_plain_format_reads_as_before(tmp_path):
-    rows = pairs_csv.read_pairs(write(tmp_path, "fixed,moving,out\na.nii.gz,b.nii.gz,o1\n/x/c.nii.gz,d.nii.gz,o2"))
+    rows = pairs.read_pairs(write(tmp_path, "fixed,moving,out\na.nii.gz,b.nii.gz,o1\n/x/c.nii.gz,d.nii.gz,o2"))
     assert [(r["fixed"], r["line"]) for r in rows] == [(str(tmp_path / "a.nii.gz"), 2), ("/x/c.nii.gz", 3)]
 
 
@@ -71,40 +71,40 @@ def test_bad_pairs_files_are_refused_on_one_line(tmp_path, case):
     payload, message = BAD[case]
     path = tmp_path / "absent.csv" if payload is None else write(tmp_path, payload)
     with pytest.raises(InputError, match=message) as raised:
-        pairs_csv.read_pairs(path)
+        pairs.read_pairs(path)
     assert "\n" not in str(raised.value)
 
 
 def test_a_folder_is_refused(tmp_path):
     with pytest.raises(InputError, match="is a folder; a CSV file is required"):
-        pairs_csv.read_pairs(tmp_path)
+        pairs.read_pairs(tmp_path)
 
 
 def test_rows_sharing_an_output_folder_are_found(tmp_path):
-    rows = pairs_csv.read_pairs(write(tmp_path, "fixed,moving,out\na,b,o\nc,d,x/../o\ne,f,p\n"))
-    assert pairs_csv.shared_outputs(rows) == {3: 2}
+    rows = pairs.read_pairs(write(tmp_path, "fixed,moving,out\na,b,o\nc,d,x/../o\ne,f,p\n"))
+    assert pairs.shared_outputs(rows) == {3: 2}
 
 
 def test_shards_are_disjoint_cover_the_file_and_stay_put_when_rows_are_appended(tmp_path):
     lines = "".join(f"f{i}.nii.gz,m{i}.nii.gz,o{i}\n" for i in range(11))
-    rows = pairs_csv.read_pairs(write(tmp_path, "fixed,moving,out\n# c\n" + lines))
-    parts = [pairs_csv.shard(rows, k, 3) for k in range(3)]
+    rows = pairs.read_pairs(write(tmp_path, "fixed,moving,out\n# c\n" + lines))
+    parts = [pairs.shard(rows, k, 3) for k in range(3)]
     outs = [row["out"] for part in parts for row in part]
     assert sorted(outs) == sorted(row["out"] for row in rows) and len(set(outs)) == len(rows)
     assert [len(part) for part in parts] == [4, 4, 3]
-    more = pairs_csv.read_pairs(write(tmp_path, "fixed,moving,out\n# c\n" + lines + "f,m,new\n"))
+    more = pairs.read_pairs(write(tmp_path, "fixed,moving,out\n# c\n" + lines + "f,m,new\n"))
     for k in range(3):
-        assert pairs_csv.shard(more, k, 3)[:len(parts[k])] == parts[k]
+        assert pairs.shard(more, k, 3)[:len(parts[k])] == parts[k]
 
 
 @pytest.mark.parametrize("text,message", [("1/1", "0 <= K < N"), ("4/4", "0 <= K < N"), ("a/4", "takes K/N"),
                                           ("2", "takes K/N"), ("0/0", "0 <= K < N")])
 def test_bad_shards_are_refused(text, message):
     with pytest.raises(InputError, match=message):
-        pairs_csv.parse_shard(text)
-    assert pairs_csv.parse_shard("3/4") == (3, 4)
+        pairs.parse_shard(text)
+    assert pairs.parse_shard("3/4") == (3, 4)
 
 
 def test_home_folder_paths_are_expanded(tmp_path):
-    (row,) = pairs_csv.read_pairs(write(tmp_path, "fixed,moving,out\n~/a.nii.gz,b,c\n"))
+    (row,) = pairs.read_pairs(write(tmp_path, "fixed,moving,out\n~/a.nii.gz,b,c\n"))
     assert row["fixed"] == os.path.join(os.path.expanduser("~"), "a.nii.gz")

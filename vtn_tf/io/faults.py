@@ -8,7 +8,7 @@ problem, and an exit status of its own:
   2   bad input or settings: a file, the model, the pairs file, a flag (one line)
   3   an output folder cannot be written: read-only file system, permission denied
   4   no space left on the device (or the disk quota is reached); a batch stops there
-  5   the output folder is in use by another process (its lock, `vtn_tf.folder_lock`)
+  5   the output folder is in use by another process (its lock, `vtn_tf.io.folder_lock`)
 ====  ==============================================================================
 
 A batch goes on after a status-2, 3 or 5 pair (it counts as failed) and stops at a full
@@ -19,7 +19,7 @@ import contextlib
 import errno
 import os
 
-from vtn_tf.io import InputError
+from vtn_tf.io.errors import InputError, OutputNotWritable
 
 OK, PAIRS_FAILED, BAD_INPUT, NOT_WRITABLE, DISK_FULL, BUSY = 0, 1, 2, 3, 4, 5
 _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
@@ -37,11 +37,12 @@ class Fault(InputError):
 
 
 def _inside(path, folder):
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    parent, name = os.path.split(folder)
-    # the folder, its staging folders (.NAME.XXXX.part beside it) and its lock file
-    return (path == folder or path.startswith(folder + os.sep)
-            or (os.path.dirname(path) == parent and os.path.basename(path).startswith(f".{name}.")))
+    """Whether ``path`` is ``folder``, in it, or in one of its staging folders or its lock file
+    (``.NAME.XXXX.part``, ``.NAME.lock`` beside it)."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    relative = os.path.relpath(os.path.abspath(path), parent)
+    first = relative.split(os.sep)[0]
+    return first == name or first.startswith(f".{name}.")
 
 
 def from_os_error(error, out):
@@ -78,5 +79,8 @@ def output_faults(out):
 
 
 def status_of(error):
-    """The exit status of a user error: its ``status`` (a :class:`Fault`, a busy folder), else 2."""
+    """The exit status of a user error: its ``status`` (a :class:`Fault`, a busy folder), 3 for
+    an output folder found not writable before any work, else 2."""
+    if isinstance(error, OutputNotWritable):
+        return NOT_WRITABLE
     return getattr(error, "status", BAD_INPUT)

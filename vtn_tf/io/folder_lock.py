@@ -16,12 +16,12 @@ import os
 import pathlib
 import socket
 
-from vtn_tf.faults import BUSY
-from vtn_tf.io import InputError
+from vtn_tf.io.errors import InputError
+from vtn_tf.io.faults import BUSY
 
 
 class FolderBusy(InputError):
-    """Another process holds the output folder's lock (exit status 5, `vtn_tf.faults`)."""
+    """Another process holds the output folder's lock (exit status 5, `vtn_tf.io.faults`)."""
 
     status = BUSY
 

@@ -26,7 +26,7 @@ import json
 import os
 import pathlib
 
-from vtn_tf import io
+from vtn_tf.io.staging import atomic_write_text
 
 RECORD_NAME = "registration.json"
 FORMAT = "vtn-tf-registration/1"
@@ -85,8 +85,23 @@ def clear(out):
 
 def write(out, record):
     """Write the record into ``out`` (after every output), by a temporary file and a rename."""
-    return io.atomic_write_text(pathlib.Path(out) / RECORD_NAME, json.dumps(record, indent=2) + "\n",
+    return atomic_write_text(pathlib.Path(out) / RECORD_NAME, json.dumps(record, indent=2) + "\n",
                                 overwrite=True)
+
+
+def recorded_state(out):
+    """``(state, reason, record)`` of an output folder from its record alone: :data:`COMPLETE`
+    when the record reads and every output it lists is there (made with whatever model)."""
+    out = pathlib.Path(out)
+    record = read_record(out)
+    if record is None:
+        if out.is_dir() and any(not name.startswith(".") for name in os.listdir(out)):
+            return INCOMPLETE, "outputs without a completion record", None
+        return ABSENT, "no outputs", None
+    missing = [name for name in record.get("outputs", []) if not (out / name).is_file()]
+    if missing:
+        return INCOMPLETE, f"{missing[0]} is missing", record
+    return COMPLETE, "complete", record
 
 
 def status(out, model, settings, inputs):
@@ -97,20 +112,20 @@ def status(out, model, settings, inputs):
     part-way) or :data:`DIFFERENT` (made with another model, settings or inputs); ``reason``
     says which, in a few words.
     """
-    out = pathlib.Path(out)
-    record = read_record(out)
-    if record is None:
-        if out.is_dir() and any(not name.startswith(".") for name in os.listdir(out)):
-            return INCOMPLETE, "outputs without a completion record"
-        return ABSENT, "no outputs"
-    missing = [name for name in record.get("outputs", []) if not (out / name).is_file()]
-    if missing:
-        return INCOMPLETE, f"{missing[0]} is missing"
+    state, reason, record = recorded_state(out)
+    if state != COMPLETE:
+        return state, reason
     if record.get("model", {}).get("sha256") != _plain(model).get("sha256"):
         return DIFFERENT, f"made with another model ({record.get('model', {}).get('checkpoint')})"
     for key, expected in (("settings", settings), ("inputs", inputs)):
         if record.get(key) != _plain(expected):
-            changed = sorted(k for k in set(record.get(key) or {}) | set(_plain(expected))
-                             if (record.get(key) or {}).get(k) != _plain(expected).get(k))
-            return DIFFERENT, f"made with other {key} ({', '.join(changed)})"
+            return DIFFERENT, f"made with other {key} ({', '.join(_changed(record.get(key), _plain(expected)))})"
     return COMPLETE, "complete"
+
+
+def _changed(recorded, expected, prefix=""):
+    """The keys whose values differ, dotted into nested dicts (``network.passes``)."""
+    if not (isinstance(recorded, dict) and isinstance(expected, dict)):
+        return [prefix.rstrip(".") or "all"]
+    keys = sorted(k for k in set(recorded) | set(expected) if recorded.get(k) != expected.get(k))
+    return [name for k in keys for name in _changed(recorded.get(k), expected.get(k), f"{prefix}{k}.")]
