@@ -148,7 +148,7 @@ _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 4px 6px; vertical-align: top; }
-th { background: #eee; cursor: pointer; position: sticky; top: 0; max-width: 6.5em; word-break: break-word; }
+th { background: #eee; cursor: pointer; position: sticky; top: 0; max-width: 7em; }
 th[data-dir="up"]::after { content: " \\25B2"; } th[data-dir="down"]::after { content: " \\25BC"; }
 tr.suspect td.status, tr.failed td.status { color: #fff; background: #b22; font-weight: bold; }
 tr.ok td.status { color: #fff; background: #282; }
