@@ -337,7 +337,7 @@ def test_pairs_file_without_a_column_is_refused(tmp_path):
 
     bad = tmp_path / "pairs.csv"
     bad.write_text("fixed,moving\na.nii.gz,b.nii.gz\n")
-    with pytest.raises(io.InputError, match="pairs.csv has no column 'out'"):
+    with pytest.raises(io.InputError, match="pairs.csv, line 1: no column 'out'"):
         batch.read_pairs(bad)
 
 

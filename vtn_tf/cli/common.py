@@ -7,7 +7,7 @@ import os
 import sys
 
 from vtn_tf.cli.compile_cache import configure_compile_cache
-from vtn_tf.io import InputError, error_line
+from vtn_tf.io import InputError, error_line, faults
 from vtn_tf.training.config import ConfigError
 
 # Errors a user can fix: the library's InputError (a file, flag or setting that cannot be
@@ -191,7 +191,8 @@ def refine_settings():
 
 @contextlib.contextmanager
 def user_errors(tool, verbose=False):
-    """Turn user errors into ``tool: error: message`` on stderr and exit status 2.
+    """Turn user errors into ``tool: error: message`` on stderr and their exit status
+    (`vtn_tf.io.faults.status_of`: 2, or 3-5 for an unwritable, full or busy output folder).
 
     With ``verbose`` the traceback is kept (re-raised), unfiltered by Keras."""
     if verbose:
@@ -204,4 +205,4 @@ def user_errors(tool, verbose=False):
         if verbose:
             raise
         print(f"{tool}: error: {error_line(error)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(faults.status_of(error))

@@ -16,9 +16,18 @@ Outputs in ``outdir``, all on the fixed image's grid with its affine: ``warped.n
 ``affine.txt`` (ITK transform file). See `vtn_tf.registration` for the exact conventions.
 
 Batch mode: ``--pairs`` names a CSV with the header ``fixed,moving,out`` and an optional
-``moving_labels`` column (one or more label files separated by ``;``); paths are relative
-to the CSV's folder or absolute. The model is loaded once; each pair prints one summary
-line; a failed row is reported and skipped; the exit status is 1 if any row failed.
+``moving_labels`` column (one or more label files separated by ``;``), in any column order,
+as spreadsheets save it (`vtn_tf.io.pairs`); paths are relative to the CSV's folder or
+absolute. The model is loaded once; each pair prints one summary line; a failed row is
+reported and skipped. Run again, it skips the output folders already complete with the same
+model, settings and inputs (their ``registration.json``; ``--overwrite`` redoes them);
+``--shard K/N`` registers the pairs whose index is K modulo N (K from 0); ``--summary_only``
+rebuilds the cohort summary (``NAME.summary.csv`` beside the CSV) from all shards' output
+folders. Each output folder is locked while written: a second process refuses it at once.
+
+Exit status (`vtn_tf.io.faults`): 0 done; 1 some pairs failed; 2 bad input; 3 an output
+folder cannot be written; 4 no space left on the device (a batch stops); 5 the output folder
+is in use by another process.
 
 Example (the ITK field with ANTs, the same resampling as warped.nii.gz):
   antsApplyTransforms -d 3 -i moving.nii.gz -r fixed.nii.gz -t outdir/flow_itk.nii.gz -o w.nii.gz
@@ -36,6 +45,10 @@ flags.DEFINE_string("fixed", None, "fixed image (or the first positional argumen
 flags.DEFINE_string("moving", None, "moving image (or the second positional argument)")
 flags.DEFINE_string("out", None, "output folder (created if missing)")
 flags.DEFINE_string("pairs", None, "batch mode: CSV with columns fixed,moving,out[,moving_labels]")
+flags.DEFINE_string("shard", None, "with --pairs: K/N registers the pairs whose index is K modulo N "
+                    "(K from 0: a Slurm array or Kubernetes completion index)")
+flags.DEFINE_boolean("summary_only", False, "with --pairs: only rebuild the cohort summary from the output "
+                     "folders (all shards'); no model needed")
 flags.DEFINE_multi_string("moving_labels", [], "label map on the moving image's grid (repeatable)")
 flags.DEFINE_boolean("inverse", False, "also write the moving -> fixed field on the moving grid "
                      "(flow_inverse_voxels / flow_inverse_itk) and the fixed image in the moving space (warped_fixed)")
@@ -64,28 +77,41 @@ def _registrar(log):
 
 def register_one(fixed, moving, inputs=None):
     """``inputs``: the pair as `vtn_tf.registration.pipeline.read_inputs` already read it (not read again)."""
+    from vtn_tf.registration import batch
+
     registrar = _registrar(print)
-    registrar.register_files(fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
-                             FLAGS.fixed_labels, inputs)
+    batch.register_pair(registrar, fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite,
+                        FLAGS.fixed_labels, inputs, FLAGS.compression)
 
 
 def register_batch():
+    from vtn_tf.io import pairs
     from vtn_tf.registration import batch
 
     rows = batch.read_pairs(FLAGS.pairs)
-    quiet = (lambda *_: None) if not FLAGS.verbose else print
+    if FLAGS.summary_only:
+        batch.summarise(rows, FLAGS.pairs)
+        return
+    chosen = rows
+    if FLAGS.shard:
+        k, n = pairs.parse_shard(FLAGS.shard)
+        chosen = pairs.shard(rows, k, n)
+        print(f"shard {k}/{n}: {len(chosen)} of {len(rows)} pairs (pair index modulo {n} = {k})", flush=True)
     registrar = _registrar(lambda line: print(line, file=sys.stderr) if FLAGS.verbose else None)
-    failures = batch.run(registrar, rows, overwrite=FLAGS.overwrite, compression=FLAGS.compression, log=quiet)
-    sys.exit(1 if failures else 0)
+    outcome = batch.run(registrar, chosen, overwrite=FLAGS.overwrite, compression=FLAGS.compression,
+                        all_rows=rows, summary=FLAGS.pairs)
+    sys.exit(outcome.status)
 
 
 def main(argv):
     setup()
     positional = list(argv[1:])
+    if (FLAGS.shard or FLAGS.summary_only) and not FLAGS.pairs:
+        raise app.UsageError("--shard and --summary_only work on a pairs file: add --pairs pairs.csv")
     if FLAGS.pairs:
         if positional or FLAGS.fixed or FLAGS.moving or FLAGS.out or FLAGS.moving_labels:
             raise app.UsageError("--pairs takes the pairs from the CSV: no images, --out or --moving_labels")
-        if not FLAGS.model:
+        if not FLAGS.model and not FLAGS.summary_only:
             raise app.UsageError("missing --model; usage: vtn-register --model RUN_DIR --pairs pairs.csv")
         with user_errors("vtn-register", FLAGS.verbose):
             register_batch()
@@ -100,12 +126,14 @@ def main(argv):
         raise app.UsageError(f"missing {', '.join(missing)}; usage: vtn-register --model RUN_DIR "
                              "FIXED MOVING --out OUT_DIR")
     with user_errors("vtn-register", FLAGS.verbose):
+        from vtn_tf.io import faults, folder_lock
         from vtn_tf.registration import outputs, pipeline
 
         outputs.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
                                    FLAGS.inverse, FLAGS.fixed_labels)
-        inputs = pipeline.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
-        register_one(fixed, moving, inputs)
+        with faults.output_faults(FLAGS.out), folder_lock.locked(FLAGS.out):  # a second process refuses at once
+            inputs = pipeline.read_inputs(fixed, moving, FLAGS.moving_labels)  # refused before the model loads
+            register_one(fixed, moving, inputs)
 
 
 def run():
