@@ -1,8 +1,9 @@
 """The pairs file of batch registration (``vtn-register --pairs``), read as people write it.
 
 A pairs file is CSV text with a header row naming the columns ``fixed``, ``moving`` and
-``out`` (required) and ``moving_labels`` (optional: one or more label files separated by
-``;``), in any order and any letter case. It may come from a spreadsheet: a UTF-8
+``out`` (required) and ``moving_labels`` and ``fixed_labels`` (optional: one or more label
+files separated by ``;``; fixed labels are scored by the quality check and carried into the
+moving space with the inverse), in any order and any letter case. It may come from a spreadsheet: a UTF-8
 byte-order mark, CRLF line ends, quoted cells (paths holding commas or spaces), blank lines
 (also rows of empty cells, as spreadsheets write them) and comment lines starting with ``#``
 are all accepted; the separator is a comma, or a semicolon or tab when the header holds no
@@ -26,7 +27,7 @@ import os
 from vtn_tf.io.errors import InputError
 
 REQUIRED = ("fixed", "moving", "out")
-OPTIONAL = ("moving_labels",)
+OPTIONAL = ("moving_labels", "fixed_labels")
 COLUMNS = REQUIRED + OPTIONAL
 _SEPARATORS = (",", ";", "\t")
 
@@ -92,7 +93,8 @@ def read_pairs(path):
 
     Returns:
       A list of dicts ``{"fixed", "moving", "out": str, "moving_labels": [str, ...],
-      "line": physical line number (1-based), "index": pair index (0-based)}``; paths
+      "fixed_labels": [str, ...], "line": physical line number (1-based), "index": pair index
+      (0-based)}``; paths
       resolved against the file's folder.
 
     Raises:
@@ -143,9 +145,12 @@ def _row(path, line, cells, columns, folder, index):
         values[name] = cell(name)
         if not values[name]:
             raise _problem(path, line, f"the {name!r} cell is empty")
-    labels = [resolve(v.strip()) for v in cell("moving_labels").split(";") if v.strip()]
-    return {"fixed": resolve(values["fixed"]), "moving": resolve(values["moving"]),
-            "out": resolve(values["out"]), "moving_labels": labels, "line": line, "index": index}
+    def paths(name):
+        return [resolve(v.strip()) for v in cell(name).split(";") if v.strip()]
+
+    return {"fixed": resolve(values["fixed"]), "moving": resolve(values["moving"]), "out": resolve(values["out"]),
+            "moving_labels": paths("moving_labels"), "fixed_labels": paths("fixed_labels"), "line": line,
+            "index": index}
 
 
 def shared_outputs(rows):
