@@ -81,7 +81,7 @@ train-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 # trained without the last 40 training subjects, whose 20 consecutive pairs score the choices
 # (the 4 validation subjects give 12 pairs, too few to rank schedules 0.003 apart). Then:
 #   vtn-evaluate --native --model runs/hippocampus-tuning --manifest prepared/hippocampus/manifest-tuning.json \
-#     --split tuning --protocol consecutive --init none --methods vtn --out tuning.csv <--passes, --refine... flags>
+#     --split tuning --protocol consecutive --methods vtn --out tuning.csv --preset fast <--set refine.steps=... ...>
 $(PREPARED)/hippocampus/manifest-tuning.json: $(PREPARED)/hippocampus/manifest.json
 	$(PYTHON) -m data_prep.holdout --manifest $< --count 40 --out $@ --overwrite
 
@@ -142,8 +142,7 @@ accuracy-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 	  --protocol consecutive --passes 5 --methods vtn,identity,$(ACCURACY_BASELINES) \
 	  --out results/hippocampus-accuracy.csv --overwrite
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-accuracy NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
-	  NATIVE_NAME=hippocampus-accuracy NATIVE_PROTOCOL="--protocol consecutive" NATIVE_PASSES=5 NATIVE_MISALIGN= \
-	  NATIVE_INIT=none REFINE_FULL="$(HIPPOCAMPUS_REFINE_FULL)"
+	  NATIVE_NAME=hippocampus-accuracy NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN=
 
 accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-accuracy.json --run_dir $(RUNS)/brain-accuracy $(SET)
@@ -151,7 +150,7 @@ accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.cli.evaluate --model $(RUNS)/brain-accuracy --manifest $(PREPARED)/lpba40-64/manifest.json \
 	  --protocol atlas --atlas S01 --passes 2 --methods vtn,identity,$(ACCURACY_BASELINES) \
 	  --out results/brain-accuracy.csv --overwrite
-	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-accuracy NATIVE_NAME=brain-accuracy NATIVE_PASSES=2
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-accuracy NATIVE_NAME=brain-accuracy
 
 # The anatomy-aware models (model.label_weight: a soft Dice term on the training subjects' label
 # maps; labels are never needed to register): trained within the 2-hour CPU budget, then the
@@ -160,61 +159,50 @@ accuracy-brain: install $(PREPARED)/lpba40-64/manifest.json
 accuracy-brain-labels: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-labels.json --run_dir $(RUNS)/brain-labels \
 	  --set data.manifest=$(PREPARED)/lpba40-64/manifest.json $(SET)
-	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-labels NATIVE_NAME=brain-labels NATIVE_PASSES=2 \
-	  REFINE_QUARTER="--refine 15x15x15x15x3 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1 --refine_rate 0.5"
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-labels NATIVE_NAME=brain-labels REFINE_QUARTER=15x15x15x15x3
 
 accuracy-hippocampus-labels: install $(PREPARED)/hippocampus/manifest.json
 	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-labels.json --run_dir $(RUNS)/hippocampus-labels $(SET)
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-labels NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
-	  NATIVE_NAME=hippocampus-labels NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN= NATIVE_INIT=none \
-	  NATIVE_PASSES=2 REFINE_FULL="$(HIPPOCAMPUS_REFINE_FULL)" REFINE_QUARTER="--refine 10x3 --refine_resolution 0.5,1 --refine_smoothness 1.25 --refine_rate 0.5"
+	  NATIVE_NAME=hippocampus-labels NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN= REFINE_QUARTER=10x3
 
 # The native-resolution tables (the user's path): the original files registered through the
-# vtn-register code, scored on the fixed image's grid, with and without --refine, aligned and
-# moved by known rigid transforms in their headers; ANTs SyN and elastix on the same files.
+# vtn-register code, scored on the fixed image's grid, aligned and moved by known rigid transforms
+# in their headers; ANTs SyN and elastix on the same files. The rows name vtn-register's presets:
+# fast (the network alone), fast with a refinement on the default levels (REFINE_STEPS each), accurate
+# (the schedule validated for the model: its config's register section), optimiser (accurate
+# without the network) and, with REFINE_QUARTER, accurate with fewer steps per level.
 # `make evaluate-brain` and `make evaluate-hippocampus` do this for the `make train-brain` and
 # `make train-hippocampus` models.
 NATIVE_MODEL ?= $(RUNS)/brain-cpu
 NATIVE_MANIFEST ?= $(PREPARED)/lpba40-64/manifest.json
 NATIVE_NAME ?= brain-cpu
 NATIVE_PROTOCOL ?= --protocol atlas --atlas S01
-NATIVE_PASSES ?= 1
 NATIVE_BASELINES ?= ants,elastix
 NATIVE_MISALIGN ?= rigid
 REFINE_STEPS ?= 60
-# A second refinement table, a schedule chosen on pairs the model did not train on (docs/results.md):
-# on LPBA40 a last level at full resolution (the validation pairs); on the hippocampus crops (whose
-# default levels already end at full resolution; chosen on the validation pairs and the tuning
-# fold's pairs together) 2 test-time passes of the network, then fewer steps on the same two levels
-# (40 at 1/2, 12 at full resolution) at a faster rate, with a weaker smoothness term and a light
-# penalty on folding, in a quarter of ANTs SyN's time. Empty: none.
-REFINE_FULL ?= --refine 60x60x60x60x10 --refine_resolution 0.167,0.25,0.33,0.5,1 --refine_smoothness 1 --refine_rate 0.5
-# The same levels with a quarter of the steps (empty: no such row): does the network's field let
-# a quarter of the optimiser's budget reach what the optimiser alone reaches with all of it?
+# Empty: no accurate and optimiser rows.
+NATIVE_ACCURATE ?= yes
+# Steps per level of the accurate schedule at a quarter of its budget (empty: no such row): does the
+# network's field let a quarter of the optimiser's budget reach what the optimiser alone reaches?
 REFINE_QUARTER ?=
-HIPPOCAMPUS_REFINE_FULL = --refine 40x12 --refine_resolution 0.5,1 --refine_smoothness 1.25 --refine_folding 3 --refine_rate 0.5
-# The initial alignment (--init): empty = vtn-register's default (best, then the affine search);
-# none for the hippocampus crops, which their headers already align (chosen on the validation pairs,
-# docs/results.md): the initialiser's centre-of-mass shift, misled by the crop, costs the network.
-NATIVE_INIT ?=
 native_eval = $(PYTHON) -m vtn_tf.cli.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
-	  $(NATIVE_PROTOCOL) --passes $(NATIVE_PASSES) $(if $(NATIVE_INIT),--init $(NATIVE_INIT)) --overwrite
+	  $(NATIVE_PROTOCOL) --overwrite
 native-tables:
 	@mkdir -p results
-	$(native_eval) --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native.csv
-	$(native_eval) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-refine.csv
-	$(if $(REFINE_FULL),$(native_eval) --methods vtn $(REFINE_FULL) --out results/$(NATIVE_NAME)-native-refine-full.csv)
-	$(if $(REFINE_FULL),$(native_eval) --methods vtn $(REFINE_FULL) --passes 0 --out results/$(NATIVE_NAME)-native-optimiser.csv)
-	$(if $(REFINE_QUARTER),$(native_eval) --methods vtn $(REFINE_QUARTER) --out results/$(NATIVE_NAME)-native-refine-quarter.csv)
-	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn$(comma)identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
-	$(if $(NATIVE_MISALIGN),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn --refine $(REFINE_STEPS) --out results/$(NATIVE_NAME)-native-misaligned-refine.csv)
-	$(if $(NATIVE_MISALIGN),$(if $(REFINE_FULL),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn $(REFINE_FULL) --out results/$(NATIVE_NAME)-native-misaligned-refine-full.csv))
-	$(if $(NATIVE_MISALIGN),$(if $(REFINE_FULL),$(native_eval) --misalign $(NATIVE_MISALIGN) --methods vtn $(REFINE_FULL) --passes 0 --out results/$(NATIVE_NAME)-native-misaligned-optimiser.csv))
+	$(native_eval) --preset fast --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native.csv
+	$(native_eval) --preset fast --set refine.steps=$(REFINE_STEPS) --methods vtn --out results/$(NATIVE_NAME)-native-refine.csv
+	$(if $(NATIVE_ACCURATE),$(native_eval) --preset accurate --methods vtn --out results/$(NATIVE_NAME)-native-refine-full.csv)
+	$(if $(NATIVE_ACCURATE),$(native_eval) --preset optimiser --methods vtn --out results/$(NATIVE_NAME)-native-optimiser.csv)
+	$(if $(REFINE_QUARTER),$(native_eval) --preset accurate --set refine.steps=$(REFINE_QUARTER) --methods vtn --out results/$(NATIVE_NAME)-native-refine-quarter.csv)
+	$(if $(NATIVE_MISALIGN),$(native_eval) --preset fast --misalign $(NATIVE_MISALIGN) --methods vtn$(comma)identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
+	$(if $(NATIVE_MISALIGN),$(native_eval) --preset fast --set refine.steps=$(REFINE_STEPS) --misalign $(NATIVE_MISALIGN) --methods vtn --out results/$(NATIVE_NAME)-native-misaligned-refine.csv)
+	$(if $(NATIVE_MISALIGN),$(if $(NATIVE_ACCURATE),$(native_eval) --preset accurate --misalign $(NATIVE_MISALIGN) --methods vtn --out results/$(NATIVE_NAME)-native-misaligned-refine-full.csv))
+	$(if $(NATIVE_MISALIGN),$(if $(NATIVE_ACCURATE),$(native_eval) --preset optimiser --misalign $(NATIVE_MISALIGN) --methods vtn --out results/$(NATIVE_NAME)-native-misaligned-optimiser.csv))
 
 evaluate-hippocampus: install $(PREPARED)/hippocampus/manifest.json
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-cpu NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
-	  NATIVE_NAME=hippocampus-cpu NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN= \
-	  NATIVE_INIT=none REFINE_FULL="--passes 2 $(HIPPOCAMPUS_REFINE_FULL)"
+	  NATIVE_NAME=hippocampus-cpu NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN=
 
 evaluate-brain: install $(PREPARED)/lpba40-64/manifest.json
 	@mkdir -p results

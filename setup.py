@@ -26,7 +26,7 @@ setup(
         "isal>=1.6,<2",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        "test": ["pytest>=8,<10", "ruff>=0.6,<1", "mypy>=1.11,<3"],
         "plot": ["matplotlib>=3.8,<4"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
         "baselines": ["antspyx>=0.5,<1", "itk-elastix>=0.20,<1"],

@@ -69,9 +69,10 @@ def measure(tf, shape, moving_shape, repeats, warmup):
         "smoothness": refinement.smoothness,
         "smoothness, automatic gradient": lambda u: losses.total_variation_loss(u[None])[0],
         "smoothness and folding": lambda u: refinement.regularisers(u, 0.0, 1.0, 1.0, 1.0),
-        "smoothness and folding, automatic gradient": lambda u: losses.total_variation_loss(u[None])[0] + tf.reduce_mean(
-            tf.nn.relu(-fields.forward_jacobian_determinant(u))),
-        "loss": lambda u: refinement.refinement_loss(u, statistics, table, grid, zeros, matrix, factor, weights, "ncc", 5),
+        "smoothness and folding, automatic gradient": lambda u: losses.total_variation_loss(u[None])[0]
+        + tf.reduce_mean(tf.nn.relu(-fields.forward_jacobian_determinant(u))),
+        "loss": lambda u: refinement.refinement_loss(u, statistics, table, grid, zeros, matrix, factor, weights,
+                                                     "ncc", 5),
     }
     seconds = {name: time_call(with_gradient(loss), repeats, warmup)[0] for name, loss in parts.items()}
     arguments = (tf.constant(0.3), statistics, table, grid, zeros, matrix, factor, weights, "ncc", 5)

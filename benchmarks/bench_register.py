@@ -13,10 +13,10 @@ Rows (seconds, median of ``--repeats`` after a warm-up):
   composed), resample (moving image and labels through the field), plus read and write;
 * the network alone (the same call as inside: `vtn_tf.registration.network.network_outputs`, one
   TensorFlow graph), and ``register_volumes`` / network; ``register_volumes`` again without
-  the affine search (``--init_steps 0``: the initialiser alone) and its ratio;
+  the affine search (``--set alignment.steps=0``: the initialiser alone) and its ratio;
 * batch mode per pair (``vtn-register --pairs``, model loaded once, read + register + write),
-  gzip level 1 (the default), ``.nii`` (``--compression 0``), and gzip with ``--refine N``
-  (``--refine``, default 60: the instance optimisation);
+  gzip level 1 (the default), ``.nii`` (``--set output.compression=0``), and gzip with
+  ``--set refine.steps=N`` (``--refine``, default 60: the instance optimisation);
 * one ``vtn-register`` CLI call (a fresh process: Python and TensorFlow start-up, model load),
   with a new compiled-kernel cache (``VTN_XLA_CACHE``; every kernel compiled, as with the cache
   off) and again with the cache it left (the usual case from the second call on);
@@ -30,6 +30,7 @@ its own ``ru_maxrss``), with and without ``--refine``, for the pairs of ``--memo
 0.31 x 0.375 x 0.4 mm).
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -102,38 +103,41 @@ def measure_vtn(registrar, paths, folder, repeats):
             parts_runs.append(parts)
     fixed, moving, labels = pipeline.read_inputs(*paths[:2], [paths[2]])
     prepared = inputs.network_inputs(registrar.contract or network.default_contract(
-        registrar.network_shape), fixed, moving, registrar.init, lambda *_: None)
+        registrar.network_shape), fixed, moving, registrar.settings.alignment.init, lambda *_: None)
     for _ in range(repeats + 1):
         start = time.perf_counter()
         pair = (prepared[0][None, ..., None], prepared[1][None, ..., None])
-        network.network_outputs(registrar.model, *pair, registrar.passes)["flow"].numpy()
+        network.network_outputs(registrar.model, *pair, registrar.settings.network.passes)["flow"].numpy()
         network_seconds.append(time.perf_counter() - start)
     no_search = []
-    steps, registrar.init_steps = registrar.init_steps, 0
+    searching = registrar.settings
+    registrar.settings = dataclasses.replace(searching, alignment=dataclasses.replace(searching.alignment, steps=0))
     for _ in range(repeats + 1):
         result = registrar.register(fixed, moving, labels)
         no_search.append(sum(result.seconds[key] for key in ("preprocess", "network", "field", "resample")))
-    registrar.init_steps = steps
+    registrar.settings = searching
     parts = {key: _median([run[key] for run in parts_runs]) for key in parts_runs[0]}
     return parts, _median(network_seconds[1:]), _median(no_search[1:])
 
 
-def measure_batch(args, model, paths, folder, pairs=3, refine=None, compression=1):
+def measure_batch(args, model, paths, folder, pairs=3, refine=0, compression=1):
     """Seconds per pair of ``vtn-register --pairs`` (one process, model loaded once), excluding start-up;
-    ``refine``: a `vtn_tf.registration.settings.RefineSettings` (``--refine``) or None; ``compression``: as
-    ``--compression`` (0: ``.nii``)."""
+    ``refine``: refinement steps (``--set refine.steps``; 0: none); ``compression``: as
+    ``--set output.compression`` (0: ``.nii``)."""
     from vtn_tf.registration import batch, pipeline
+    from vtn_tf.registration.settings import RegistrationSettings
 
     csv_path = os.path.join(folder, "pairs.csv")
     with open(csv_path, "w") as stream:
         stream.write("fixed,moving,out,moving_labels\n")
         for k in range(pairs):
             stream.write(f"{paths[0]},{paths[1]},{os.path.join(folder, f'batch{k}')},{paths[2]}\n")
-    registrar = pipeline.Registrar(model, log=lambda *_: None, refine=refine)
+    settings = RegistrationSettings().with_overrides([f"refine.steps={refine}", f"output.compression={compression}"])
+    registrar = pipeline.Registrar(model, settings, log=lambda *_: None)
     with open(os.devnull, "w") as quiet:
-        batch.run(registrar, batch.read_pairs(csv_path)[:1], True, compression, stream=quiet)  # warm-up
+        batch.run(registrar, batch.read_pairs(csv_path)[:1], True, stream=quiet)  # warm-up
         start = time.perf_counter()
-        batch.run(registrar, batch.read_pairs(csv_path), True, compression, stream=quiet)
+        batch.run(registrar, batch.read_pairs(csv_path), True, stream=quiet)
     return (time.perf_counter() - start) / pairs
 
 
@@ -141,7 +145,7 @@ def measure_cli(model, paths, folder):
     """Seconds of two fresh ``vtn-register`` processes sharing a new compiled-kernel cache:
     the first compiles every kernel (as with the cache off), the second reads them."""
     command = [sys.executable, "-m", "vtn_tf.cli.register", "--model", model, paths[0], paths[1],
-               "--moving_labels", paths[2], "--out", os.path.join(folder, "cli"), "--overwrite"]
+               "--moving_labels", paths[2], "--out", os.path.join(folder, "cli"), "--overwrite", "--preset", "fast"]
     cache = tempfile.mkdtemp(dir=folder, prefix="xla-cache-")
     env = {key: value for key, value in os.environ.items() if key != "TF_XLA_FLAGS"}
     seconds = []
@@ -155,7 +159,8 @@ def measure_cli(model, paths, folder):
 def measure_memory(model, paths, folder, extra=()):
     """Peak resident memory (GB) and seconds of one fresh ``vtn-register`` process."""
     command = [sys.executable, "-m", "vtn_tf.cli.register", "--model", model, paths[0], paths[1],
-               "--moving_labels", paths[2], "--out", os.path.join(folder, "memory"), "--overwrite", *extra]
+               "--moving_labels", paths[2], "--out", os.path.join(folder, "memory"), "--overwrite", "--preset", "fast",
+               *extra]
     start = time.perf_counter()
     with open(os.path.join(folder, "memory.log"), "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
@@ -216,10 +221,7 @@ def main():
             uncompressed = measure_batch(args, model, paths, folder, 1 if args.quick else 3, compression=0)
             refined = None
             if args.refine:
-                from vtn_tf.registration.settings import RefineSettings
-
-                refined = measure_batch(args, model, paths, folder, 1 if args.quick else 3,
-                                        RefineSettings(steps=args.refine))
+                refined = measure_batch(args, model, paths, folder, 1 if args.quick else 3, args.refine)
             cli = measure_cli(model, paths, folder)
             classical = {} if args.no_classical or args.quick else {
                 name: measure_classical(name, paths) for name in ("ants", "elastix")}
@@ -237,9 +239,10 @@ def main():
         if rows:
             print_table(["fixed grid", "read", "preprocess", "network", "field", "resample", "write",
                          "register_volumes", "network alone", "register / network",
-                         "register_volumes, --init_steps 0", "(--init_steps 0) / network", "batch, per pair",
+                         "register_volumes, alignment.steps=0", "(alignment.steps=0) / network", "batch, per pair",
                          "batch, .nii, per pair",
-                         f"batch + refine {args.refine}, per pair", "one CLI call, cold cache", "one CLI call, warm cache", "ANTs SyN", "elastix",
+                         f"batch + refine {args.refine}, per pair", "one CLI call, cold cache",
+                         "one CLI call, warm cache", "ANTs SyN", "elastix",
                          "ANTs / batch", "elastix / batch", "ANTs / (batch, .nii)",
                          "ANTs / (batch + refine)"], rows)
         memory_rows, steps = [], args.refine or 60
@@ -248,7 +251,7 @@ def main():
             shape = nib.load(paths[0]).shape
             input_gb = 4 * int(np.prod(shape)) / 1e9  # one image as float32 (about as read)
             plain, seconds = measure_memory(model, paths, folder)
-            refined, refined_seconds = measure_memory(model, paths, folder, ["--refine", str(steps)])
+            refined, refined_seconds = measure_memory(model, paths, folder, ["--set", f"refine.steps={steps}"])
             memory_rows.append(["x".join(map(str, shape)), f"{1000 * input_gb:.0f} MB", f"{plain:.2f} GB",
                                 ratio(plain, input_gb), format_seconds(seconds), f"{refined:.2f} GB",
                                 ratio(refined, input_gb), format_seconds(refined_seconds)])

@@ -24,7 +24,8 @@ def holdout(manifest, count, split="tuning"):
         raise ValueError(f"the manifest already has a split named {split!r}")
     train = sorted(splits["train"])
     if not 0 < count < len(train):
-        raise ValueError(f"--count must be between 1 and {len(train) - 1} (the training split has {len(train)} subjects)")
+        raise ValueError(f"--count must be between 1 and {len(train) - 1} "
+                         f"(the training split has {len(train)} subjects)")
     copy = dict(manifest, splits={**splits, "train": train[:-count], split: train[-count:]})
     copy["holdout"] = {"split": split, "count": count, "from": "train"}
     return copy
@@ -35,7 +36,8 @@ def main(argv=None):
     parser.add_argument("--manifest", required=True, help="a prepared manifest.json")
     parser.add_argument("--count", type=int, required=True, help="training subjects to hold out (the last, sorted)")
     parser.add_argument("--split", default="tuning", help="name of the held-out split")
-    parser.add_argument("--out", required=True, help="where to write the copy (beside the original: its paths are relative)")
+    parser.add_argument("--out", required=True,
+                        help="where to write the copy (beside the original: its paths are relative)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not args.overwrite:

@@ -46,16 +46,6 @@ def test_verbose_keeps_the_traceback_of_user_errors():
             raise InputError("labels l.nii.gz has 3 non-integer values")
 
 
-def test_refine_steps_take_a_count_or_one_per_level():
-    from vtn_tf.cli.common import refine_steps
-
-    assert refine_steps("60") == 60 and refine_steps("0") == 0
-    assert refine_steps("60x60x60x20") == (60, 60, 60, 20) and refine_steps("100,50") == (100, 50)
-    for text in ("ten", "60x", "-5", "60x-1"):
-        with pytest.raises(InputError, match="--refine"):
-            refine_steps(text)
-
-
 # ---- the compiled-kernel cache ---------------------------------------------------------------
 
 def test_compile_cache_folder_is_keyed_by_tensorflow_and_cpu(tmp_path):
@@ -202,61 +192,62 @@ def test_compiled_kernels_are_stored_and_reused_by_a_new_process(tmp_path):
     assert all(compile_cache.complete_entry(folder / name) for name in third[1])
 
 
-def test_refine_flags_reach_the_settings_and_a_bad_window_is_a_user_error():
-    """Run in a fresh interpreter: absl flags are process-global."""
-    code = """
-import sys
-from absl import flags
-from vtn_tf.cli import common
-from vtn_tf.io import InputError
-common.define_refine_flags()
-flags.FLAGS(['x', '--refine', '20x10', '--refine_resolution', '0.5,1', '--refine_smoothness', '1.25',
-             '--refine_folding', '3', '--refine_window', '7', '--refine_anneal'])
-s = common.refine_settings()
-print(s.level_steps, s.factors, s.smoothness, s.folding, s.ncc_window, s.anneal)
-flags.FLAGS(['x', '--refine', '60', '--refine_window', '4'])
-try:
-    common.refine_settings()
-except InputError as error:
-    print('refused:', error)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "(20, 10) (2, 1) 1.25 3.0 7 True" in out
-    assert "refused: --refine options: ncc_window must be a positive odd number" in out
-
-
-def test_recommended_settings_fill_the_flags_the_command_line_leaves(tmp_path):
-    """``--recommended`` takes the run's config.json ``register`` section for the flags not
-    given (the command line wins); a run without the section, or with a value the flag
-    refuses, is a user error naming the file. Fresh interpreter: absl flags are global."""
-    run = tmp_path / "run"
-    run.mkdir()
-    register = {"init": "none", "passes": 2, "refine": "40x12", "refine_resolution": [0.5, 1],
-                "refine_smoothness": 1.25, "refine_anneal": True, "refine_folding": None}
-    (run / "config.json").write_text(json.dumps({"model": {}, "register": register}))
-    (tmp_path / "bare").mkdir()
-    (tmp_path / "bare" / "config.json").write_text(json.dumps({"model": {}}))
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "config.json").write_text(json.dumps({"register": {"init": "sideways"}}))
+def test_legacy_refine_flags_reach_the_settings_and_a_bad_window_is_a_user_error(tmp_path):
+    """vtn-evaluate's ``--refine*`` flags override the preset's settings; a bad value is a user
+    error. Run in a fresh interpreter: absl flags are process-global."""
     code = f"""
 from absl import flags
 from vtn_tf.cli import common
 from vtn_tf.io import InputError
 common.define_inference_flags()
 common.define_refine_flags()
-flags.FLAGS(['x', '--refine_smoothness', '3', '--recommended'])
-for name in ('bare', 'bad'):
-    try:
-        common.apply_recommended({str(tmp_path)!r} + '/' + name, print)
-    except InputError as error:
-        print('refused:', error)
-common.apply_recommended({str(run)!r}, print)
-s = common.refine_settings()
-print('settings', flags.FLAGS.init, flags.FLAGS.passes, s.level_steps, s.factors, s.smoothness, s.anneal, s.folding)
+common.define_settings_flags()
+flags.FLAGS(['x', '--refine', '20x10', '--refine_resolution', '0.5,1', '--refine_smoothness', '1.25',
+             '--refine_folding', '3', '--refine_window', '7', '--refine_anneal', '--passes', '2'])
+s = common.registration_settings({str(tmp_path)!r}, legacy=True, log=None)
+r = s.refine
+print(r.level_steps, r.factors, r.smoothness, r.folding, r.window, r.anneal, s.network.passes)
+flags.FLAGS(['x', '--refine', '60', '--refine_window', '4'])
+try:
+    common.registration_settings({str(tmp_path)!r}, legacy=True, log=None)
+except InputError as error:
+    print('refused:', error)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    # smoothness: the command line's; folding: null in the section, so the flag's default
+    assert "(20, 10) (2, 1) 1.25 3.0 7 True 2" in out
+    assert "refused: --set: ncc_window must be a positive odd number" in out
+
+
+def test_preset_and_set_flags_resolve_the_run_s_register_section(tmp_path):
+    """``--preset`` reads the run's config.json ``register`` section and ``--set`` wins; a value
+    the settings refuse is a user error naming the file. Fresh interpreter: absl flags are global."""
+    run = tmp_path / "run"
+    run.mkdir()
+    register = {"init": "none", "passes": 2, "refine": "40x12", "refine_resolution": [0.5, 1],
+                "refine_smoothness": 1.25, "refine_anneal": True, "refine_folding": None}
+    (run / "config.json").write_text(json.dumps({"model": {}, "register": register}))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"register": {"init": "sideways"}}))
+    code = f"""
+from absl import flags
+from vtn_tf.cli import common
+from vtn_tf.io import InputError
+common.define_settings_flags()
+flags.FLAGS(['x', '--set', 'refine.smoothness=3'])
+try:
+    common.registration_settings({str(tmp_path / "bad")!r}, log=None)
+except InputError as error:
+    print('refused:', error)
+s = common.registration_settings({str(run)!r}, log=print)
+r = s.refine
+print('settings', s.alignment.init, s.network.passes, r.level_steps, r.factors, r.smoothness, r.anneal, r.folding)
+flags.FLAGS(['x', '--preset', 'fast'])
+s = common.registration_settings({str(run)!r}, log=None)
+print('fast', s.alignment.init, s.network.passes, s.refine.active)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # smoothness: the command line's; folding: null in the section, so the default
     assert "settings none 2 (40, 12) (2, 1) 3.0 True 3.0" in out
-    assert "--init none" in out and "--refine_anneal" in out and "--refine_smoothness" not in out
-    assert f"refused: --recommended: {tmp_path}/bare/config.json recommends no test-time settings" in out
-    assert f"refused: --recommended: {tmp_path}/bad/config.json: register.init = 'sideways'" in out
+    assert "fast none 2 False" in out
+    assert "preset accurate from" in out and "then --set refine.smoothness=3" in out
+    assert f"refused: --preset accurate: {tmp_path}/bad/config.json: alignment.init must be one of" in out

@@ -396,7 +396,7 @@ def register_results(world):
              for k, (name, (build, _, _)) in enumerate(REGISTER_CASES.items())}
     for k, (name, (fixed, moving)) in enumerate(REGISTER_WORKS.items()):
         cases[name] = ["--model", world / "run_good", inputs / fixed, inputs / moving,
-                       "--intensity", "none", "--out", world / "register_ok" / f"out{k}"]
+                       "--set", "network.intensity=none", "--out", world / "register_ok" / f"out{k}"]
     return drive("register", cases, world)
 
 

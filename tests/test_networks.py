@@ -58,12 +58,12 @@ def test_affine_parameter_count_at_128():
 
 
 def conv_layers(layer):
-    return [l for l in layer._flatten_layers() if isinstance(l, keras.layers.Conv3D)
-            and not isinstance(l, keras.layers.Conv3DTranspose)]
+    return [sub for sub in layer._flatten_layers() if isinstance(sub, keras.layers.Conv3D)
+            and not isinstance(sub, keras.layers.Conv3DTranspose)]
 
 
 def transposed_layers(layer):
-    return [l for l in layer._flatten_layers() if isinstance(l, keras.layers.Conv3DTranspose)]
+    return [sub for sub in layer._flatten_layers() if isinstance(sub, keras.layers.Conv3DTranspose)]
 
 
 def test_dense_layer_facts(dense_full):
@@ -93,7 +93,7 @@ def test_dense_layer_facts(dense_full):
 def test_dense_concat_widths(dense_full):
     """The concatenations [skip, upsampled features, upsampled flow] feed the next level's
     prediction, feature and flow upsamplers: their kernels' input widths show the concat width."""
-    by_name = {l.name: l for l in dense_full._flatten_layers()}
+    by_name = {sub.name: sub for sub in dense_full._flatten_layers()}
     kernel_in = lambda name, axis: by_name[name].kernel.shape[axis]
     # Conv3D kernels are (k, k, k, in, out); Conv3DTranspose kernels are (k, k, k, out, in).
     assert [kernel_in(f"pred{level}", 3) for level in (5, 4, 3, 2)] == [515, 259, 131, 67]
@@ -123,7 +123,7 @@ def test_width_scales_channels():
     symbolic_build(layer, (1, 64, 64, 64, 2))
     encoder = sorted((c for c in conv_layers(layer) if c.name.startswith("conv")), key=lambda c: c.name)
     assert [c.filters for c in encoder] == [4, 8, 16, 16, 32, 32, 64, 64, 128, 128]
-    by_name = {l.name: l for l in layer._flatten_layers()}
+    by_name = {sub.name: sub for sub in layer._flatten_layers()}
     assert by_name["pred5"].kernel.shape[3] == 64 + 64 + 3
     assert by_name["upsamp1to0"].kernel.shape[4] == 4 + 4 + 3
     affine = AffineSubnetwork(width=0.25)

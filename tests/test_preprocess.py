@@ -48,7 +48,8 @@ def test_ct_window_and_foreground_crop_use_no_labels():
 
 
 def test_contract_round_trip_and_label_crops_refused(tmp_path):
-    contract = preparation.InputContract(modality="MRI", grid=(64, 64, 64), reference_quantiles=tuple(np.linspace(0, 1, 101)))
+    contract = preparation.InputContract(modality="MRI", grid=(64, 64, 64),
+                                         reference_quantiles=tuple(np.linspace(0, 1, 101)))
     path = tmp_path / "preprocessing.json"
     path.write_text(json.dumps(contract.to_json()))
     again = preparation.InputContract.from_json(json.loads(path.read_text()))

@@ -36,7 +36,7 @@ def test_refinement_lowers_the_loss_and_raises_the_overlap(resolution, pad, tabl
     labels_fixed = (fixed > 0.55).astype(np.int32)
     labels_moving = (moving > 0.55).astype(np.int32)
     start = np.zeros(shape + (3,), np.float32)
-    settings = RefineSettings(steps=80, learning_rate=0.1, resolution=resolution, smoothness=1.0)
+    settings = RefineSettings(steps=80, rate=0.1, resolution=resolution, smoothness=1.0)
     lines = []
     refined, history = refinement.refine_field(fixed, np.eye(4), moving, np.eye(4), start, settings, log=lines.append)
     refined = refined.numpy()
@@ -95,7 +95,7 @@ def test_auto_levels_follow_the_network_grid_spacing():
     assert RefineSettings().resolved([1.0, 1.0, 1.0]).factors == (2, 1)
     assert RefineSettings(resolution=0.5).resolved([1.0] * 3).factors == (2,)  # explicit levels kept
     with pytest.raises(ValueError, match="network grid"):
-        RefineSettings().factors
+        _ = RefineSettings().factors
 
 
 def test_coarsen_is_the_cell_average():
@@ -130,7 +130,8 @@ def test_level_maps_read_the_coarser_grid_as_scipy_does(factor, previous):
     else:
         matrix = np.linalg.inv(optimiser.coarse_to_fine(previous, low)) @ optimiser.coarse_to_fine(factor, low)
         out_shape = [-(-int(n) // factor) for n in box]
-    got = refinement.separable_resample(tf.constant(values), refinement.axis_reads_of(matrix, out_shape, coarse)).numpy()
+    reads = refinement.axis_reads_of(matrix, out_shape, coarse)
+    got = refinement.separable_resample(tf.constant(values), reads).numpy()
     assert got.shape == tuple(out_shape) + (3,)
     np.testing.assert_allclose(got, scipy_read(values, matrix, out_shape), atol=1e-5)
 
@@ -146,7 +147,8 @@ def test_the_finish_in_slabs_adds_the_change_read_as_scipy_does(monkeypatch):
     change = rng.normal(size=coarse + [3]).astype(np.float32)
     flow = rng.normal(size=full + (3,)).astype(np.float32)
     matrix = np.linalg.inv(optimiser.coarse_to_fine(previous, low))
-    refined, largest = refinement.finish(tf.constant(flow), tf.constant(change), refinement.axis_reads_of(matrix, full, coarse))
+    reads = refinement.axis_reads_of(matrix, full, coarse)
+    refined, largest = refinement.finish(tf.constant(flow), tf.constant(change), reads)
     expected = scipy_read(change, matrix, full)
     np.testing.assert_allclose(refined.numpy(), flow + expected, atol=1e-5)
     np.testing.assert_allclose(float(largest), np.linalg.norm(expected, axis=-1).max(), rtol=1e-5)
@@ -217,8 +219,8 @@ def test_refinement_of_pairs_of_different_sizes_in_one_process():
     for shape in ((20, 18, 16), (17, 15, 13), (23, 14, 19)):
         image = blobs(shape, 4)
         settings = RefineSettings(steps=2, resolution=0.5)
-        refined, history = refinement.refine_field(image, np.eye(4), image, np.eye(4), np.zeros(shape + (3,), np.float32),
-                                               settings, log=lambda *_: None)
+        refined, history = refinement.refine_field(image, np.eye(4), image, np.eye(4),
+                                                   np.zeros(shape + (3,), np.float32), settings, log=lambda *_: None)
         assert refined.shape == shape + (3,) and np.isfinite(history[-1][1])
         T, _, _ = affine_search.search_affine(image, np.eye(4), image, np.eye(4), np.eye(4), steps=4)
         assert T.shape == (4, 4)
@@ -248,7 +250,7 @@ def test_folding_penalty_unfolds_a_folded_start():
     assert before > 0.1
     folded = {}
     for weight in (0.0, 1.0):
-        settings = RefineSettings(steps=60, resolution=1.0, smoothness=0.0, folding=weight, learning_rate=0.05)
+        settings = RefineSettings(steps=60, resolution=1.0, smoothness=0.0, folding=weight, rate=0.05)
         flow, _ = refinement.refine_field(image, np.eye(4), image, np.eye(4), start, settings, log=lambda *_: None)
         folded[weight] = np.mean(metrics.forward_jacobian_determinant(flow.numpy()) <= 0)
     assert folded[0.0] == pytest.approx(before)
@@ -303,7 +305,7 @@ def test_a_header_rotation_absorbed_by_the_alignment_changes_nothing():
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
     true = np.stack([2.0 * np.sin(grid[..., 1] / 7.0), 1.5 * np.cos(grid[..., 2] / 6.0), np.full(shape, 1.0)], -1)
     moving = ndimage.map_coordinates(fixed, np.moveaxis(grid - true, -1, 0), order=1, mode="nearest")
-    settings = RefineSettings(steps=60, learning_rate=0.1, resolution=(0.25, 0.5), smoothness=1.0)
+    settings = RefineSettings(steps=60, rate=0.1, resolution=(0.25, 0.5), smoothness=1.0)
     quiet = lambda *_: None
     plain, _ = refinement.refine_field(fixed, np.eye(4), moving, np.eye(4), np.zeros(shape + (3,), np.float32),
                                    settings, log=quiet)
@@ -316,7 +318,8 @@ def test_a_header_rotation_absorbed_by_the_alignment_changes_nothing():
     inside = (slice(8, -8),) * 3
     errors = {}
     for alignment in (None, R):
-        refined, _ = refinement.refine_field(fixed, np.eye(4), moving, R, start, settings, log=quiet, alignment=alignment)
+        refined, _ = refinement.refine_field(fixed, np.eye(4), moving, R, start, settings, log=quiet,
+                                             alignment=alignment)
         moving_positions = (grid + refined.numpy() - R[:3, 3]) @ np.linalg.inv(R[:3, :3]).T
         errors[alignment is not None] = np.abs(moving_positions - grid - true)[inside].mean()
         if alignment is not None:

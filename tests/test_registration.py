@@ -27,6 +27,9 @@ from vtn_tf.registration import (
     pipeline,
     resampling,
 )
+from vtn_tf.registration.settings import AlignmentSettings, NetworkSettings, OutputSettings, RegistrationSettings
+
+NO_INIT = RegistrationSettings(alignment=AlignmentSettings(init="none"))  # trust the headers
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -82,10 +85,11 @@ def pair(tmp_path):
 
 def test_identity_model_reproduces_fixed_in_world_space(identity_run, pair):
     written = pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
-                                          moving_labels=[pair["labels"]], log=lambda *_: None, init="none")
+                                          moving_labels=[pair["labels"]], log=lambda *_: None, settings=NO_INIT)
     names = sorted(os.path.basename(p) for p in written)
     assert names == sorted(["warped.nii.gz", "flow_voxels.nii.gz", "flow_itk.nii.gz",
-                            "warped_labels_seg.nii.gz", "affine.json", "affine.txt"])
+                            "warped_labels_seg.nii.gz", "affine.json", "affine.txt", "settings.json",
+                            "qc.png", "qc.json"])
     warped = nib.load(pair["out"] / "warped.nii.gz")
     np.testing.assert_allclose(warped.affine, FIXED_AFFINE, atol=1e-5)
     assert warped.shape == FIXED_SHAPE
@@ -171,7 +175,7 @@ def _labels_pair(tmp_path):
 
 def test_itk_field_and_affine_match_simpleitk(tmp_path):
     paths, fixed, moving, labels = _labels_pair(tmp_path)
-    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
+    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, settings=NO_INIT)
     out = tmp_path / "out"
     outputs.write_result(result, fixed, [paths["labels"]], labels, out, log=lambda *_: None)
 
@@ -195,7 +199,7 @@ def test_itk_field_and_affine_match_simpleitk(tmp_path):
     # The world affine (affine.txt, LPS) equals the affine stage's field where no dense part.
     affine_only = StubModel()
     result = pipeline.register_volumes(lambda inputs: affine_only(inputs, dense=False), NET, fixed, moving,
-                                           log=lambda *_: None, init="none")
+                                           log=lambda *_: None, settings=NO_INIT)
     outputs.write_result(result, fixed, [], [], tmp_path / "affine", log=lambda *_: None)
     itk_affine = sitk.ReadTransform(str(tmp_path / "affine" / "affine.txt"))
     field = nib.load(tmp_path / "affine" / "flow_itk.nii.gz").get_fdata()[:, :, :, 0]
@@ -266,9 +270,10 @@ def _cli(*args):
 
 def test_cli_registers_and_reports_errors_on_one_line(identity_run, pair, tmp_path):
     done = _cli("--model", identity_run, pair["fixed"], pair["moving"], "--out", pair["out"],
-                "--moving_labels", pair["labels"], "--precision", "bfloat16", "--init", "none")
+                "--moving_labels", pair["labels"], "--set", "network.precision=bfloat16",
+                "--set", "alignment.init=none")
     assert done.returncode == 0, done.stderr
-    assert "40x36x32" in done.stdout and "wrote 6 files" in done.stdout
+    assert "40x36x32" in done.stdout and "wrote 9 files" in done.stdout
     assert "network in bfloat16" in done.stdout
     failed = _cli("--model", identity_run, pair["fixed"], tmp_path / "absent.nii.gz", "--out", tmp_path / "o2")
     assert failed.returncode == 2
@@ -298,7 +303,7 @@ def test_lpba40_outputs_land_in_the_fixed_world_space(identity_run, vtn_data, tm
 def test_itk_field_matches_ants_apply_transforms(tmp_path):
     ants = pytest.importorskip("ants", reason="antspyx not installed (pip install antspyx)")
     paths, fixed, moving, labels = _labels_pair(tmp_path)
-    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
+    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, settings=NO_INIT)
     outputs.write_result(result, fixed, [paths["labels"]], labels, tmp_path / "out", log=lambda *_: None)
     reference = ants.image_read(paths["fixed"])
     field = [str(tmp_path / "out" / "flow_itk.nii.gz")]
@@ -318,7 +323,7 @@ def test_batch_mode_registers_rows_and_reports_a_failed_one(identity_run, pair, 
                         f"fixed.nii.gz,absent.nii.gz,batch/two,\n"
                         f"{pair['fixed']},{pair['moving']},batch/three,seg.nii.gz;seg.nii.gz\n"
                         f"fixed.nii.gz,moving.nii.gz,batch/four,\n")
-    done = _cli("--model", identity_run, "--pairs", csv_path, "--init", "none")
+    done = _cli("--model", identity_run, "--pairs", csv_path, "--set", "alignment.init=none")
     assert done.returncode == 1, done.stderr
     lines = done.stdout.splitlines()
     assert sum("ok," in line for line in lines) == 2 and sum("FAILED" in line for line in lines) == 2
@@ -342,11 +347,12 @@ def test_pairs_file_without_a_column_is_refused(tmp_path):
 
 
 def test_uncompressed_outputs_and_nothing_left_after_a_failed_write(identity_run, pair, tmp_path, monkeypatch):
-    quiet = {"log": lambda *_: None, "init": "none"}
-    written = pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"],
-                                          compression=0, **quiet)
+    quiet = {"log": lambda *_: None, "settings": RegistrationSettings(NO_INIT.alignment,
+                                                                      output=OutputSettings(compression=0))}
+    written = pipeline.register_files(identity_run, pair["fixed"], pair["moving"], pair["out"], **quiet)
     assert sorted(os.path.basename(p) for p in written) == sorted(
-        ["warped.nii", "flow_voxels.nii", "flow_itk.nii", "affine.json", "affine.txt"])
+        ["warped.nii", "flow_voxels.nii", "flow_itk.nii", "affine.json", "affine.txt", "settings.json",
+         "qc.png", "qc.json"])
     assert nib.load(pair["out"] / "flow_itk.nii").shape == FIXED_SHAPE + (1, 3)
 
     def broken(image, path, compression):
@@ -381,7 +387,8 @@ def test_files_written_side_by_side_read_back_exactly(tmp_path, level):
         np.testing.assert_array_equal(np.asanyarray(loaded.dataobj), expected)
         np.testing.assert_array_equal(loaded.affine, affine)
         if expected.ndim == 3:  # (the field's ITK reading has its own test)
-            np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0), expected)
+            read = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)
+            np.testing.assert_array_equal(read, expected)
 
 
 def test_gzip_levels_1_to_3_use_isal():  # isal is an install requirement (setup.py)
@@ -408,7 +415,8 @@ def test_lpba40_pair_moved_in_its_header_scores_as_the_aligned_pair(identity_run
     for moved in (False, True):
         image, labels = root / "images" / "S02.nii.gz", root / "labels" / "S02.nii.gz"
         if moved:
-            image, labels = (moved_copy(p, move, str(tmp_path), role) for p, role in ((image, "image"), (labels, "labels")))
+            image, labels = (moved_copy(p, move, str(tmp_path), role)
+                             for p, role in ((image, "image"), (labels, "labels")))
         registrar = pipeline.Registrar(str(identity_run), log=lambda *_: None)
         fixed, moving, label_volumes = pipeline.read_inputs(root / "images" / "S01.nii.gz", image, [labels])
         result = registrar.register(fixed, moving, label_volumes)
@@ -481,7 +489,7 @@ def test_inverse_outputs_match_ants_and_simpleitk(identity_run, tmp_path):
     paths, fixed, moving, labels = _labels_pair(tmp_path)
     fixed_labels_path = save(tmp_path / "atlas.nii.gz",
                              (smooth(world_of(FIXED_SHAPE, FIXED_AFFINE)) > 3.2).astype(np.int16) * 5, FIXED_AFFINE)
-    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, init="none")
+    result = pipeline.register_volumes(StubModel(), NET, fixed, moving, labels, log=lambda *_: None, settings=NO_INIT)
     fixed_label_volume = io.read_labels(fixed_labels_path, reference=fixed)
     inverse.invert(result, fixed, moving, [fixed_label_volume], log=lambda *_: None)
     out = tmp_path / "inv"
@@ -654,8 +662,8 @@ def test_passes_0_runs_no_network(tmp_path, pair):
     flows = {}
     for passes in (0, 1):
         out = tmp_path / f"out{passes}"
-        pipeline.register_files(run, pair["fixed"], pair["moving"], out, log=lambda *_: None, init="none",
-                                    passes=passes)
+        pipeline.register_files(run, pair["fixed"], pair["moving"], out, log=lambda *_: None,
+                                    settings=RegistrationSettings(NO_INIT.alignment, NetworkSettings(passes=passes)))
         flows[passes] = nib.load(out / "flow_voxels.nii.gz").get_fdata()
         warped = nib.load(out / "warped.nii.gz").get_fdata()
         if passes == 0:

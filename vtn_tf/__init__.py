@@ -11,8 +11,9 @@ pay TensorFlow's start-up.
 import importlib
 import os
 
-# TensorFlow 2.21 leaves its oneDNN kernels off on some x86 CPUs (AMD EPYC here), where the
-# 3-D transposed convolutions then run 40x slower; set before TensorFlow is first imported.
+# TensorFlow 2.21 leaves its oneDNN kernels off on some x86 CPUs (AMD EPYC), where the 3-D
+# transposed convolutions then run many times slower (docs/performance.md); set before TensorFlow
+# is first imported. The one thing importing vtn_tf does (tests/test_architecture.py).
 # TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns them off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 

@@ -65,7 +65,8 @@ def define_inference_flags():
 
 
 def define_refine_flags():
-    """``--init`` and the ``--refine*`` flags (`vtn_tf.preprocessing.alignment`, `vtn_tf.registration.refinement`)."""
+    """vtn-evaluate's ``--init`` and ``--refine*`` flags: each given one overrides its setting
+    (:data:`LEGACY_FLAGS`; vtn-register takes ``--set`` instead)."""
     from absl import flags
 
     from vtn_tf.registration.settings import INIT_STEPS
@@ -102,91 +103,69 @@ def define_refine_flags():
     flags.DEFINE_float("refine_network_rate", 1e-4, "Adam learning rate of --refine_network")
     flags.DEFINE_enum("refine_similarity", "ncc", ["ncc", "cc"], "refinement similarity: local (--refine_window^3 "
                       "windows) or global correlation")
-    flags.DEFINE_boolean("recommended", False, "take the test-time settings the model's config recommends (the "
-                         "'register' section of its run's config.json: initial alignment, passes and refinement "
-                         "schedule chosen on validation pairs) for every one of those flags not given here")
+    flags.DEFINE_boolean("recommended", False, "the accurate preset (kept for older scripts; --preset names it)")
     flags.DEFINE_integer("refine_window", 5, "side of the local correlation's cubes in voxels of each refinement "
                          "level (odd; ANTs' CC radius r is a side of 2r + 1)", lower_bound=1)
 
 
-def apply_recommended(model_dir, log=print):
-    """``--recommended``: set the flags that the ``register`` section of ``model_dir``'s
-    ``config.json`` names (`vtn_tf.training.config`) and the command line did not give.
+def define_settings_flags():
+    """``--preset`` and ``--set``: the registration settings (`vtn_tf.registration.settings`)."""
+    from absl import flags
 
-    Returns the settings taken, as command-line words. Raises :class:`vtn_tf.io.InputError`
-    naming the file when the run has no such section or a value the flag refuses."""
+    from vtn_tf.registration.settings import DEFAULT_PRESET, PRESETS
+
+    if "preset" in flags.FLAGS:
+        return
+    flags.DEFINE_enum("preset", DEFAULT_PRESET, list(PRESETS), "test-time settings by name: accurate = "
+                      "the schedule validated for the model (its config's register section: initial alignment, "
+                      "passes, refinement); fast = the network alone (no refinement); optimiser = accurate "
+                      "without the network (the initial alignment and refinement alone)")
+    flags.DEFINE_multi_string("set", [], "override one setting, section.field=value (repeatable), e.g. "
+                              "refine.rate=0.5, refine.steps=60x60x20, network.passes=2, network.precision=bfloat16, "
+                              "alignment.init=none, output.compression=0; every field: docs/usage.md")
+
+
+# The legacy flags of vtn-evaluate -> the settings they override (vtn-register takes --set).
+LEGACY_FLAGS = {
+    "init": "alignment.init", "init_steps": "alignment.steps", "passes": "network.passes",
+    "precision": "network.precision", "refine_network": "network.finetune_steps",
+    "refine_network_rate": "network.finetune_rate", "refine": "refine.steps", "refine_seconds": "refine.seconds",
+    "refine_resolution": "refine.resolution", "refine_rate": "refine.rate", "refine_anneal": "refine.anneal",
+    "refine_smoothness": "refine.smoothness", "refine_folding": "refine.folding",
+    "refine_similarity": "refine.similarity", "refine_window": "refine.window",
+}
+
+
+def legacy_overrides():
+    """The ``--set`` words of the legacy flags given on the command line (:data:`LEGACY_FLAGS`)."""
+    from absl import flags
+
+    words = []
+    for name, key in LEGACY_FLAGS.items():
+        if name in flags.FLAGS and flags.FLAGS[name].present:
+            value = flags.FLAGS[name].value
+            text = ",".join(map(str, value)) if isinstance(value, list) else json_word(value)
+            words.append(f"{key}={text}")
+    return words
+
+
+def json_word(value):
+    """``value`` as ``--set`` reads it back (JSON for numbers and booleans, text otherwise)."""
     import json
-    import pathlib
 
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def registration_settings(model_dir, log=print, legacy=False):
+    """The :class:`~vtn_tf.registration.settings.RegistrationSettings` of ``--preset`` (default
+    accurate) for ``model_dir``, then the legacy flags given (``legacy``), then ``--set``."""
     from absl import flags
 
-    from vtn_tf.io import InputError
-
-    path = pathlib.Path(model_dir or "") / "config.json"
-    try:
-        section = json.loads(path.read_text()).get("register") or {}
-    except (OSError, ValueError) as error:
-        raise InputError(f"--recommended reads {path}: {error}") from None
-    chosen = {name: value for name, value in section.items() if value is not None}
-    if not chosen:
-        raise InputError(f"--recommended: {path} recommends no test-time settings (its config has no 'register' "
-                         "section, or only nulls); give the flags, or add the section (docs/usage.md)")
-    taken = []
-    for name, value in chosen.items():
-        if name not in flags.FLAGS:
-            raise InputError(f"--recommended: {path} names {name!r}, which is not a flag of this tool")
-        flag = flags.FLAGS[name]
-        if flag.present:  # the command line wins
-            continue
-        text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
-            if isinstance(value, bool) else str(value)
-        try:
-            flag.parse(text)
-        except (flags.IllegalFlagValueError, ValueError) as error:
-            raise InputError(f"--recommended: {path}: register.{name} = {value!r}: {error}") from None
-        taken.append(f"--{name}" if value is True else f"--no{name}" if value is False else f"--{name} {text}")
-    log(f"recommended by {path}: {' '.join(taken) if taken else 'nothing the command line does not set'}")
-    return taken
-
-
-def refine_steps(text):
-    """``--refine``'s steps: ``"60"`` -> 60 (on every level), ``"60x60x20"`` -> (60, 60, 20)."""
-    from vtn_tf.io import InputError
-
-    try:
-        counts = tuple(int(part) for part in str(text).replace(",", "x").split("x"))
-    except ValueError:
-        raise InputError(f"--refine takes a step count or counts per level such as 60x60x20; got {text!r}") from None
-    if any(n < 0 for n in counts):
-        raise InputError(f"--refine steps must be >= 0; got {text!r}")
-    return counts[0] if len(counts) == 1 else counts
-
-
-def refine_settings():
-    """The :class:`vtn_tf.registration.settings.RefineSettings` of the flags, or None without ``--refine``."""
-    from absl import flags
+    from vtn_tf.registration import settings
 
     values = flags.FLAGS
-    steps = refine_steps(values.refine)
-    if not any(steps if isinstance(steps, tuple) else (steps,)) and not values.refine_network:
-        return None
-    from vtn_tf.io import InputError
-    from vtn_tf.registration.settings import RefineSettings
-
-    try:
-        try:
-            resolution = "auto" if list(values.refine_resolution) == ["auto"] else tuple(
-                float(r) for r in values.refine_resolution)
-        except ValueError:
-            raise ValueError(f"--refine_resolution takes numbers; got {','.join(values.refine_resolution)}") from None
-        return RefineSettings(steps=steps, seconds=values.refine_seconds, learning_rate=values.refine_rate,
-                              similarity=values.refine_similarity, ncc_window=values.refine_window,
-                              smoothness=values.refine_smoothness,
-                              folding=values.refine_folding, resolution=resolution,
-                              network_steps=values.refine_network, network_rate=values.refine_network_rate,
-                              anneal=values.refine_anneal)
-    except ValueError as error:
-        raise InputError(f"--refine options: {error}") from None
+    overrides = (legacy_overrides() if legacy else []) + list(values.set)
+    return settings.resolve(model_dir, values.preset, overrides, log)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ import socket
 import tempfile
 import time
 
-
 # ---- the compiled-kernel cache ---------------------------------------------------------------
 # The resampling, affine search and refinement kernels are XLA-compiled per grid size: a fresh
 # `vtn-register` process spends seconds compiling them. TensorFlow can keep the

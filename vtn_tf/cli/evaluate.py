@@ -11,12 +11,21 @@ The CSV holds one row per pair and method; a markdown summary is printed and wri
 it (name.md). Progress lines and skipped methods go to stderr.
 """
 
+import dataclasses
 import os
 import sys
 
 from absl import app, flags
 
-from vtn_tf.cli.common import apply_recommended, define_inference_flags, define_refine_flags, refine_settings, setup, user_errors
+from vtn_tf.cli.common import (
+    define_inference_flags,
+    define_refine_flags,
+    define_settings_flags,
+    legacy_overrides,
+    registration_settings,
+    setup,
+    user_errors,
+)
 from vtn_tf.io import InputError
 
 FLAGS = flags.FLAGS
@@ -35,6 +44,9 @@ flags.DEFINE_string("out", None, "result CSV (a .md summary is written next to i
 flags.DEFINE_boolean("overwrite", False, "replace an existing result CSV and summary")
 define_inference_flags()
 define_refine_flags()
+define_settings_flags()
+flags.declare_key_flag("preset")  # listed by --help with this command's own flags
+flags.declare_key_flag("set")
 flags.DEFINE_boolean("native", False, "register the manifest's ORIGINAL files through the vtn-register "
                      "code and score on the fixed image's native grid (default: the prepared grid, a fast proxy)")
 flags.DEFINE_enum("misalign", None, ["rigid", "affine"], "with --native: move every moving scan by a known "
@@ -83,23 +95,24 @@ def evaluate():
         raise InputError("--manifest is required (a prepared dataset's manifest.json)")
     if not FLAGS.out:
         raise InputError("--out is required (the result CSV to write)")
-    if FLAGS.recommended:
-        if not FLAGS.native:
-            raise InputError("--recommended needs --native (its settings are vtn-register's)")
-        apply_recommended(FLAGS.model, log)
     if FLAGS.native:
         from vtn_tf.evaluation import native
 
+        settings = registration_settings(FLAGS.model, log, legacy=True)
+        if FLAGS.inverse:
+            settings = dataclasses.replace(settings, output=dataclasses.replace(settings.output, inverse=True))
         _, summary = native.run(
             FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
             split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,
-            overwrite=FLAGS.overwrite, log=log, passes=FLAGS.passes, precision=FLAGS.precision, init=FLAGS.init,
-            refine=refine_settings(), misalign=FLAGS.misalign, misalign_seed=FLAGS.misalign_seed,
-            inverse=FLAGS.inverse, init_steps=FLAGS.init_steps)
+            overwrite=FLAGS.overwrite, log=log, settings=settings, misalign=FLAGS.misalign,
+            misalign_seed=FLAGS.misalign_seed)
         print(summary, end="")
         return
-    if FLAGS.misalign or refine_settings() is not None or FLAGS.inverse:
-        raise InputError("--misalign, --refine and --inverse need --native (the original files)")
+    prepared_grid = {"network.passes", "network.precision"}  # the prepared-grid proxy takes --passes, --precision
+    unused = [w for w in legacy_overrides() if w.split("=")[0] not in prepared_grid]
+    if FLAGS.misalign or FLAGS.inverse or unused or FLAGS.set or FLAGS.recommended or FLAGS["preset"].present:
+        raise InputError("--misalign, --inverse, --preset, --set, --recommended and the alignment and refinement "
+                         "flags need --native (the original files)")
     _, summary = protocols.run_protocol(
         FLAGS.manifest, FLAGS.out, methods=FLAGS.methods or "vtn,identity", model_dir=FLAGS.model,
         split=FLAGS.split, protocol=FLAGS.protocol, atlas=FLAGS.atlas, max_pairs=FLAGS.max_pairs,

@@ -2,18 +2,21 @@
 
 Usage:
   vtn-register --model runs/X fixed.nii.gz moving.nii.gz --out outdir \\
-      [--moving_labels labels.nii.gz ...] [--init moments|com|none] [--refine N] \\
-      [--passes N] [--precision float32|bfloat16|float16] [--compression 0-9] [--overwrite]
-      [--inverse [--fixed_labels atlas_labels.nii.gz ...]]
+      [--moving_labels labels.nii.gz ...] [--preset accurate|fast|optimiser] [--set section.field=value ...]
+      [--inverse [--fixed_labels atlas_labels.nii.gz ...]] [--overwrite]
   vtn-register --model runs/X --pairs pairs.csv [options]      # many pairs, one model load
 
 (``python -m vtn_tf.cli.register`` is the same; ``--fixed`` / ``--moving`` may replace the
 two positional arguments.) Images of any size, spacing and orientation (.nii, .nii.gz, .mha,
 .mhd, .nrrd), prepared as the model's training volumes were (its ``preprocessing.json``).
-Outputs in ``outdir``, all on the fixed image's grid with its affine: ``warped.nii.gz``,
-``flow_voxels.nii.gz`` (Learn2Reg layout, fixed-grid voxels, pulling), ``flow_itk.nii.gz``
-(ITK/ANTs displacement field, LPS mm), ``warped_labels_<name>.nii.gz`` and ``affine.json`` /
-``affine.txt`` (ITK transform file). See `vtn_tf.registration` for the exact conventions.
+``--preset`` names the test-time settings (default ``accurate``: the schedule validated for
+the model, its config's ``register`` section); ``--set`` changes one of them, e.g.
+``--set refine.steps=60 --set network.passes=2 --set output.compression=0`` (every setting:
+`vtn_tf.registration.settings`, docs/usage.md). Outputs in ``outdir``, all on the fixed
+image's grid with its affine: ``warped.nii.gz``, ``flow_voxels.nii.gz`` (Learn2Reg layout,
+fixed-grid voxels, pulling), ``flow_itk.nii.gz`` (ITK/ANTs displacement field, LPS mm),
+``warped_labels_<name>.nii.gz``, ``affine.json`` / ``affine.txt`` (ITK transform file) and
+``settings.json`` (the settings used). See `vtn_tf.registration.pipeline` for the conventions.
 
 Batch mode: ``--pairs`` names a CSV with the header ``fixed,moving,out`` and an optional
 ``moving_labels`` column (one or more label files separated by ``;``), in any column order,
@@ -33,11 +36,12 @@ Example (the ITK field with ANTs, the same resampling as warped.nii.gz):
   antsApplyTransforms -d 3 -i moving.nii.gz -r fixed.nii.gz -t outdir/flow_itk.nii.gz -o w.nii.gz
 """
 
+import dataclasses
 import sys
 
 from absl import app, flags
 
-from vtn_tf.cli.common import define_inference_flags, define_refine_flags, setup, user_errors
+from vtn_tf.cli.common import define_settings_flags, registration_settings, setup, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vtn-train run directory (model.json + checkpoints/)")
@@ -50,43 +54,42 @@ flags.DEFINE_string("shard", None, "with --pairs: K/N registers the pairs whose 
 flags.DEFINE_boolean("summary_only", False, "with --pairs: only rebuild the cohort summary from the output "
                      "folders (all shards'); no model needed")
 flags.DEFINE_multi_string("moving_labels", [], "label map on the moving image's grid (repeatable)")
-flags.DEFINE_boolean("inverse", False, "also write the moving -> fixed field on the moving grid "
-                     "(flow_inverse_voxels / flow_inverse_itk) and the fixed image in the moving space (warped_fixed)")
 flags.DEFINE_multi_string("fixed_labels", [], "with --inverse: label map on the fixed grid, carried into the "
                           "moving space as warped_fixed_labels_<name> (repeatable)")
-flags.DEFINE_enum("intensity", "auto", ["auto", "mri", "ct", "none"],
-                  "normalisation before the network: auto = the model's (preprocessing.json); "
-                  "mri = percentile clip + rescale, ct = window 290 / level 120 HU, none = as is")
-flags.DEFINE_integer("compression", 1, "gzip level of the NIfTI outputs, 0-9 (0 writes uncompressed .nii)",
-                     lower_bound=0, upper_bound=9)
+flags.DEFINE_boolean("inverse", False, "also write the moving -> fixed field on the moving grid "
+                     "(flow_inverse_voxels / flow_inverse_itk) and the fixed image in the moving space (warped_fixed)")
+define_settings_flags()
+flags.declare_key_flag("preset")  # listed by --help with this command's own flags
+flags.declare_key_flag("set")
 flags.DEFINE_boolean("overwrite", False, "replace existing outputs")
-define_inference_flags()
-define_refine_flags()
-flags.DEFINE_boolean("verbose", False, "show tracebacks")
+flags.DEFINE_boolean("verbose", False, "show tracebacks and, in batch mode, every pair's progress")
 
 
-def _registrar(log):
-    from vtn_tf.cli.common import apply_recommended, refine_settings
-    from vtn_tf.registration import pipeline
-
-    if FLAGS.recommended:
-        apply_recommended(FLAGS.model, lambda line: print(line, file=sys.stderr))
-    return pipeline.Registrar(FLAGS.model, FLAGS.precision, FLAGS.passes, FLAGS.init,
-                                  refine_settings(), FLAGS.intensity, log, FLAGS.inverse, FLAGS.init_steps)
+def settings_of_flags(log):
+    """The registration settings: ``--preset``, ``--set``, then ``--inverse``."""
+    settings = registration_settings(FLAGS.model, log)
+    if FLAGS.inverse:
+        settings = dataclasses.replace(settings, output=dataclasses.replace(settings.output, inverse=True))
+    return settings
 
 
-def register_one(fixed, moving, inputs=None):
-    """``inputs``: the pair as `vtn_tf.registration.pipeline.read_inputs` already read it (not read again)."""
-    from vtn_tf.registration import batch
+def register_one(fixed, moving):
+    from vtn_tf.io import faults, folder_lock
+    from vtn_tf.registration import batch, outputs, pipeline
 
-    registrar = _registrar(print)
-    batch.register_pair(registrar, fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite,
-                        FLAGS.fixed_labels, inputs, FLAGS.compression)
+    settings = settings_of_flags(lambda line: print(line, file=sys.stderr))
+    outputs.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, settings.output.compression,
+                          settings.output.inverse, FLAGS.fixed_labels)
+    with faults.output_faults(FLAGS.out), folder_lock.locked(FLAGS.out):  # a second process refuses at once
+        inputs = pipeline.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
+        registrar = pipeline.Registrar(FLAGS.model, settings, print)
+        batch.register_pair(registrar, fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite,
+                            FLAGS.fixed_labels, inputs)
 
 
 def register_batch():
     from vtn_tf.io import pairs
-    from vtn_tf.registration import batch
+    from vtn_tf.registration import batch, pipeline
 
     rows = batch.read_pairs(FLAGS.pairs)
     if FLAGS.summary_only:
@@ -97,9 +100,10 @@ def register_batch():
         k, n = pairs.parse_shard(FLAGS.shard)
         chosen = pairs.shard(rows, k, n)
         print(f"shard {k}/{n}: {len(chosen)} of {len(rows)} pairs (pair index modulo {n} = {k})", flush=True)
-    registrar = _registrar(lambda line: print(line, file=sys.stderr) if FLAGS.verbose else None)
-    outcome = batch.run(registrar, chosen, overwrite=FLAGS.overwrite, compression=FLAGS.compression,
-                        all_rows=rows, summary=FLAGS.pairs)
+    settings = settings_of_flags(lambda line: print(line, file=sys.stderr))
+    registrar = pipeline.Registrar(FLAGS.model, settings,
+                                   lambda line: print(line, file=sys.stderr) if FLAGS.verbose else None)
+    outcome = batch.run(registrar, chosen, overwrite=FLAGS.overwrite, all_rows=rows, summary=FLAGS.pairs)
     sys.exit(outcome.status)
 
 
@@ -126,14 +130,7 @@ def main(argv):
         raise app.UsageError(f"missing {', '.join(missing)}; usage: vtn-register --model RUN_DIR "
                              "FIXED MOVING --out OUT_DIR")
     with user_errors("vtn-register", FLAGS.verbose):
-        from vtn_tf.io import faults, folder_lock
-        from vtn_tf.registration import outputs, pipeline
-
-        outputs.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, FLAGS.compression,
-                                   FLAGS.inverse, FLAGS.fixed_labels)
-        with faults.output_faults(FLAGS.out), folder_lock.locked(FLAGS.out):  # a second process refuses at once
-            inputs = pipeline.read_inputs(fixed, moving, FLAGS.moving_labels)  # refused before the model loads
-            register_one(fixed, moving, inputs)
+        register_one(fixed, moving)
 
 
 def run():

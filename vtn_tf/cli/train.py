@@ -39,7 +39,8 @@ def main(argv):
 
         config = config_lib.load_config(FLAGS.config, FLAGS.set)
         run_dir = FLAGS.run_dir or str(pathlib.Path("runs") / pathlib.Path(FLAGS.config or "default").stem)
-        summary = loop.train(config, run_dir, restart=FLAGS.restart, verbose=FLAGS.progress if FLAGS.progress is not None else (1 if sys.stdout.isatty() else 2))
+        progress = FLAGS.progress if FLAGS.progress is not None else (1 if sys.stdout.isatty() else 2)
+        summary = loop.train(config, run_dir, restart=FLAGS.restart, verbose=progress)
         print(json.dumps(summary, indent=2))
 
 

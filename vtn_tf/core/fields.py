@@ -3,13 +3,15 @@
 Pure TensorFlow maths (no Keras, no files); the conventions are `vtn_tf.core.sampling`'s.
 """
 
+from collections.abc import Sequence
+
 import tensorflow as tf
 
-from vtn_tf.core.grids import centred_grid
+from vtn_tf.core.grids import TensorLike, centred_grid
 from vtn_tf.core.sampling import check_flow, check_same_grid, warp
 
 
-def compose(g1, g2):
+def compose(g1: TensorLike, g2: TensorLike) -> tf.Tensor:
     """Compose two flows (paper eq. 3): ``g1 ⋆ g2 = g2 + warp(g1, g2)``.
 
     Warping with ``g1`` then with ``g2`` equals warping once with ``g1 ⋆ g2``:
@@ -29,7 +31,7 @@ def compose(g1, g2):
     return g2 + warp(g1, g2)
 
 
-def affine_flow(W, b, spatial_shape):
+def affine_flow(W: TensorLike, b: TensorLike, spatial_shape: Sequence[int]) -> tf.Tensor:
     """The flow of the affine transform ``A = I + W`` on centred voxel coordinates.
 
     ``flow(x) = W x + b`` with ``x_j = index_j - (size_j - 1) / 2`` so that the
@@ -56,7 +58,7 @@ def affine_flow(W, b, spatial_shape):
     return tf.einsum("xyzj,bij->bxyzi", grid, W) + b[:, None, None, None, :]
 
 
-def spatial_gradient(flow):
+def spatial_gradient(flow: tf.Tensor) -> tf.Tensor:
     """Derivatives of a field along each axis (central differences, one-sided at edges).
 
     Args:
@@ -78,7 +80,7 @@ def spatial_gradient(flow):
     return tf.stack(grads, axis=-1)
 
 
-def jacobian_determinant(flow):
+def jacobian_determinant(flow: TensorLike) -> tf.Tensor:
     """Jacobian determinant of the map ``x ↦ x + flow(x)`` at every voxel.
 
     Args:
@@ -97,7 +99,7 @@ def jacobian_determinant(flow):
     return det[0] if single else det
 
 
-def forward_jacobian_determinant(flow):
+def forward_jacobian_determinant(flow: TensorLike) -> TensorLike:
     """``det(I + D flow)`` with **forward** differences ``D``, as the authors' code counts folding.
 
     Central differences skip the voxel itself, so a field that folds in a checkerboard
@@ -115,7 +117,7 @@ def forward_jacobian_determinant(flow):
     return cofactors([u[1:, :-1, :-1] - base, u[:-1, 1:, :-1] - base, u[:-1, :-1, 1:] - base])[1]
 
 
-def cofactors(columns):
+def cofactors(columns: Sequence[TensorLike]) -> tuple[list[list[TensorLike]], TensorLike]:
     """``(C, det)`` of ``J = I + [columns]``: ``columns[a]`` ``[..., 3]`` the derivative of the
     displacement along axis ``a``, so ``J[k][a] = δ_ka + columns[a][..., k]``; ``C[k][a]`` the
     cofactor of ``J[k][a]`` (``d det / d J[k][a]``), ``det = Σ_a J[0][a] C[0][a]``."""

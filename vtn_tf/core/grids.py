@@ -3,11 +3,17 @@
 Pure TensorFlow maths (no Keras, no files); the conventions are `vtn_tf.core.sampling`'s.
 """
 
+from collections.abc import Sequence
+from typing import TypeAlias
+
 import numpy as np
 import tensorflow as tf
 
+# A tensor, or an array TensorFlow converts.
+TensorLike: TypeAlias = "tf.Tensor | np.ndarray"
 
-def identity_grid(spatial_shape, dtype=tf.float32):
+
+def identity_grid(spatial_shape: Sequence[int], dtype: tf.DType = tf.float32) -> tf.Tensor:
     """Voxel index coordinates of a grid.
 
     Args:
@@ -19,7 +25,7 @@ def identity_grid(spatial_shape, dtype=tf.float32):
     return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def centred_grid(spatial_shape, dtype=tf.float32):
+def centred_grid(spatial_shape: Sequence[int], dtype: tf.DType = tf.float32) -> tf.Tensor:
     """Voxel coordinates measured from the volume centre: ``index_j - (size_j - 1) / 2``.
 
     Returns ``[X, Y, Z, 3]`` in voxels; the affine subnetwork's transform acts on these.
@@ -28,20 +34,20 @@ def centred_grid(spatial_shape, dtype=tf.float32):
     return identity_grid(spatial_shape, dtype) - centre
 
 
-def identity_grid_dynamic(size, dtype):
+def identity_grid_dynamic(size: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     """`identity_grid` for a shape known only at run time (a 3-element int tensor)."""
     axes = [tf.range(size[i], dtype=tf.int32) for i in range(3)]
     return tf.cast(tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1), dtype)
 
 
-def map_points(points, matrix):
+def map_points(points: tf.Tensor, matrix: TensorLike) -> tf.Tensor:
     """``matrix`` ``[3, 4]`` (or 4x4) applied to ``points`` ``[..., 3]``: ``[..., 3]``, one
     multiply-add per entry (no matrix product: under XLA on the CPU it fuses with what follows)."""
     return tf.stack([points[..., 0] * matrix[i, 0] + points[..., 1] * matrix[i, 1] + points[..., 2] * matrix[i, 2]
                      + matrix[i, 3] for i in range(3)], -1)
 
 
-def axis_reads(position, size):
+def axis_reads(position: np.ndarray, size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Where positions along one axis read it, for a linear interpolation with edge clamping.
 
     Args:
@@ -59,7 +65,7 @@ def axis_reads(position, size):
     return tf.constant(lower, tf.int32), tf.constant(upper, tf.int32), tf.constant(position - lower, tf.float32)
 
 
-def lerp_axis(values, lower, upper, weight, axis):
+def lerp_axis(values: tf.Tensor, lower: tf.Tensor, upper: tf.Tensor, weight: tf.Tensor, axis: int) -> tf.Tensor:
     """Linear interpolation of ``values`` along ``axis`` between the entries ``lower`` and
     ``upper`` with the weights ``weight`` of the upper ones (one per output entry,
     :func:`axis_reads`)."""

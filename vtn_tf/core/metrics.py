@@ -5,6 +5,9 @@ integers or as floats with whole values (nibabel's ``get_fdata``). Field
 metrics take flows in voxels, pulling, as in `vtn_tf.core`.
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
@@ -49,7 +52,8 @@ def _overlap(fixed_labels, warped_labels, label_values, score):
     return per_label, (float(np.mean(values)) if values else float("nan"))
 
 
-def dice(fixed_labels, warped_labels, label_values=None):
+def dice(fixed_labels: Any, warped_labels: Any,
+         label_values: Sequence[int] | None = None) -> tuple[dict[int, float], float]:
     """Dice overlap ``2|A∩B| / (|A|+|B|)`` per label and its mean.
 
     Args:
@@ -67,7 +71,8 @@ def dice(fixed_labels, warped_labels, label_values=None):
                     lambda inter, na, nb: 2.0 * inter / (na + nb))
 
 
-def jaccard(fixed_labels, warped_labels, label_values=None):
+def jaccard(fixed_labels: Any, warped_labels: Any,
+            label_values: Sequence[int] | None = None) -> tuple[dict[int, float], float]:
     """Jaccard index (the paper's Seg. IoU) ``|A∩B| / |A∪B|``; same contract as `dice`."""
     return _overlap(fixed_labels, warped_labels, label_values,
                     lambda inter, na, nb: inter / (na + nb - inter))
@@ -76,7 +81,7 @@ def jaccard(fixed_labels, warped_labels, label_values=None):
 jacobian_determinant = fields.jacobian_determinant
 
 
-def folding_fraction(flow):
+def folding_fraction(flow: Any) -> float:
     """Share of voxels where ``x ↦ x + flow(x)`` folds (Jacobian determinant ≤ 0).
 
     Args:
@@ -88,7 +93,8 @@ def folding_fraction(flow):
     return float(tf.reduce_mean(tf.cast(det <= 0.0, tf.float32)))
 
 
-def landmark_distance(flow, fixed_points, moving_points, spacing=(1.0, 1.0, 1.0)):
+def landmark_distance(flow: Any, fixed_points: np.ndarray, moving_points: np.ndarray,
+                      spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, Any]:
     """Distance between fixed landmarks carried through the flow and moving landmarks.
 
     A fixed landmark ``p`` maps to ``p + flow(p)`` in the moving image (points go

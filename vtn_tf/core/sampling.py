@@ -17,19 +17,19 @@ point maps live in `vtn_tf.core.grids`, compositions and Jacobians in `vtn_tf.co
 
 import tensorflow as tf
 
-from vtn_tf.core.grids import identity_grid_dynamic, map_points
+from vtn_tf.core.grids import TensorLike, identity_grid_dynamic, map_points
 
 INTERPOLATIONS = ("linear", "nearest")
 
 
-def check_rank(name, tensor, rank, layout):
+def check_rank(name: str, tensor: tf.Tensor, rank: int, layout: str) -> None:
     if tensor.shape.rank != rank:
         raise ValueError(
             f"{name} must be a rank-{rank} tensor {layout}; got shape {tensor.shape}."
         )
 
 
-def check_flow(flow, name="flow"):
+def check_flow(flow: tf.Tensor, name: str = "flow") -> None:
     check_rank(name, flow, 5, "[B, X, Y, Z, 3]")
     if flow.shape[-1] != 3:
         raise ValueError(f"{name} must have 3 channels (one per axis); got shape {flow.shape}.")
@@ -37,7 +37,7 @@ def check_flow(flow, name="flow"):
         raise ValueError(f"{name} must be a floating-point tensor; got {flow.dtype.name}.")
 
 
-def check_same_grid(image, flow, image_name="image"):
+def check_same_grid(image: tf.Tensor, flow: tf.Tensor, image_name: str = "image") -> None:
     a, b = image.shape[1:4], flow.shape[1:4]
     if a.is_fully_defined() and b.is_fully_defined() and a != b:
         raise ValueError(
@@ -90,8 +90,8 @@ _CORNERS = tuple((dx, dy, dz) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)
 def _trilinear(image, raw):
     """Trilinear values ``[B, P, Q, R, C]`` of ``image`` at positions ``raw`` (edge-clamped).
 
-    One index computation, 8 gathers, 7 linear interpolations (z, then y, then x). About 10%
-    faster than 8 independently clamped corners at 128^3 on 2 cores (``benchmarks/bench_warp.py``).
+    One index computation, 8 gathers, 7 linear interpolations (z, then y, then x), rather than
+    8 independently clamped corners (docs/performance.md).
     """
     shape = tf.shape(image)
     base, frac, step, _ = _corners_at(shape, raw)
@@ -156,7 +156,8 @@ def linear_image_gradient(image, flow, upstream):
     One scatter of 8-wide rows onto the lower corners (a ``[B·X·Y·Z, 8, C]`` table), then
     each corner's column is shifted onto its voxel with ``tf.roll``: the lower corner is
     at most ``size - 2``, so the rolled-in last slice is always zero (and an axis of length
-    1 has no upper corner to shift to). 1.5x faster than one scatter of 8 single rows.
+    1 has no upper corner to shift to), rather than one scatter of 8 single rows
+    (docs/performance.md).
     """
     shape = tf.shape(image)
     base, frac, step, _ = _linear_corners(shape, flow)
@@ -173,8 +174,8 @@ def linear_image_gradient(image, flow, upstream):
 def sample_linear(image, flow):
     """`sample_linear_forward` with hand-written gradients in two separate XLA functions.
 
-    Autodiff through the gathers was 10x the forward's time at 128^3; these are about 3x
-    faster together (``benchmarks/bench_warp.py``). Being separate ops, the image gradient
+    Automatic differentiation through the gathers costs several times these two
+    (docs/performance.md). Being separate ops, the image gradient
     is pruned from a graph that does not use it (warping the input moving image in
     training), which leaves the flow gradient alone.
     """
@@ -198,7 +199,7 @@ def sample_nearest(image, flow):
     return tf.reshape(values, shape)
 
 
-def warp(image, flow, interpolation="linear"):
+def warp(image: TensorLike, flow: TensorLike, interpolation: str = "linear") -> tf.Tensor:
     """Resample ``image`` through ``flow``: ``out(x) = image(x + flow(x))``.
 
     Args:
@@ -279,7 +280,8 @@ def sample_at_nearest(image, positions, zero_outside):
     return values
 
 
-def sample(image, positions, interpolation="linear", outside="clamp"):
+def sample(image: TensorLike, positions: TensorLike, interpolation: str = "linear",
+           outside: str = "clamp") -> tf.Tensor:
     """Values of ``image`` at continuous voxel ``positions`` (resampling between grids).
 
     `warp` samples at ``x + flow(x)`` on the image's own grid; ``sample`` takes the absolute
@@ -330,7 +332,7 @@ def sample(image, positions, interpolation="linear", outside="clamp"):
     return linear(positions)
 
 
-def corner_table(image):
+def corner_table(image: TensorLike) -> tf.Tensor:
     """The 8 trilinear corners of every voxel, for :func:`sample_mapped`.
 
     Args:
@@ -346,7 +348,7 @@ def corner_table(image):
     return tf.stack([padded[dx:dx + size[0], dy:dy + size[1], dz:dz + size[2]] for dx, dy, dz in _CORNERS], -1)
 
 
-def sample_mapped(table, points, matrix):
+def sample_mapped(table: tf.Tensor, points: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
     """Trilinear values of an image at ``matrix`` applied to ``points``, with "zero" outside
     (:func:`sample`), differentiable with respect to ``points``.
 
@@ -354,8 +356,8 @@ def sample_mapped(table, points, matrix):
     position reads its 8 corners as one row of ``table`` (:func:`corner_table`), and the
     forward pass also forms the derivative of the value with respect to the point (the exact
     derivative of the trilinear interpolant, mapped back through ``matrix``), so the gradient
-    is a product and nothing is gathered twice (under XLA on the CPU, value and gradient in
-    half the time of :func:`sample`'s; a refinement step 1.5x faster, ``benchmarks/bench_refine.py``).
+    is a product and nothing is gathered twice (docs/performance.md has the times against
+    :func:`sample`'s, ``benchmarks/bench_refine.py``).
 
     Args:
       table: ``[X, Y, Z, 8]`` float32, :func:`corner_table` of the image ``[X, Y, Z]``.

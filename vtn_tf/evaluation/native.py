@@ -38,7 +38,7 @@ from vtn_tf.core import metrics
 from vtn_tf.evaluation import baselines, protocols
 from vtn_tf.preprocessing import alignment
 from vtn_tf.registration import inverse, pipeline, resampling
-from vtn_tf.registration.settings import INIT_STEPS
+from vtn_tf.registration.settings import AUTO_LEVELS, RegistrationSettings
 from vtn_tf.training import data
 
 MISALIGN_MODES = ("rigid", "affine")
@@ -129,57 +129,33 @@ def _elastix(fixed_path, moving_path, labels_path, fixed_affine):
 
 
 def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evaluation", protocol="atlas",
-        atlas=None, max_pairs=None, overwrite=False, log=print, passes=1, precision="float32", init="best",
-        refine=None, misalign=None, misalign_seed=0, inverse=False, init_steps=INIT_STEPS):
+        atlas=None, max_pairs=None, overwrite=False, log=print, settings=None, misalign=None, misalign_seed=0):
     """``vtn-evaluate --native``: register the original files of ``split`` and score them.
 
-    Returns ``(rows, summary_markdown)``; writes the CSV and the summary like
-    `vtn_tf.evaluation.protocols.run_protocol`.
+    ``settings``: VTN's :class:`~vtn_tf.registration.settings.RegistrationSettings` (None: the
+    defaults; ``output.inverse`` adds the inverse's columns). Returns ``(rows, summary_markdown)``;
+    writes the CSV and the summary like `vtn_tf.evaluation.protocols.run_protocol`.
     """
+    settings = settings or RegistrationSettings()
     protocols.check_output(out, overwrite)
     names = protocols.parse_methods(methods if isinstance(methods, str) else ",".join(methods))
     if misalign not in (None,) + MISALIGN_MODES:
         raise io.InputError(f"misalign must be one of {', '.join(MISALIGN_MODES)}; got {misalign!r}")
     where = os.fspath(manifest)
     manifest = io.load_manifest(manifest)
-    entries = {s["id"]: s for s in manifest["subjects"]}
-    if split not in manifest["splits"]:
-        raise io.InputError(f"manifest {where} has no split {split!r}; its splits: "
-                            f"{', '.join(manifest['splits'])}")
-    ids = sorted(manifest["splits"][split])
-    atlas = atlas or manifest.get("atlas")
-    pairs = data.evaluation_pairs(ids, protocol, atlas=atlas, max_pairs=max_pairs)
-    if not pairs:
-        raise io.InputError(f"split {split!r} of manifest {where} gives no {protocol} pairs")
-    for subject in {i for pair in pairs for i in pair}:
-        source = entries[subject].get("source") or {}
-        for key in ("image", "labels"):
-            if not source.get(key) or not os.path.isfile(source[key]):
-                raise io.InputError(f"subject {subject}: original {key} file {source.get(key)} of manifest "
-                                    f"{where} is missing; --native needs the original scans")
-    registrar = None
-    if "vtn" in names:
-        registrar = pipeline.Registrar(model_dir, precision, passes, init, refine, "auto", lambda *_: None,
-                                           inverse, init_steps)
+    pairs = native_pairs(manifest, where, split, protocol, atlas or manifest.get("atlas"), max_pairs)
+    registrar = pipeline.Registrar(model_dir, settings, lambda *_: None) if "vtn" in names else None
     for name in [n for n in names if n in baselines.METHODS]:
         reason = baselines.unavailable(name)
         if reason:
             log(reason)
             names.remove(name)
     label_values = [int(v) for v in manifest["label_values"]]
+    entries = {s["id"]: s for s in manifest["subjects"]}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        inputs = []
-        for k, (fixed_id, moving_id) in enumerate(pairs):
-            fixed_src, moving_src = entries[fixed_id]["source"], entries[moving_id]["source"]
-            moving_image, moving_labels = moving_src["image"], moving_src["labels"]
-            if misalign:
-                shape_affine = nib.load(moving_image)
-                centre = shape_affine.affine[:3, :3] @ ((np.array(shape_affine.shape[:3]) - 1) / 2) + shape_affine.affine[:3, 3]
-                matrix = misalignment(misalign, misalign_seed * 1000 + k, centre)
-                moving_image = moved_copy(moving_image, matrix, folder, f"image{k}")
-                moving_labels = moved_copy(moving_labels, matrix, folder, f"labels{k}")
-            inputs.append((fixed_id, moving_id, fixed_src["image"], fixed_src["labels"], moving_image, moving_labels))
+        inputs = [pair_files(entries, fixed_id, moving_id, k, misalign, misalign_seed, folder)
+                  for k, (fixed_id, moving_id) in enumerate(pairs)]
         for name in names:
             for k, (fixed_id, moving_id, fixed_image, fixed_labels, moving_image, moving_labels) in enumerate(inputs):
                 row = _score(name, registrar, fixed_image, fixed_labels, moving_image, moving_labels, label_values)
@@ -191,43 +167,80 @@ def run(manifest, out, methods=("vtn", "identity"), model_dir=None, split="evalu
     header = (f"# {manifest['name']}: original files, {split} split, {protocol} protocol, {len(pairs)} pairs"
               f"{f', moved by random {misalign} transforms in their headers' if misalign else ''}\n\n"
               "Scored on the fixed image's native grid; folding with forward differences. "
-              f"VTN: init {init}{'' if init == 'none' else f' + {init_steps} affine search steps'}, "
-              f"{f'{passes} pass(es)' if passes else 'no network (the optimiser alone)'}{_refinement(refine)}; "
+              f"VTN: {describe_settings(settings)}; "
               f"ANTs SyN (antspyx defaults) and elastix (affine + B-spline) on the same files, "
               f"{baselines.THREADS} threads.")
+    inverse = settings.output.inverse
     extra = COLUMNS_EXTRA + (INVERSE_COLUMNS if inverse else ())
     for row in rows:
         row.update({name: row.get(name, float("nan")) for name in extra})
     summary = protocols.write_results(rows, out, label_values, overwrite, header, extra=extra)
     if inverse:
-        mine = [r for r in rows if r["method"] == "vtn"]
-        summary += (f"\nInverse (vtn, moving space): Dice of the fixed labels carried into the moving space "
-                    f"{np.mean([r['inverse_dice'] for r in mine]):.4f} (forward {np.mean([r['dice'] for r in mine]):.4f}); "
-                    f"inverse consistency inside the fixed labels: RMS {np.mean([r['inverse_rms_mm'] for r in mine]):.3f} mm, "
-                    f"p95 {np.mean([r['inverse_p95_mm'] for r in mine]):.3f} mm (mean over pairs)\n")
+        summary += inverse_summary([r for r in rows if r["method"] == "vtn"])
     return rows, summary
 
 
-def _refinement(refine):
-    """The header's words for the refinement settings ('' without)."""
-    if refine is None:
-        return ""
-    words = f", network fine-tuned {refine.network_steps} steps at rate {refine.network_rate:g}" \
-        if refine.network_steps else ""
+def native_pairs(manifest, where, split, protocol, atlas, max_pairs):
+    """The ``(fixed id, moving id)`` pairs of ``split``; InputError when the split, its pairs or
+    an original file is missing."""
+    if split not in manifest["splits"]:
+        raise io.InputError(f"manifest {where} has no split {split!r}; its splits: "
+                            f"{', '.join(manifest['splits'])}")
+    pairs = data.evaluation_pairs(sorted(manifest["splits"][split]), protocol, atlas=atlas, max_pairs=max_pairs)
+    if not pairs:
+        raise io.InputError(f"split {split!r} of manifest {where} gives no {protocol} pairs")
+    entries = {s["id"]: s for s in manifest["subjects"]}
+    for subject in {i for pair in pairs for i in pair}:
+        source = entries[subject].get("source") or {}
+        for key in ("image", "labels"):
+            if not source.get(key) or not os.path.isfile(source[key]):
+                raise io.InputError(f"subject {subject}: original {key} file {source.get(key)} of manifest "
+                                    f"{where} is missing; --native needs the original scans")
+    return pairs
+
+
+def pair_files(entries, fixed_id, moving_id, k, misalign, misalign_seed, folder):
+    """``(fixed id, moving id, fixed image, fixed labels, moving image, moving labels)`` paths of
+    pair ``k``, the moving files moved by a known random transform in their headers with
+    ``misalign`` (copies in ``folder``)."""
+    fixed_src, moving_src = entries[fixed_id]["source"], entries[moving_id]["source"]
+    moving_image, moving_labels = moving_src["image"], moving_src["labels"]
+    if misalign:
+        header = nib.load(moving_image)
+        centre = header.affine[:3, :3] @ ((np.array(header.shape[:3]) - 1) / 2) + header.affine[:3, 3]
+        matrix = misalignment(misalign, misalign_seed * 1000 + k, centre)
+        moving_image = moved_copy(moving_image, matrix, folder, f"image{k}")
+        moving_labels = moved_copy(moving_labels, matrix, folder, f"labels{k}")
+    return fixed_id, moving_id, fixed_src["image"], fixed_src["labels"], moving_image, moving_labels
+
+
+def inverse_summary(mine):
+    """The summary's line on the inverse (VTN's rows ``mine``)."""
+    return (f"\nInverse (vtn, moving space): Dice of the fixed labels carried into the moving space "
+            f"{np.mean([r['inverse_dice'] for r in mine]):.4f} (forward {np.mean([r['dice'] for r in mine]):.4f}); "
+            f"inverse consistency inside the fixed labels: RMS {np.mean([r['inverse_rms_mm'] for r in mine]):.3f} mm, "
+            f"p95 {np.mean([r['inverse_p95_mm'] for r in mine]):.3f} mm (mean over pairs)\n")
+
+
+def describe_settings(settings):
+    """The header's words for VTN's settings."""
+    alignment, network, refine = settings.alignment, settings.network, settings.refine
+    words = (f"init {alignment.init}{'' if alignment.init == 'none' else f' + {alignment.steps} affine search steps'}, "
+             f"{f'{network.passes} pass(es)' if network.passes else 'no network (the optimiser alone)'}")
+    if network.finetune_steps:
+        words += f", network fine-tuned {network.finetune_steps} steps at rate {network.finetune_rate:g}"
     if not refine.active:
         return words
     steps = "x".join(map(str, refine.steps)) + " steps" if isinstance(refine.steps, tuple) \
         else f"{refine.steps} steps per level"
-    terms = f", rate {refine.learning_rate:g}{' annealed' if refine.anneal else ''}, smoothness {refine.smoothness:g}" \
+    terms = f", rate {refine.rate:g}{' annealed' if refine.anneal else ''}, smoothness {refine.smoothness:g}" \
         + (f", folding {refine.folding:g}" if refine.folding else "") \
-        + (f", {refine.ncc_window}^3 windows" if refine.similarity == "ncc" and refine.ncc_window != 5 else "")
+        + (f", {refine.window}^3 windows" if refine.similarity == "ncc" and refine.window != 5 else "")
     return words + f", refine {steps} ({_levels(refine)}{terms}{'' if refine.crop else ', whole grid'})"
 
 
 def _levels(refine):
     if refine.resolution == "auto":
-        from vtn_tf.registration.settings import AUTO_LEVELS
-
         return f"levels at {', '.join(f'{c:g}' for c in AUTO_LEVELS)} network voxels"
     return "levels " + ", ".join(f"1/{f}" for f in refine.factors)
 
@@ -240,7 +253,7 @@ def _score(name, registrar, fixed_image, fixed_labels, moving_image, moving_labe
         result = registrar.register(fixed, moving, labels)
         warped, flow = result.warped_labels[0], result.flow_voxels
         seconds = sum(result.seconds.values())
-        if registrar.inverse:
+        if registrar.settings.output.inverse:
             inverse.invert(result, fixed, moving, [fixed_labels_volume], lambda *_: None)
             inverse_row = {"inverse_dice": metrics.overlap_table(labels[0].data.astype(np.int32),
                                                                  result.inverse.warped_fixed_labels[0].astype(np.int32),
@@ -261,6 +274,6 @@ def _score(name, registrar, fixed_image, fixed_labels, moving_image, moving_labe
     row = {"dice": dice, "iou": iou, **{f"dice_{v}": per_label[v] for v in per_label},
            "landmark_mm": float("nan"), "landmark_voxels": float("nan"), "seconds": float(seconds)}
     row.update(field_metrics(flow))
-    if name == "vtn" and registrar.inverse:
+    if name == "vtn" and registrar.settings.output.inverse:
         row.update(inverse_row)
     return row

@@ -29,6 +29,7 @@ from vtn_tf.core import geometry
 from vtn_tf.io.errors import InputError, error_line
 from vtn_tf.io.staging import atomic_write
 
+PathLike = str | os.PathLike  # a file or folder name
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mhd", ".mha", ".nrrd")
 MAX_SPACING_MM = 100.0

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from vtn_tf import io
 from vtn_tf.nn.model import VTN
-from vtn_tf.nn.spec import MODEL_DEFAULTS
+from vtn_tf.nn.spec import MODEL_DEFAULTS, PRECISIONS
 
 
 def make_checkpoint(model, optimizer=None):
@@ -61,7 +61,6 @@ def save_model_dir(model, image_shape, run_dir, label_values=()):
 # Inference precisions: the Keras policy each one builds the network under. Weights stay
 # float32 (checkpoints are shared by all); the network's convolutions compute in the named
 # type; flows, warps and compositions stay float32 (`vtn_tf.nn.model.VTN` casts the flows).
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 @contextlib.contextmanager

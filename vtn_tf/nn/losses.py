@@ -176,8 +176,8 @@ def total_variation_loss(flow):
         inside = [1] * 5
         inside[axis] = n
         inside = tf.constant((np.arange(n) < n - 1).astype(np.float32).reshape(inside))  # no forward neighbour
-        # A roll and a mask: its gradient is a roll back, 4x faster than gathers or slices in
-        # graph mode (training) and not far behind slices under XLA (instance optimisation).
+        # A roll and a mask: its gradient is a roll back, cheaper than gathers or slices in graph
+        # mode (training) and close to slices under XLA (docs/performance.md).
         diff = (tf.roll(flow, -1, axis) - flow) * inside
         count = float(np.prod(flow.shape[1:4]) // n * (n - 1))
         terms.append(tf.reduce_sum(tf.square(diff), [1, 2, 3, 4]) / count)

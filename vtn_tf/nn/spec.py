@@ -25,6 +25,9 @@ MODEL_DEFAULTS = {
 }
 
 
+# The network's compute type at inference -> its Keras mixed-precision policy.
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
 SPEC_PATTERN = re.compile(r"^A?D*$")
 
 

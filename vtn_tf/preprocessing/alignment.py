@@ -11,9 +11,8 @@ fixed one, as the ANTs and elastix initialisers do:
   is left out and only the centres are matched;
 * ``"none"``: the identity (the headers are trusted as they are);
 * ``"best"``: ``"moments"`` or ``"com"``, whichever makes the two images correlate better
-  (chosen by the caller, `vtn_tf.registration`, on the network grid): principal axes where
-  they help. On the LPBA40 validation pairs, ``com`` scored higher on pre-aligned brains and
-  ``moments`` kept the same score after a 20 degree, 25 mm header move, where ``com`` lost 0.18 Dice.
+  (chosen by the caller, `vtn_tf.registration.inputs`, on the network grid): principal axes
+  where they help, centres alone where the axes mislead (docs/results.md, choices).
 
 `vtn_tf.registration` then refines ``T`` by a short intensity-based affine search
 (`vtn_tf.registration.affine_search.search_affine`, ``--init_steps``): two brains' principal axes differ by a few

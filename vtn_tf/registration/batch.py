@@ -1,6 +1,6 @@
 """Batch registration: many pairs from a pairs file with one model load (``vtn-register --pairs``).
 
-The pairs file (`vtn_tf.io.pairs`): a header ``fixed,moving,out[,moving_labels]`` in any
+The pairs file (`vtn_tf.io.pairs`): a header ``fixed,moving,out[,moving_labels][,fixed_labels]`` in any
 column order, one row per pair; paths relative to its folder or absolute. Each row is
 registered by :func:`register_pair` under its output folder's lock (`vtn_tf.io.folder_lock`):
 
@@ -57,24 +57,14 @@ def record_inputs(fixed, moving, moving_labels=(), fixed_labels=()):
             "moving_labels": absolute(moving_labels), "fixed_labels": absolute(fixed_labels)}
 
 
-def record_settings(registrar, compression=1):
-    """The registrar's settings (and the output's ``compression``) as the completion record holds them."""
-    refine = dataclasses.asdict(registrar.refine) if dataclasses.is_dataclass(registrar.refine) else registrar.refine
-    return {"alignment": {"init": registrar.init, "steps": registrar.init_steps},
-            "network": {"passes": registrar.passes, "precision": registrar.precision, "intensity": registrar.intensity},
-            "refine": refine, "output": {"inverse": registrar.inverse, "compression": int(compression)}}
-
-
-def state(registrar, fixed, moving, out, moving_labels=(), fixed_labels=(), compression=1):
+def state(registrar, fixed, moving, out, moving_labels=(), fixed_labels=()):
     """``(state, reason)`` of ``out`` against this registrar's model and settings and these
     inputs (:func:`vtn_tf.io.completion.status`): ``complete`` folders need no work."""
     return completion.status(out, completion.model_identity(registrar.run_dir, registrar.checkpoint),
-                             record_settings(registrar, compression),
-                             record_inputs(fixed, moving, moving_labels, fixed_labels))
+                             registrar.settings.to_json(), record_inputs(fixed, moving, moving_labels, fixed_labels))
 
 
-def register_pair(registrar, fixed, moving, out, moving_labels=(), overwrite=False, fixed_labels=(), inputs=None,
-                  compression=1):
+def register_pair(registrar, fixed, moving, out, moving_labels=(), overwrite=False, fixed_labels=(), inputs=None):
     """:meth:`~vtn_tf.registration.pipeline.Registrar.register_files` between the completion
     record's removal and its writing, after every output (`vtn_tf.io.completion`); the OSErrors
     of a full disk or an unwritable folder become `vtn_tf.io.faults.Fault` s. The caller holds
@@ -82,40 +72,39 @@ def register_pair(registrar, fixed, moving, out, moving_labels=(), overwrite=Fal
     with faults.output_faults(out):
         if os.path.isdir(out):
             completion.clear(out)
-        done = registrar.register_files(fixed, moving, out, moving_labels, overwrite, compression, fixed_labels,
-                                        inputs)
+        done = registrar.register_files(fixed, moving, out, moving_labels, overwrite, fixed_labels, inputs)
         names = [os.path.basename(path) for path in done[0]]
         record = completion.make_record(completion.model_identity(registrar.run_dir, registrar.checkpoint),
-                                        record_settings(registrar, compression),
+                                        registrar.settings.to_json(),
                                         record_inputs(fixed, moving, moving_labels, fixed_labels), names, done[2])
         completion.write(out, record)
     return done
 
 
-def register_row(registrar, row, overwrite=False, compression=1):
+def register_row(registrar, row, overwrite=False):
     """Register one row under its folder's lock: None when it was complete and is skipped,
     else ``(written, result, seconds per part)``. Raises InputError (a `vtn_tf.io.faults.Fault`
     for a full disk or an unwritable folder, `vtn_tf.io.folder_lock.FolderBusy` for a busy one)."""
     out = row["out"]
     io.check_output_folder(out, overwrite=True)  # a path under a file: refused before its lock is made
     with faults.output_faults(out), folder_lock.locked(out):
-        found, reason = state(registrar, row["fixed"], row["moving"], out, row["moving_labels"], (), compression)
+        fixed_labels = row.get("fixed_labels", ())
+        found, reason = state(registrar, row["fixed"], row["moving"], out, row["moving_labels"], fixed_labels)
         if found == completion.COMPLETE and not overwrite:
             return None
         if found == completion.DIFFERENT and not overwrite:
             raise io.InputError(f"output folder {out} was {reason}; pass --overwrite to replace it")
         return register_pair(registrar, row["fixed"], row["moving"], out, row["moving_labels"], overwrite,
-                             compression=compression)
+                             fixed_labels)
 
 
-def run(registrar, rows, overwrite=False, compression=1, stream=sys.stdout, all_rows=None, summary=None):
+def run(registrar, rows, overwrite=False, stream=sys.stdout, all_rows=None, summary=None):
     """Register every row; prints a progress bar and one line per pair, then the totals.
 
     Args:
       registrar: a `vtn_tf.registration.pipeline.Registrar` (it logs the details).
       rows: the rows to register (a shard's: :func:`vtn_tf.io.pairs.shard`).
       overwrite: redo complete folders and replace any outputs.
-      compression: gzip level of the NIfTI outputs.
       stream: where the progress lines go.
       all_rows: the whole pairs file's rows (an output folder named by two rows is refused on
         the second); ``rows`` when None.
@@ -135,7 +124,7 @@ def run(registrar, rows, overwrite=False, compression=1, stream=sys.stdout, all_
             if row["line"] in shared:
                 raise io.InputError(f"output folder {row['out']} is also line {shared[row['line']]}'s; "
                                     "each pair needs its own")
-            done = register_row(registrar, row, overwrite, compression)
+            done = register_row(registrar, row, overwrite)
             if done is None:
                 outcome.skipped += 1
                 status = f"complete (same model, settings and inputs), skipped -> {row['out']}"

@@ -11,7 +11,7 @@ from vtn_tf.registration.optimiser import progress
 
 # id(model) -> (optimizer, compiled step), for the life of the process (the step holds the model, so
 # the id stays its own): traced once per model and network grid, reused by every pair of a batch.
-_FINETUNE_STEPS = {}
+_FINETUNE_STEPS: dict[int, tuple] = {}
 
 
 def finetune_step(model):

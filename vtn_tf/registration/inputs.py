@@ -66,7 +66,9 @@ def network_inputs(contract, fixed, moving, init, log, init_steps=INIT_STEPS):
         if best is None or score > best[0]:
             best = (score, T, note, moving_net)
     _, T, note, moving_net = best
-    log(note + (f" (best of {', '.join(candidates)} by correlation on the network grid)" if len(candidates) > 1 else ""))
+    if len(candidates) > 1:
+        note += f" (best of {', '.join(candidates)} by correlation on the network grid)"
+    log(note)
     if init_steps > 0 and init != "none":
         T, before, after = affine_search.search_affine(fixed_net, fixed.affine @ G, moving_norm, moving.affine, T,
                                                     init_steps)

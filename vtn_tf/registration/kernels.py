@@ -8,6 +8,8 @@ kernels are XLA-compiled once per slab shape and mode (static shapes), built on 
 import functools
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -51,7 +53,7 @@ def slabs(shape):
     return [range(start, min(start + rows, int(shape[0]))) for start in range(0, int(shape[0]), rows)]
 
 
-_KERNELS = {}
+_KERNELS: dict[str, Callable[..., Any]] = {}
 
 
 _KERNELS_LOCK = threading.Lock()

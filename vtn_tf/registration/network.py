@@ -54,7 +54,7 @@ def default_contract(network_shape, intensity="mri"):
     return preparation.InputContract(modality=modality, grid=tuple(int(n) for n in network_shape), crop="none")
 
 
-_GRAPHS = weakref.WeakKeyDictionary()
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def network_outputs(model, fixed, moving, passes=1):

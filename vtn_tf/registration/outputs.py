@@ -10,11 +10,10 @@ import pathlib
 import nibabel as nib
 import numpy as np
 
-from vtn_tf import io
+from vtn_tf import io, qc
 from vtn_tf.core import geometry
 from vtn_tf.registration import kernels
-
-COMPRESSION_LEVELS = tuple(range(10))  # gzip level; 0 writes uncompressed .nii
+from vtn_tf.registration.settings import COMPRESSION_LEVELS, RegistrationSettings
 
 
 def itk_displacement(flow_voxels, fixed_affine):
@@ -110,24 +109,25 @@ def _extension(compression):
     return ".nii" if int(compression) == 0 else ".nii.gz"
 
 
-def output_names(label_paths, compression=1, inverse=False, fixed_label_paths=()):
+def output_names(label_paths, compression=1, inverse=False, fixed_label_paths=(), quality=False):
     ext = _extension(compression)
     names = [f"warped{ext}", f"flow_voxels{ext}", f"flow_itk{ext}"]
     names += [f"warped_labels_{_stem(p)}{ext}" for p in label_paths]
     if inverse:
         names += [f"flow_inverse_voxels{ext}", f"flow_inverse_itk{ext}", f"warped_fixed{ext}"]
         names += [f"warped_fixed_labels_{_stem(p)}{ext}" for p in fixed_label_paths]
-    return names + ["affine.json", "affine.txt"]
+    return names + ["affine.json", "affine.txt", "settings.json"] + (list(qc.FILES) if quality else [])
 
 
-def check_outputs(out, label_paths, overwrite, compression=1, inverse=False, fixed_label_paths=()):
+def check_outputs(out, label_paths, overwrite, compression=1, inverse=False, fixed_label_paths=(), quality=False):
     """Refuse before any work: a bad compression level, --fixed_labels without --inverse,
     clashing label names, or an output folder :func:`vtn_tf.io.check_output_folder` refuses."""
     if int(compression) not in COMPRESSION_LEVELS:
         raise io.InputError(f"compression must be a gzip level 0-9 (0: uncompressed .nii); got {compression}")
-    if fixed_label_paths and not inverse:
-        raise io.InputError("--fixed_labels are carried into the moving space: they need --inverse")
-    names = output_names(label_paths, compression, inverse, fixed_label_paths)
+    if fixed_label_paths and not inverse and not quality:
+        raise io.InputError("--fixed_labels are carried into the moving space (--inverse) or scored by the quality "
+                            "check (output.qc): they need one of them")
+    names = output_names(label_paths, compression, inverse, fixed_label_paths, quality)
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise io.InputError(f"two label files would both be written as {clashes[0]}; rename one")
@@ -135,15 +135,17 @@ def check_outputs(out, label_paths, overwrite, compression=1, inverse=False, fix
 
 
 def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=print, compression=1,
-                 moving=None, fixed_label_paths=(), fixed_labels=()):
+                 moving=None, fixed_label_paths=(), fixed_labels=(), settings=None, quality=None):
     """Write a :class:`Result` into ``out`` (created if missing); see the module doc.
 
     Every file is written into a staging folder first; only when all of them are complete
     are they moved into ``out`` (:func:`vtn_tf.io.staged_folder`; other files in ``out`` stay).
+    ``quality``: the :class:`vtn_tf.qc.Check` of the registration (``qc.png``, ``qc.json``), or None.
     """
     out = pathlib.Path(out)
     inverse = result.inverse
-    check_outputs(out, label_paths, overwrite, compression, inverse is not None, fixed_label_paths)
+    check_outputs(out, label_paths, overwrite, compression, inverse is not None, fixed_label_paths,
+                  quality is not None)
     ext, affine = _extension(compression), fixed.affine
     names, images = [], []
     with io.staged_folder(out) as staging:
@@ -173,9 +175,16 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
         save_all(images, compression)
         (staging / "affine.json").write_text(json.dumps(result.affine, indent=2) + "\n")
         (staging / "affine.txt").write_text(itk_affine_text(result.affine["world_lps"]))
-        names += ["affine.json", "affine.txt"]
+        settings = settings or RegistrationSettings()  # what register_volumes runs with None
+        (staging / "settings.json").write_text(json.dumps(settings.to_json(), indent=2) + "\n")
+        names += ["affine.json", "affine.txt", "settings.json"]
+        if quality is not None:
+            names += qc.write(staging, quality)
         for name in names:
             os.chmod(staging / name, 0o644)
+    if quality is None and overwrite:  # a check left by an earlier registration would describe another one
+        for name in qc.FILES:
+            (out / name).unlink(missing_ok=True)
     written = [str(out / name) for name in names]
     log(f"wrote {len(written)} files to {out} (fixed image's grid and affine): " + ", ".join(names))
     return written
@@ -192,8 +201,8 @@ def save_all(images, compression):
 
 def gzip_module(level):
     """The module that writes gzip ``level``: ISA-L's ``isal.igzip`` for levels 1-3 (its own
-    levels 1-3; the same gzip format, about 20x faster than zlib at level 1 on a float32 field
-    and within 3 % of its size, `docs/performance.md`), the standard ``gzip`` (zlib) for 4-9
+    levels 1-3; the same gzip format, much faster than zlib at a similar size,
+    `docs/performance.md`), the standard ``gzip`` (zlib) for 4-9
     or where ``isal`` is not installed."""
     if level <= 3:
         try:
@@ -212,4 +221,4 @@ def save_image(image, path, compression):
         nib.save(image, str(path))
         return
     with gzip_module(level).open(path, "wb", compresslevel=level) as stream:
-        image.to_stream(stream)  # in blocks: a 1.26 GB field took 2.3 GB more as one bytes copy, 0.8 GB so
+        image.to_stream(stream)  # in blocks, never one bytes copy of the whole field (docs/performance.md)

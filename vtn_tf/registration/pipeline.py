@@ -59,13 +59,16 @@ import dataclasses
 import os
 import pathlib
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
 from vtn_tf import io
 from vtn_tf.core import geometry
-from vtn_tf.preprocessing import alignment
+from vtn_tf.io.volumes import PathLike
+from vtn_tf.preprocessing import preparation
 from vtn_tf.registration import finetune, kernels, refinement
 from vtn_tf.registration.inputs import network_inputs
 from vtn_tf.registration.inverse import invert
@@ -76,13 +79,14 @@ from vtn_tf.registration.network import (
     network_outputs,
 )
 from vtn_tf.registration.outputs import affine_description, check_outputs, write_result
+from vtn_tf.registration.quality import modality_of, quality_check
 from vtn_tf.registration.resampling import (
     displacement_lengths,
     network_flow_on_fixed,
     normalised,
     resample_through,
 )
-from vtn_tf.registration.settings import INIT_STEPS
+from vtn_tf.registration.settings import RegistrationSettings
 
 
 @dataclasses.dataclass
@@ -93,7 +97,7 @@ class Result:
     ``warped_labels``: list of ``[X, Y, Z]`` integer arrays; ``affine``: dict
     (:func:`affine_description`); ``network_flow``: ``[Xn, Yn, Zn, 3]`` network voxels;
     ``seconds``: wall clock per part (``preprocess``, ``fine-tune`` with
-    ``refine.network_steps``, ``network``, ``field``, ``refine``, ``resample``).
+    ``network.finetune_steps``, ``network``, ``field``, ``refine``, ``resample``).
     """
 
     flow_voxels: np.ndarray
@@ -104,12 +108,50 @@ class Result:
     seconds: dict = dataclasses.field(default_factory=dict)
     refine_log: list = dataclasses.field(default_factory=list)
     inverse: object = None  # Inverse or None
+    quality: Any = None  # vtn_tf.qc.Check or None
 
+
+
+def network_field(model, network_shape, fixed_net, moving_net, network, log=print):
+    """The network's outputs on the network grid (``flow`` ``[1, X, Y, Z, 3]``, network voxels,
+    pulling; ``affine_*`` for an affine stage) and the seconds of each part, with ``network``
+    (:class:`~vtn_tf.registration.settings.NetworkSettings`): fine-tuned first if it says so,
+    a zero field without running the network for ``passes`` 0."""
+    seconds, begin = {}, time.perf_counter()
+    inputs = (fixed_net[None, ..., None], moving_net[None, ..., None])
+    with contextlib.ExitStack() as weights:
+        if network.finetune_steps:
+            weights.enter_context(finetune.finetuned(model, *inputs, network.finetune_steps, network.finetune_rate,
+                                                     log))
+            seconds["fine-tune"] = time.perf_counter() - begin
+            begin = time.perf_counter()
+        if network.passes == 0:  # the optimiser without the network: the initial alignment alone
+            out = {"flow": np.zeros((1, *network_shape, 3), np.float32)}
+        else:
+            out = dict(network_outputs(model, *inputs, network.passes))
+        out["flow"] = np.asarray(out["flow"])
+    seconds["network"] = time.perf_counter() - begin
+    return out, seconds
+
+
+def contract_for(contract, network_shape, intensity):
+    """The input contract a registration uses: the model's (None: :func:`default_contract`), its
+    normalisation replaced unless ``intensity`` is ``auto``; InputError when its grid is not the
+    network's."""
+    contract = contract or default_contract(network_shape, "mri" if intensity == "auto" else intensity)
+    if intensity != "auto":
+        contract = dataclasses.replace(contract, modality=default_contract(network_shape, intensity).modality)
+    if tuple(contract.grid) != tuple(network_shape):
+        raise io.InputError(f"the input contract's grid {_shape(contract.grid)} is not the model's "
+                            f"{_shape(network_shape)}")
+    return contract
 
 
 @kernels.quiet_retracing
-def register_volumes(model, network_shape, fixed, moving, moving_labels=(), intensity="auto", log=print,
-                     passes=1, contract=None, init="best", refine=None, init_steps=INIT_STEPS):
+def register_volumes(model: Any, network_shape: tuple[int, int, int], fixed: io.Volume, moving: io.Volume,
+                     moving_labels: Sequence[io.Volume] = (), settings: RegistrationSettings | None = None,
+                     contract: preparation.InputContract | None = None,
+                     log: Callable[[str], Any] = print) -> "Result":
     """Register ``moving`` to ``fixed`` (both :class:`vtn_tf.io.Volume`) with ``model``.
 
     Args:
@@ -118,63 +160,53 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
         pulling) and, for an affine stage, ``affine_matrix`` / ``affine_translation``.
       network_shape: ``(X, Y, Z)`` of the network grid.
       moving_labels: :class:`vtn_tf.io.Volume` label maps on the moving grid.
-      intensity: ``"auto"`` (the contract's), or ``"mri"`` / ``"ct"`` / ``"none"`` to override
-        its normalisation.
-      passes: test-time recursion passes (:meth:`vtn_tf.nn.model.VTN.register`); needs a VTN when > 1.
-        0: the network is not run (its field is zero): the initial alignment and the refinement
-        alone, the optimiser without the network, for comparison.
-      contract: the model's :class:`vtn_tf.preparation.InputContract`; None: :func:`default_contract`.
-      init: initial alignment mode (`vtn_tf.preprocessing.alignment.MODES`).
-      init_steps: steps of the affine search after the initialiser (0: the initialiser alone;
-        not run with ``init="none"``).
-      refine: None, or a :class:`vtn_tf.registration.settings.RefineSettings` (instance optimisation).
+      settings: :class:`~vtn_tf.registration.settings.RegistrationSettings` (None: the
+        defaults): the initial alignment, the network pass (``passes`` > 1 needs a VTN; 0 does
+        not run the network: the initial alignment and the refinement alone), the refinement.
+      contract: the model's :class:`vtn_tf.preprocessing.preparation.InputContract`; None:
+        :func:`~vtn_tf.registration.network.default_contract`.
     Returns:
       :class:`Result`.
     """
-    seconds = {}
+    settings = settings or RegistrationSettings()
     begin = time.perf_counter()
-    contract = contract or default_contract(network_shape, "mri" if intensity == "auto" else intensity)
-    if intensity != "auto":
-        contract = dataclasses.replace(contract, modality=default_contract(network_shape, intensity).modality)
-    if tuple(contract.grid) != tuple(network_shape):
-        raise io.InputError(f"the input contract's grid {_shape(contract.grid)} is not the model's "
-                            f"{_shape(network_shape)}")
-    fixed_net, moving_net, G, T, fixed_map, moving_norm = network_inputs(contract, fixed, moving, init, log,
-                                                                              init_steps)
-    log(f"network grid {_shape(network_shape)} over a {_mm(np.asarray(fixed.spacing) * np.diag(G)[:3] * network_shape)} mm "
+    contract = contract_for(contract, network_shape, settings.network.intensity)
+    fixed_net, moving_net, G, T, fixed_map, moving_norm = network_inputs(
+        contract, fixed, moving, settings.alignment.init, log, settings.alignment.steps)
+    box = np.asarray(fixed.spacing) * np.diag(G)[:3] * network_shape
+    log(f"network grid {_shape(network_shape)} over a {_mm(box)} mm "
         f"box of the fixed image ({contract.crop} crop, {contract.modality} intensities"
         f"{', histogram matched' if contract.reference_quantiles is not None else ''})")
-    seconds["preprocess"] = time.perf_counter() - begin
-
-    begin = time.perf_counter()
-    inputs = (fixed_net[None, ..., None], moving_net[None, ..., None])
-    with contextlib.ExitStack() as weights:
-        if refine is not None and refine.network_steps:
-            weights.enter_context(finetune.finetuned(model, *inputs, refine.network_steps, refine.network_rate,
-                                                       log))
-            seconds["fine-tune"] = time.perf_counter() - begin
-            begin = time.perf_counter()
-        if passes == 0:  # the optimiser without the network: the initial alignment alone
-            out = {"flow": np.zeros((1, *network_shape, 3), np.float32)}
-        else:
-            out = network_outputs(model, *inputs, passes)
-        network_flow = np.asarray(out["flow"])[0]
-    seconds["network"] = time.perf_counter() - begin
+    seconds = {"preprocess": time.perf_counter() - begin}
+    out, network_seconds = network_field(model, network_shape, fixed_net, moving_net, settings.network, log)
+    seconds.update(network_seconds)
+    network_flow = out["flow"][0]
 
     begin = time.perf_counter()
     K = np.linalg.inv(fixed.affine) @ T @ fixed.affine
     flow = network_flow_on_fixed(network_flow, G, fixed.data.shape, K)
     seconds["field"] = time.perf_counter() - begin
     refine_log = []
-    if refine is not None and refine.active:
-
+    if settings.refine.active:
         begin = time.perf_counter()
-        settings = refine.resolved(np.linalg.norm(G[:3, :3], axis=0))
+        levels = settings.refine.resolved(np.linalg.norm(G[:3, :3], axis=0))
         flow, refine_log = refinement.refine_field(normalised(fixed.data, fixed_map), fixed.affine, moving_norm,
-                                                   moving.affine, flow, settings, log, alignment=K)
+                                                   moving.affine, flow, levels, log, alignment=K)
         seconds["refine"] = time.perf_counter() - begin
 
     begin = time.perf_counter()
+    warped, labels, flow = resample_moving(fixed, moving, moving_labels, flow, log)
+    seconds["resample"] = time.perf_counter() - begin
+    matrix = out.get("affine_matrix")
+    A = np.asarray(matrix)[0] if matrix is not None else np.eye(3)
+    b = np.asarray(out["affine_translation"])[0] if matrix is not None else np.zeros(3)
+    affine = affine_description(A, b, network_shape, G, fixed.affine, T)
+    return Result(flow, warped, labels, affine, network_flow, seconds, refine_log)
+
+
+def resample_moving(fixed, moving, moving_labels, flow, log=print):
+    """The moving image (trilinear) and label maps (nearest) on the fixed grid through ``flow``
+    (fixed voxels, pulling), and the field as numpy."""
     fixed_to_moving = geometry.voxel_map(fixed.affine, moving.affine)
     shape = fixed.data.shape
     warped = resample_through(moving.data, fixed_to_moving, shape, "linear", "zero", flow)
@@ -182,13 +214,7 @@ def register_volumes(model, network_shape, fixed, moving, moving_labels=(), inte
     mean, largest = displacement_lengths(flow, fixed.spacing)
     log(f"displacement on the fixed grid: mean {mean:.2f} mm, max {largest:.2f} mm")
     flow = flow.numpy() if hasattr(flow, "numpy") else np.asarray(flow, np.float32)
-    seconds["resample"] = time.perf_counter() - begin
-
-    matrix = out.get("affine_matrix")
-    A = np.asarray(matrix)[0] if matrix is not None else np.eye(3)
-    b = np.asarray(out["affine_translation"])[0] if matrix is not None else np.zeros(3)
-    affine = affine_description(A, b, network_shape, G, fixed.affine, T)
-    return Result(flow, warped, labels, affine, network_flow, seconds, refine_log)
+    return warped, labels, flow
 
 
 def _shape(shape):
@@ -199,7 +225,8 @@ def _mm(values):
     return "x".join(f"{float(v):.3g}" for v in values)
 
 
-def read_inputs(fixed_path, moving_path, label_paths=()):
+def read_inputs(fixed_path: PathLike, moving_path: PathLike,
+                label_paths: Sequence[PathLike] = ()) -> tuple[io.Volume, io.Volume, list[io.Volume]]:
     """Read and check the images (3-D, finite, not constant) and the moving label maps."""
     fixed = io.read_volume(fixed_path, "fixed image")
     io.check_not_constant(fixed, "fixed image")
@@ -220,25 +247,18 @@ class Registrar:
     """A model loaded once, registering any number of pairs (``vtn-register``, batch mode).
 
     Args:
-      run_dir: a vtn-train run directory. precision: the network's compute type.
-      passes, init, refine, intensity, init_steps: as :func:`register_volumes`.
-      inverse: also compute the inverse field (:func:`invert`).
+      run_dir: a vtn-train run directory.
+      settings: :class:`~vtn_tf.registration.settings.RegistrationSettings` (None: the defaults).
+      log: receives the progress lines.
     """
 
     run_dir: str
-    precision: str = "float32"
-    passes: int = 1
-    init: str = "best"
-    refine: object = None
-    intensity: str = "auto"
-    log: object = print
-    inverse: bool = False
-    init_steps: int = INIT_STEPS
+    settings: RegistrationSettings = dataclasses.field(default_factory=RegistrationSettings)
+    log: Callable[[str], Any] = print
 
-    def __post_init__(self):
-        if self.init not in alignment.MODES:
-            raise io.InputError(f"--init must be one of {', '.join(alignment.MODES)}; got {self.init!r}")
-        self.model, self.network_shape, self.checkpoint = load_model(os.fspath(self.run_dir), self.precision)
+    def __post_init__(self) -> None:
+        network = self.settings.network
+        self.model, self.network_shape, self.checkpoint = load_model(os.fspath(self.run_dir), network.precision)
         has_record = any((pathlib.Path(self.run_dir) / name).is_file()
                          for name in ("preprocessing.json", "config.json"))
         if has_record:
@@ -247,24 +267,27 @@ class Registrar:
             self.contract = None
             self.log(f"model {self.run_dir} records no input contract: each image is scaled on its own "
                      "over its whole field of view")
+        notes = ([f"network in {network.precision}"] if network.precision != "float32" else []) \
+            + ([f"{network.passes} test-time passes"] if network.passes > 1 else []) \
+            + (["the network is not run (passes 0): initial alignment and refinement alone"]
+               if network.passes == 0 else [])
         self.log(f"model {self.run_dir} ({self.checkpoint}), spec {getattr(self.model, 'spec', '?')}, grid "
-                 f"{_shape(self.network_shape)}"
-                 f"{f'; network in {self.precision}' if self.precision != 'float32' else ''}"
-                 f"{f'; {self.passes} test-time passes' if self.passes > 1 else ''}"
-                 f"{'; the network is not run (--passes 0): initial alignment and refinement alone' if self.passes == 0 else ''}")
+                 f"{_shape(self.network_shape)}" + "".join(f"; {note}" for note in notes))
 
-    def register(self, fixed, moving, labels=()):
-        return register_volumes(self.model, self.network_shape, fixed, moving, labels, self.intensity,
-                                self.log, self.passes, self.contract, self.init, self.refine, self.init_steps)
+    def register(self, fixed: io.Volume, moving: io.Volume, labels: Sequence[io.Volume] = ()) -> "Result":
+        return register_volumes(self.model, self.network_shape, fixed, moving, labels, self.settings, self.contract,
+                                self.log)
 
-    def register_files(self, fixed_path, moving_path, out, moving_labels=(), overwrite=False, compression=1,
-                       fixed_labels=(), inputs=None):
+    def register_files(self, fixed_path: PathLike, moving_path: PathLike, out: PathLike,
+                       moving_labels: Sequence[PathLike] = (), overwrite: bool = False,
+                       fixed_labels: Sequence[PathLike] = (), inputs=None) -> tuple[list[str], "Result", dict]:
         """Read, register and write one pair; returns ``(written paths, Result, seconds per part)``.
 
         ``inputs``: the pair as :func:`read_inputs` already read it from these paths (not read again)."""
         label_paths = [os.fspath(p) for p in moving_labels]
         fixed_label_paths = [os.fspath(p) for p in fixed_labels]
-        check_outputs(out, label_paths, overwrite, compression, self.inverse, fixed_label_paths)
+        output = self.settings.output
+        check_outputs(out, label_paths, overwrite, output.compression, output.inverse, fixed_label_paths, output.qc)
         begin = time.perf_counter()
         fixed, moving, labels = inputs or read_inputs(fixed_path, moving_path, label_paths)
         fixed_label_volumes = [io.read_labels(p, reference=fixed, role="fixed labels") for p in fixed_label_paths]
@@ -272,32 +295,37 @@ class Registrar:
         self.log(describe("fixed", fixed))
         self.log(describe("moving", moving))
         result = self.register(fixed, moving, labels)
-        if self.inverse:
+        if output.inverse:
             invert(result, fixed, moving, fixed_label_volumes, self.log)
+        if output.qc:
+            result.quality = quality_check(result, fixed, moving, labels, fixed_label_volumes,
+                                           modality_of(self.contract, self.settings.network.intensity))
+            self.log(result.quality.summary())
         begin = time.perf_counter()
-        written = write_result(result, fixed, label_paths, labels, out, overwrite, self.log, compression,
-                               moving, fixed_label_paths, fixed_label_volumes)
-        parts = {"read": read_seconds, **result.seconds, "write": time.perf_counter() - begin}
+        written = write_result(result, fixed, label_paths, labels, out, overwrite, self.log, output.compression,
+                               moving, fixed_label_paths, fixed_label_volumes, self.settings, result.quality)
+        parts = {"read": read_seconds, **result.seconds, **({"qc": result.quality.seconds} if output.qc else {}),
+                 "write": time.perf_counter() - begin}
         return written, result, parts
 
 
-def register_files(run_dir, fixed_path, moving_path, out, moving_labels=(), intensity="auto",
-                   overwrite=False, log=print, passes=1, precision="float32", init="best", refine=None,
-                   compression=1, inverse=False, fixed_labels=(), init_steps=INIT_STEPS):
+def register_files(run_dir: PathLike, fixed_path: PathLike, moving_path: PathLike, out: PathLike,
+                   moving_labels: Sequence[PathLike] = (), fixed_labels: Sequence[PathLike] = (),
+                   settings: RegistrationSettings | None = None, overwrite: bool = False,
+                   log: Callable[[str], Any] = print) -> list[str]:
     """Register two files with a run directory's model and write the outputs into ``out``.
 
-    See the module docstring for the grids and the exact meaning of every output. Returns
-    the list of written paths. Raises :class:`vtn_tf.io.InputError` (before writing
-    anything) for unreadable, non-3-D, NaN or constant images, labels off the moving grid,
-    a missing or corrupt model, or existing outputs without ``overwrite``.
+    See the module docstring for the grids and the exact meaning of every output; ``settings``:
+    :class:`~vtn_tf.registration.settings.RegistrationSettings` (None: the defaults; a preset:
+    `vtn_tf.registration.settings.resolve`). Returns the list of written paths. Raises
+    :class:`vtn_tf.io.InputError` (before writing anything) for unreadable, non-3-D, NaN or
+    constant images, labels off the moving grid, a missing or corrupt model, or existing
+    outputs without ``overwrite``.
     """
-    if intensity not in ("auto", "mri", "ct", "none"):
-        raise io.InputError(f"intensity must be auto, mri, ct or none; got {intensity!r}")
+    settings = settings or RegistrationSettings()
     label_paths = [os.fspath(p) for p in moving_labels]
-    check_outputs(out, label_paths, overwrite, compression, inverse, [os.fspath(p) for p in fixed_labels])
+    check_outputs(out, label_paths, overwrite, settings.output.compression, settings.output.inverse,
+                  [os.fspath(p) for p in fixed_labels], settings.output.qc)
     inputs = read_inputs(fixed_path, moving_path, label_paths)  # refuse bad files before loading a model
-    registrar = Registrar(os.fspath(run_dir), precision, passes, init, refine, intensity, log, inverse, init_steps)
-    return registrar.register_files(fixed_path, moving_path, out, label_paths, overwrite, compression,
-                                    fixed_labels, inputs)[0]
-
-
+    registrar = Registrar(os.fspath(run_dir), settings, log)
+    return registrar.register_files(fixed_path, moving_path, out, label_paths, overwrite, fixed_labels, inputs)[0]

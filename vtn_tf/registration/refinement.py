@@ -47,7 +47,7 @@ from vtn_tf.registration.optimiser import adam_loop, coarse_to_fine, coarsened, 
 
 # The largest moving-image corner table (`vtn_tf.core.sampling.corner_table`, 32 bytes a voxel of the
 # level's moving grid) a level builds; beyond it (a full-resolution level of a 256^3 or larger
-# scan) the level samples the image itself, 1.5x slower a step.
+# scan) the level samples the image itself, at a slower step (docs/performance.md).
 TABLE_BYTES = 2 ** 29
 
 
@@ -68,7 +68,8 @@ def smoothness(d):
 
 def regularisers(u, aligned, factor, smooth, fold=None):
     """``smooth * smoothness((u - aligned) / factor) + fold * mean(relu(-det(I + D(u / factor))))``
-    of a field ``u`` ``[X, Y, Z, 3]`` (voxels; ``D`` forward differences, :func:`vtn_tf.core.fields.forward_jacobian_determinant`),
+    of a field ``u`` ``[X, Y, Z, 3]`` (voxels; ``D`` forward differences,
+    :func:`vtn_tf.core.fields.forward_jacobian_determinant`),
     a scalar, with its gradient with respect to ``u`` written out.
 
     Both terms are functions of the forward differences ``D_a`` along each axis, so the gradient
@@ -144,8 +145,11 @@ def adam_steps_eager(u, m, v, t, count, rate, anneal, fixed_image, moving_image,
                       weights, similarity, window):
     """``count`` Adam steps on the field ``u`` (``m``, ``v``: Adam's moments, ``t``: its step);
     returns the new ``(u, m, v, t)``, the loss at the first step and before the last."""
-    return adam_loop(lambda x, _: refinement_loss(x, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights,
-                                      similarity, window), u, m, v, t, count, rate, anneal)
+    def loss_of(x, _):
+        return refinement_loss(x, fixed_image, moving_image, grid_fine, aligned, matrix, factor, weights, similarity,
+                               window)
+
+    return adam_loop(loss_of, u, m, v, t, count, rate, anneal)
 
 
 adam_steps = tf.function(adam_steps_eager, jit_compile=True, autograph=False)  # one trace per grid size (static shapes)
@@ -200,7 +204,7 @@ def level_start(box, moving, flow, change, to_fine, start_reads, change_reads, a
     return fixed_image, moving_image, grid_fine, aligned, start, u
 
 
-@tf.function(autograph=False)  # graph mode: 1.3x faster than XLA here (memory-bound gathers of whole rows)
+@tf.function(autograph=False)  # graph mode: faster than XLA for these memory-bound gathers of whole rows
 def finish_slab(flow, change, reads):
     """``flow`` ``[rows, Y, Z, 3]`` plus the last level's ``change`` brought onto those rows of
     ``F`` (``reads``: :func:`axis_reads_of` of ``F`` -> that level's indices, axis 0 cut to the
@@ -210,9 +214,9 @@ def finish_slab(flow, change, reads):
 
 
 def finish(flow, change, reads):
-    """:func:`finish_slab` over `vtn_tf.registration`'s slabs of ``F``'s rows (at once, a
-    512x512x400 grid's temporaries took 4.2 GB beside the field): the refined ``[X, Y, Z, 3]``
-    and the largest change (voxels)."""
+    """:func:`finish_slab` over the slabs of ``F``'s rows (`vtn_tf.registration.kernels.slabs`,
+    which bound the temporaries beside the field): the refined ``[X, Y, Z, 3]`` and the largest
+    change (voxels)."""
     parts, largest = [], []
     for rows in kernels.slabs(flow.shape[:3]):
         along_x = tuple(read[rows.start:rows.stop] for read in reads[0])
@@ -262,36 +266,9 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
             continue
         if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
             break
-        to_fine = coarse_to_fine(factor, low)
-        shape = tuple(-(-int(n) // factor) for n in box.shape)  # L: ceil(B / factor) per axis
-        change_reads = None if change is None else axis_reads_of(
-            np.linalg.inv(coarse_to_fine(previous, low)) @ to_fine, shape, change.shape[:3])
-        # F index -> moving_low index: F -> world -> M -> moving_low (the moving grid coarsened from 0)
-        matrix = np.linalg.inv(coarse_to_fine(factor)) @ geometry.voxel_map(fixed_affine, moving_affine)
-        matrix = tf.constant(matrix[:3], tf.float32)
-        table = 32 * np.prod([-(-int(n) // factor) for n in moving.shape]) <= TABLE_BYTES
-        fixed_image, moving_image, grid_fine, aligned, start, u = level_start(
-            box, moving, flow, change, tf.constant(to_fine, tf.float32), axis_reads_of(to_fine, shape, flow.shape[:3]),
-            change_reads,
-            tf.constant(alignment, tf.float32), factor, settings.similarity, int(settings.ncc_window), bool(table))
-        m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
-        anneal = tf.constant(float(steps)) if settings.anneal else None
-        arguments = (tf.constant(float(settings.learning_rate)), anneal, fixed_image, moving_image, grid_fine, aligned, matrix,
-                     tf.constant(float(factor)), weights, settings.similarity, int(settings.ncc_window))
-        level_done, chunk, first, last = 0, 10, None, None
-        while level_done < steps:
-            if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
-                break
-            count = min(chunk, steps - level_done)
-            u, m, v, t, loss_first, loss = adam_steps(u, m, v, t, tf.constant(count), *arguments)
-            if first is None:
-                first = float(loss_first)
-                history.append((done, first, time.perf_counter() - began))
-            level_done += count
-            done += count
-            last = float(loss)
-            history.append((done, last, time.perf_counter() - began))
-            progress(log, done, total, last)
+        shape, start, u, arguments = level_inputs(box, low, moving, flow, change, previous, factor, alignment,
+                                                  geometry.voxel_map(fixed_affine, moving_affine), weights, settings)
+        u, level_done, done, first, last = run_level(u, arguments, steps, settings, began, done, total, history, log)
         if first is None:  # the time budget ran out before this level's first step
             break
         summary.append(f"1/{factor} ({'x'.join(map(str, shape))}) {level_done} steps, loss {first:.4f} -> {last:.4f} "
@@ -304,3 +281,48 @@ def refine_field(fixed, fixed_affine, moving, moving_affine, flow_voxels, settin
     log(f"refined {done} steps in {time.perf_counter() - began:.1f} s: {'; '.join(summary)}; largest change "
         f"{float(largest):.2f} voxels")
     return refined, history
+
+
+def level_inputs(box, low, moving, flow, change, previous, factor, alignment, fixed_to_moving, weights, settings):
+    """One level's grid ``L`` (its shape), the network's field there (``start``), the field the
+    level starts from (``u``: ``start`` plus the coarser level's ``change``) and the arguments
+    of :func:`adam_steps` after the Adam state (the annealing left to :func:`run_level`)."""
+    to_fine = coarse_to_fine(factor, low)
+    shape = tuple(-(-int(n) // factor) for n in box.shape)  # L: ceil(B / factor) per axis
+    change_reads = None if change is None else axis_reads_of(
+        np.linalg.inv(coarse_to_fine(previous, low)) @ to_fine, shape, change.shape[:3])
+    # F index -> moving_low index: F -> world -> M -> moving_low (the moving grid coarsened from 0)
+    matrix = np.linalg.inv(coarse_to_fine(factor)) @ fixed_to_moving
+    matrix = tf.constant(matrix[:3], tf.float32)
+    table = 32 * np.prod([-(-int(n) // factor) for n in moving.shape]) <= TABLE_BYTES
+    fixed_image, moving_image, grid_fine, aligned, start, u = level_start(
+        box, moving, flow, change, tf.constant(to_fine, tf.float32), axis_reads_of(to_fine, shape, flow.shape[:3]),
+        change_reads, tf.constant(alignment, tf.float32), factor, settings.similarity, int(settings.window),
+        bool(table))
+    arguments = (fixed_image, moving_image, grid_fine, aligned, matrix, tf.constant(float(factor)), weights,
+                 settings.similarity, int(settings.window))
+    return shape, start, u, arguments
+
+
+def run_level(u, arguments, steps, settings, began, done, total, history, log):
+    """``steps`` Adam steps on one level, 10 at a time, within the time budget. Returns the
+    field, the level's steps, the steps over all levels, and the loss at the level's first step
+    and before its last (None, None when the budget ran out before the first)."""
+    m, v, t = tf.zeros_like(u), tf.zeros_like(u), tf.constant(0.0)
+    anneal = tf.constant(float(steps)) if settings.anneal else None
+    rate = tf.constant(float(settings.rate))
+    level_done, chunk, first, last = 0, 10, None, None
+    while level_done < steps:
+        if settings.seconds is not None and time.perf_counter() - began >= float(settings.seconds):
+            break
+        count = min(chunk, steps - level_done)
+        u, m, v, t, loss_first, loss = adam_steps(u, m, v, t, tf.constant(count), rate, anneal, *arguments)
+        if first is None:
+            first = float(loss_first)
+            history.append((done, first, time.perf_counter() - began))
+        level_done += count
+        done += count
+        last = float(loss)
+        history.append((done, last, time.perf_counter() - began))
+        progress(log, done, total, last)
+    return u, level_done, done, first, last

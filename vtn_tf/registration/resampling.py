@@ -78,17 +78,19 @@ def network_flow_on_fixed(network_flow, G, fixed_shape, K=None):
         flow = compiled["lerp_axis"](flow, *axis_weights(G, axis, int(fixed_shape[axis]), network_shape[axis]), axis)
     linear = tf.constant(K[:3, :3] @ np.diag(np.diag(G)[:3]), tf.float32)
     offset = kernels.matrix34(K - np.eye(4))
-    return kernels.joined([compiled["flow_on_fixed"](flow, *axis_weights(G, 0, int(fixed_shape[0]), network_shape[0], rows),
-                                             linear, offset, tf.constant(float(rows.start)),
-                                             kernels.rows_shape(fixed_shape, rows)) for rows in kernels.slabs(fixed_shape)])
+    return kernels.joined([compiled["flow_on_fixed"](flow, *axis_weights(G, 0, int(fixed_shape[0]), network_shape[0],
+                                                                         rows),
+                                                     linear, offset, tf.constant(float(rows.start)),
+                                                     kernels.rows_shape(fixed_shape, rows))
+                           for rows in kernels.slabs(fixed_shape)])
 
 
 def normalised(data, intensity_map):
     """``intensity_map(data)`` (a :class:`vtn_tf.preparation.IntensityMap`), float32 numpy, in
     one XLA kernel per slab with numpy's arithmetic (the scaling in float32, ``np.interp``'s
-    segment and value in float64): equal to the numpy map within a float32 rounding, several
-    times faster on a full-resolution scan. Slabs of ``SLAB_VOXELS`` bound the kernel's
-    float64 temporaries: on a 512x512x400 scan at once they held 5.2 GB."""
+    segment and value in float64): equal to the numpy map within a float32 rounding and faster
+    on a full-resolution scan. Slabs of ``SLAB_VOXELS`` bound the kernel's float64 temporaries
+    (docs/performance.md)."""
     if intensity_map.low is None:
         return intensity_map(data)
     source = target = None
@@ -103,8 +105,8 @@ def normalised(data, intensity_map):
     scale = tf.constant(np.float32(intensity_map.high - intensity_map.low))
     out = np.empty(data.shape, np.float32)
     for rows in kernels.slabs(data.shape):
-        out[rows.start:rows.stop] = kernels.compiled()["intensity"](tf.convert_to_tensor(data[rows.start:rows.stop]), low,
-                                                            scale, source, target, steps)
+        part = tf.convert_to_tensor(data[rows.start:rows.stop])
+        out[rows.start:rows.stop] = kernels.compiled()["intensity"](part, low, scale, source, target, steps)
     return out
 
 

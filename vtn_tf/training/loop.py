@@ -310,7 +310,8 @@ def _train(config, run_dir, restart, verbose, log):
         control_points=data_cfg["control_points"], include_labels=labelled,
         one_hot=data_lib.foreground_values(dataset.label_values) if labelled else None, **affine_ranges(data_cfg))
     writer = tf.summary.create_file_writer(str(writer_dir))
-    callbacks = [Scalars(writer, train_cfg["log_every"]), Checkpoints(manager, train_cfg["checkpoint_every"], total_steps)]
+    callbacks = [Scalars(writer, train_cfg["log_every"]),
+                 Checkpoints(manager, train_cfg["checkpoint_every"], total_steps)]
     if train_cfg["on_nonfinite"] == "stop":
         callbacks.insert(0, NonFiniteGuard())
     validation = None
