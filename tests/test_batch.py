@@ -22,12 +22,13 @@ from tests.conftest import REPO
 from vtn_tf import io
 from vtn_tf.io import completion, faults, folder_lock, pairs
 from vtn_tf.registration import batch, outputs, pipeline
+from vtn_tf.registration.settings import AlignmentSettings, NetworkSettings, RegistrationSettings
 
 NET = (64, 64, 64)
 SHAPE = (24, 20, 16)
 AFFINE = np.diag([1.5, 1.2, 2.0, 1.0])
 QUIET = {"log": lambda *_: None}
-NO_INIT = {"init": "none"}  # the synthetic pairs share a header
+NO_INIT = RegistrationSettings(alignment=AlignmentSettings(init="none"))  # the synthetic pairs share a header
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def identity_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registrar(identity_run):
-    return pipeline.Registrar(str(identity_run), **NO_INIT, **QUIET)
+    return pipeline.Registrar(str(identity_run), NO_INIT, **QUIET)
 
 
 def cohort(folder, pairs=4):
@@ -92,7 +93,7 @@ def quiet_run(registrar, rows, **options):
 
 def test_a_killed_batch_resumes_to_the_outputs_of_an_uninterrupted_run(identity_run, registrar, tmp_path):
     pairs_file = cohort(tmp_path / "killed", pairs=5)
-    process = cli("--model", identity_run, "--pairs", pairs_file, "--init", "none",
+    process = cli("--model", identity_run, "--pairs", pairs_file, "--set", "alignment.init=none",
                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     done = 0
     for line in process.stdout:
@@ -102,7 +103,7 @@ def test_a_killed_batch_resumes_to_the_outputs_of_an_uninterrupted_run(identity_
             break
     process.wait()
     assert done == 2
-    resumed = cli("--model", identity_run, "--pairs", pairs_file, "--init", "none")
+    resumed = cli("--model", identity_run, "--pairs", pairs_file, "--set", "alignment.init=none")
     assert resumed.returncode == 0, resumed.stderr
     last = resumed.stdout.splitlines()[-1]
     registered, skipped = int(last.split(" of ")[0]), int(last.split("; ")[1].split()[0])
@@ -125,7 +126,8 @@ def test_complete_folders_are_skipped_other_settings_refused_and_overwrite_redoe
     assert quiet_run(registrar, rows).registered == 2
     again = quiet_run(registrar, rows)
     assert (again.registered, again.skipped, again.status) == (0, 2, faults.OK)
-    two_passes = pipeline.Registrar(str(identity_run), passes=2, **NO_INIT, **QUIET)
+    two_passes = pipeline.Registrar(str(identity_run), RegistrationSettings(NO_INIT.alignment, NetworkSettings(passes=2)),
+                                    **QUIET)
     refused = quiet_run(two_passes, rows)
     assert refused.status == faults.PAIRS_FAILED and len(refused.failures) == 2
     assert str(refused.failures[0][1]).endswith("was made with other settings (network.passes); pass --overwrite "
@@ -245,8 +247,8 @@ def test_a_real_full_disk_and_a_read_only_one_from_the_command_line(identity_run
     lines = ["fixed,moving,out", f'"{rows[0]["fixed"]}","{rows[0]["moving"]}",{read_only_disk / "p1"}']
     lines += [f'"{row["fixed"]}","{row["moving"]}",{small_disk / name}' for row, name in zip(rows[1:], "abc")]
     (tmp_path / "disks.csv").write_text("\n".join(lines) + "\n")
-    done = cli("--model", identity_run, "--pairs", tmp_path / "disks.csv", "--init", "none",
-               "--compression", "0")
+    done = cli("--model", identity_run, "--pairs", tmp_path / "disks.csv", "--set", "alignment.init=none",
+               "--set", "output.compression=0")
     assert done.returncode == faults.DISK_FULL, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     out = done.stdout
@@ -256,7 +258,7 @@ def test_a_real_full_disk_and_a_read_only_one_from_the_command_line(identity_run
     assert sorted(os.listdir(small_disk)) == ["a"]  # the pair that fitted, nothing partial beside it
 
     single = cli("--model", identity_run, rows[0]["fixed"], rows[0]["moving"], "--out", small_disk / "d",
-                 "--init", "none", "--compression", "0")
+                 "--set", "alignment.init=none", "--set", "output.compression=0")
     assert single.returncode == faults.DISK_FULL
     assert single.stderr.strip().splitlines()[-1] == (f"vtn-register: error: output folder {small_disk / 'd'}: "
                                                       "no space left on device")
