@@ -2,7 +2,9 @@
 on purpose, the picture, the cohort report and the evaluation plots."""
 
 import csv
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -380,3 +382,83 @@ def test_the_pipeline_check_places_the_moving_image_by_its_headers():
     assert check.figures["dice"]["mean"] == 1.0 > check.figures["dice"]["before"]
     assert check.figures["seconds"]["total"] == pytest.approx(0.1) and check.flags == []
     assert quality.modality_of(None, "ct") == "CT" and quality.modality_of(SimpleNamespace(modality="MRI")) == "MRI"
+
+
+# ----- vtn-register: the check beside the outputs, the cohort report ---------------------------------
+@pytest.fixture(scope="module")
+def identity_run(tmp_path_factory):
+    """A run directory whose tiny AD model outputs exactly the zero flow."""
+    from vtn_tf.nn.model import VTN
+    from vtn_tf.training import loop
+
+    model = VTN("AD", width=0.125, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    affine, dense = model.stages
+    for variable in (affine.matrix_head.kernel, affine.translation_head.kernel, dense.output_layer.kernel):
+        variable.assign(np.zeros(variable.shape, np.float32))
+    return loop.save_model_dir(model, (64, 64, 64), tmp_path_factory.mktemp("identity_run"))
+
+
+def _save(path, data, affine=None):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.2, 2.0, 1.0]) if affine is None else affine), str(path))
+    return path.name
+
+
+def test_registrations_write_their_check_and_a_batch_its_report(identity_run, tmp_path):
+    import io as text_io
+
+    from vtn_tf.registration import batch, pipeline, settings
+
+    fixed = phantom()
+    labels = ((fixed > 110).astype(np.int16) + 2 * (fixed > 140)).astype(np.int16)
+    names = [_save(tmp_path / "fixed.nii.gz", fixed), _save(tmp_path / "moving.nii.gz", np.roll(fixed, 2, 0)),
+             _save(tmp_path / "labels.nii.gz", np.roll(labels, 2, 0)), _save(tmp_path / "fixed_labels.nii.gz", labels)]
+    chosen = settings.RegistrationSettings().with_values({"alignment.init": "none"})
+    lines = []
+    registrar = pipeline.Registrar(str(identity_run), chosen, log=lines.append)
+    written, result, parts = registrar.register_files(tmp_path / names[0], tmp_path / names[1], tmp_path / "one",
+                                                      [tmp_path / names[2]], fixed_labels=[tmp_path / names[3]])
+    assert {"qc.png", "qc.json"} <= {os.path.basename(p) for p in written} and parts["qc"] > 0
+    numbers = json.loads((tmp_path / "one" / "qc.json").read_text())
+    assert numbers["dice"]["mean"] == pytest.approx(result.quality.figures["dice"]["mean"])
+    # the identity model moves nothing: the local correlation cannot improve, and the rule says so
+    assert numbers["suspect"] and {f["flag"] for f in numbers["flags"]} == {"similarity"}
+    printed = "\n".join(lines)
+    assert "qc: SUSPECT: the local correlation" in printed and "\nqc: local correlation" in printed
+
+    (tmp_path / "pairs.csv").write_text("fixed,moving,out,moving_labels,fixed_labels\n"
+                                        f"{names[0]},{names[1]},out/two,{names[2]},{names[3]}\n"
+                                        f"{names[0]},absent.nii.gz,out/three,,\n")
+    rows = batch.read_pairs(tmp_path / "pairs.csv")
+    stream = text_io.StringIO()
+    batch.run(registrar, rows, stream=stream, summary=tmp_path / "pairs.csv")
+    assert (tmp_path / "out" / "two" / "qc.png").exists() and "quality control report" in stream.getvalue()
+    assert json.loads((tmp_path / "out" / "two" / "qc.json").read_text())["dice"]["mean"] > 0.5  # the fixed_labels column
+    with open(tmp_path / "report.csv", encoding="utf-8", newline="") as table_file:
+        table = list(csv.DictReader(table_file))
+    assert [row["status"] for row in table] == ["failed", "suspect"]
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 1
+
+    quiet = settings.RegistrationSettings().with_values({"alignment.init": "none", "output.qc": "false"})
+    registrar = pipeline.Registrar(str(identity_run), quiet, log=lambda *_: None)
+    written, result, parts = registrar.register_files(tmp_path / names[0], tmp_path / names[1], tmp_path / "one",
+                                                      overwrite=True)
+    assert result.quality is None and "qc" not in parts
+    assert not (tmp_path / "one" / "qc.png").exists() and not (tmp_path / "one" / "qc.json").exists()
+
+
+def test_a_check_that_fails_leaves_no_output_behind(identity_run, tmp_path, monkeypatch):
+    from vtn_tf.registration import pipeline, settings
+
+    names = [_save(tmp_path / "fixed.nii.gz", phantom()), _save(tmp_path / "moving.nii.gz", phantom(seed=1))]
+    chosen = settings.RegistrationSettings().with_values({"alignment.init": "none"})
+    registrar = pipeline.Registrar(str(identity_run), chosen, log=lambda *_: None)
+
+    def broken(folder, result):
+        raise OSError("disk full")
+    monkeypatch.setattr(qc, "write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        registrar.register_files(tmp_path / names[0], tmp_path / names[1], tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -1,0 +1,137 @@
+"""What the quality check adds to a registration: ``vtn-register --pairs`` per pair with
+``--qc off`` and ``--qc on``, side by side in one run, and the check's parts.
+
+Pairs: LPBA40 S01 <- S02, S03, ... (160x192x160, 1 mm) with the moving labels, as stored. The
+model: a run directory (``--model``, e.g. runs/brain-cpu), or an untrained ADD at half width
+on a 64^3 grid (speed only; its fields are random). Rows: batch mode without refinement and
+with ``--refine N`` (``--refine``, default 60).
+
+Columns (seconds, median over the pairs of ``--repeats`` passes after a warm-up pair):
+
+* batch per pair with ``--qc off`` and ``--qc on`` (read, register, write; the model loaded
+  once), the difference and its share of the registration;
+* the check's parts on one pair: placing the moving image by the headers (the figures'
+  "before"), the figures (`vtn_tf.qc.figures.compute`, with the Jacobian), the picture
+  (`vtn_tf.qc.picture.draw`), and the cohort report per pair (`vtn_tf.qc.report.write`).
+"""
+
+import os
+import statistics
+import tempfile
+import time
+
+from common import base_parser, data_dir, format_seconds, print_machine, print_table, setup_tensorflow
+
+
+def _model(args, folder):
+    if args.model:
+        return args.model
+    from vtn_tf.nn.model import VTN
+    from vtn_tf.training import loop
+
+    model = VTN("ADD", width=0.5, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    return str(loop.save_model_dir(model, (64, 64, 64), os.path.join(folder, "untrained")))
+
+
+def _pairs_file(folder, count, tag):
+    root = data_dir() / "lpba40"
+    path = os.path.join(folder, f"pairs-{tag}.csv")
+    with open(path, "w") as stream:
+        stream.write("fixed,moving,out,moving_labels\n")
+        for k in range(2, 2 + count):
+            stream.write(f"{root}/images/S01.nii.gz,{root}/images/S{k:02d}.nii.gz,{folder}/{tag}/S{k:02d},"
+                         f"{root}/labels/S{k:02d}.nii.gz\n")
+    return path
+
+
+def per_pair(registrar, folder, count, tag, qc):
+    """Median seconds per pair of the batch run (``--pairs``) with the check on or off."""
+    import io as text_io
+
+    from vtn_tf.registration import batch
+
+    registrar.settings.output.qc = qc
+    rows = batch.read_pairs(_pairs_file(folder, count, tag))
+    seconds = []
+    for row in rows:
+        begin = time.perf_counter()
+        batch.run(registrar, [row], overwrite=True, stream=text_io.StringIO())
+        seconds.append(time.perf_counter() - begin)
+    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+
+
+def parts(registrar, repeats):
+    """Median seconds of the check's parts on S01 <- S02."""
+    import numpy as np
+
+    from vtn_tf.qc import figures, picture, report
+    from vtn_tf.registration import pipeline, quality
+    from vtn_tf.registration.resampling import resample_through
+
+    root = data_dir() / "lpba40"
+    fixed, moving, labels = pipeline.read_inputs(root / "images" / "S01.nii.gz", root / "images" / "S02.nii.gz",
+                                                 [root / "labels" / "S02.nii.gz"])
+    result = registrar.register(fixed, moving, labels)
+    times = {"headers": [], "figures": [], "picture": [], "report": []}
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(repeats + 1):
+            begin = time.perf_counter()
+            headers = resample_through(moving.data, np.linalg.inv(moving.affine) @ fixed.affine, fixed.data.shape)
+            times["headers"].append(time.perf_counter() - begin)
+            begin = time.perf_counter()
+            jacobian = figures.jacobian_determinant(result.flow_voxels)
+            numbers = figures.compute(fixed.data, headers, result.warped, result.flow_voxels, fixed.affine,
+                                      np.asarray(result.affine["world_ras"]), jacobian=jacobian, moving=moving.data,
+                                      moving_affine=moving.affine, modality="MRI")
+            times["figures"].append(time.perf_counter() - begin)
+            begin = time.perf_counter()
+            picture.draw(os.path.join(folder, "qc.png"), fixed.data, headers, result.warped, jacobian, fixed.affine,
+                         numbers, [], result.warped_labels[0])
+            times["picture"].append(time.perf_counter() - begin)
+            check = quality.quality_check(result, fixed, moving, labels)
+            with open(os.path.join(folder, "qc.json"), "w") as stream:
+                stream.write(check.json_text())
+            entries = [report.entry(f"pair {k}", folder) for k in range(20)]
+            begin = time.perf_counter()
+            report.write(folder, entries)
+            times["report"].append((time.perf_counter() - begin) / len(entries))
+    return {key: statistics.median(values[1:]) for key, values in times.items()}
+
+
+def main():
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model", help="run directory (default: an untrained ADD, width 0.5, 64^3)")
+    parser.add_argument("--pairs", type=int, default=5, help="pairs per cell (the first one is a warm-up)")
+    parser.add_argument("--refine", type=int, default=60, help="also with --refine N (0: skip)")
+    args = parser.parse_args()
+    if not (data_dir() / "lpba40").is_dir():
+        print(f"LPBA40 not found under {data_dir()} (set VTN_DATA): nothing to measure")
+        return
+    setup_tensorflow(args)
+    from vtn_tf.registration import pipeline
+    from vtn_tf.registration.settings import RefineSettings
+
+    count = 2 if args.quick else args.pairs
+    repeats = args.repeats or (1 if args.quick else 3)
+    print_machine(args)
+    with tempfile.TemporaryDirectory() as folder:
+        model = _model(args, folder)
+        registrar = pipeline.Registrar(model, log=lambda *_: None)
+        rows = []
+        for refine in [0] + ([args.refine] if args.refine and not args.quick else []):
+            registrar.settings.refine = RefineSettings(steps=refine)
+            off = per_pair(registrar, folder, count, f"off{refine}", False)
+            on = per_pair(registrar, folder, count, f"on{refine}", True)
+            rows.append([f"--refine {refine}" if refine else "no refinement", format_seconds(off),
+                         format_seconds(on), format_seconds(on - off), f"{100 * (on - off) / off:.0f} %"])
+        print_table(["registration (LPBA40, 160x192x160)", "batch per pair, --qc off", "--qc on", "added",
+                     "added / registration"], rows)
+        registrar.settings.refine = RefineSettings(steps=0)
+        timed = parts(registrar, repeats)
+        print_table(["headers placement", "figures", "picture", "report.html + .csv, per pair"],
+                    [[format_seconds(timed[key]) for key in ("headers", "figures", "picture", "report")]])
+
+
+if __name__ == "__main__":
+    main()
