@@ -435,7 +435,8 @@ def test_registrations_write_their_check_and_a_batch_its_report(identity_run, tm
     stream = text_io.StringIO()
     batch.run(registrar, rows, stream=stream, summary=tmp_path / "pairs.csv")
     assert (tmp_path / "out" / "two" / "qc.png").exists() and "quality control report" in stream.getvalue()
-    assert json.loads((tmp_path / "out" / "two" / "qc.json").read_text())["dice"]["mean"] > 0.5  # the fixed_labels column
+    # the fixed_labels column
+    assert json.loads((tmp_path / "out" / "two" / "qc.json").read_text())["dice"]["mean"] > 0.5
     with open(tmp_path / "report.csv", encoding="utf-8", newline="") as table_file:
         table = list(csv.DictReader(table_file))
     assert [row["status"] for row in table] == ["failed", "suspect"]

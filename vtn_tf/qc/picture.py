@@ -2,14 +2,13 @@
 
 Three orthogonal slices through the centre of the fixed image's foreground (rows: axial,
 coronal, sagittal, shown in RAS orientation: the patient's right on the right, anterior and
-superior up, as the letters at the panels' edges say), and in columns: the fixed image; the moving image placed by its headers alone;
-the warped moving image; a checkerboard of fixed and warped tiles; the Jacobian determinant
-of the field (diverging colours about 1, folding voxels marked); and, with labels, the warped
-label outlines over the fixed image. A title gives the verdict and the figures; a caption
-says what every colour means.
+superior up, as the letters at the panels' edges say), and in columns: the fixed image; the
+moving image placed by its headers alone; the warped moving image; a checkerboard of fixed and
+warped tiles; the Jacobian determinant of the field (diverging colours about 1, folding voxels
+marked); and, with labels, the warped label outlines over the fixed image. A title gives the
+verdict and the figures; a caption says what every colour means.
 
-Matplotlib (the ``plot`` extra) draws it with the Agg backend, imported only when called.
-"""
+Matplotlib (the ``plot`` extra) draws it with the Agg backend, imported only when called."""
 
 import textwrap
 

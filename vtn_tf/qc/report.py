@@ -137,7 +137,8 @@ function sortBy(th) {
   const rows = Array.from(body.rows);
   rows.sort((a, b) => {
     const x = key(a), y = key(b), nx = parseFloat(x), ny = parseFloat(y);
-    const d = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : (isNaN(nx) !== isNaN(ny) ? (isNaN(nx) ? 1 : -1) : x.localeCompare(y));
+    const d = (!isNaN(nx) && !isNaN(ny)) ? nx - ny
+      : (isNaN(nx) !== isNaN(ny) ? (isNaN(nx) ? 1 : -1) : x.localeCompare(y));
     return up ? d : -d;
   });
   for (const r of rows) { body.appendChild(r); }
