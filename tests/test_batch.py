@@ -75,13 +75,14 @@ def cli(*args, **popen):
 
 
 def output_files(folder):
-    """Every output of a folder: voxel arrays and texts (gzip headers hold a time stamp)."""
+    """Every output of a folder: voxel arrays and texts (gzip headers hold a time stamp; the
+    completion record and quality control's files hold seconds)."""
     found = {}
     for name in sorted(os.listdir(folder)):
         path = folder / name
         if name.endswith((".nii", ".nii.gz")):
             found[name] = np.asarray(nib.load(path).dataobj)
-        elif name != completion.RECORD_NAME:
+        elif name != completion.RECORD_NAME and not name.startswith("qc."):
             found[name] = path.read_text()
     return found
 
