@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import ndimage
+from test_training import TINY, toy_manifest  # noqa: F401  (the fixture)
 
 from vtn_tf.nn import losses
 from vtn_tf.nn.model import VTN
@@ -72,22 +73,8 @@ def test_the_label_term_is_the_dice_of_labels_warped_by_the_final_flow():
                                                  rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def toy_manifest(tmp_path_factory):
-    import subprocess
-    import sys
-
-    from data_prep.toy import write_toy_folder
-    root = tmp_path_factory.mktemp("toy")
-    write_toy_folder(root / "raw", subjects=5)
-    subprocess.run([sys.executable, "-m", "data_prep", "--layout", "folder", "--input", str(root / "raw"),
-                    "--modality", "MRI", "--no-crop", "--grid", "64", "64", "64", "--validation-count", "2",
-                    "--output", str(root / "prepared")], check=True, capture_output=True)
-    return root / "prepared" / "manifest.json"
-
-
-def test_training_with_labels_feeds_one_hot_maps_and_logs_the_term(toy_manifest, tmp_path):
-    tiny = config_lib.load_config(training_config(), [f"data.manifest={toy_manifest}", "model.label_weight=1",
+def test_training_with_labels_feeds_one_hot_maps_and_logs_the_term(toy_manifest, tmp_path):  # noqa: F811
+    tiny = config_lib.load_config(TINY, [f"data.manifest={toy_manifest}", "model.label_weight=1",
                                                       "train.epochs=1", "train.steps_per_epoch=2"])
     dataset = data_lib.load_prepared(toy_manifest)
     structures = [v for v in dataset.label_values if v != 0]
@@ -103,11 +90,6 @@ def test_training_with_labels_feeds_one_hot_maps_and_logs_the_term(toy_manifest,
     np.testing.assert_array_less(batch["fixed_labels"].numpy().sum(-1), 1.5)  # one structure per voxel
 
 
-def training_config():
-    import pathlib
-    return pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tiny-ci.json"
-
-
 def test_labels_asked_for_without_label_maps_is_a_config_error(tmp_path):
     import subprocess
     import sys
@@ -120,7 +102,7 @@ def test_labels_asked_for_without_label_maps_is_a_config_error(tmp_path):
     subprocess.run([sys.executable, "-m", "data_prep", "--layout", "folder", "--input", str(tmp_path / "raw"),
                     "--modality", "MRI", "--no-crop", "--grid", "64", "64", "64", "--validation-count", "1",
                     "--output", str(tmp_path / "prepared")], check=True, capture_output=True)
-    config = config_lib.load_config(training_config(), [f"data.manifest={tmp_path / 'prepared'}/manifest.json",
+    config = config_lib.load_config(TINY, [f"data.manifest={tmp_path / 'prepared'}/manifest.json",
                                                         "model.label_weight=1"])
     with pytest.raises(config_lib.ConfigError, match="have no label map"):
         loop.train(config, tmp_path / "run", verbose=0, log=lambda *_: None)
