@@ -153,7 +153,7 @@ def test_two_shards_are_the_whole_and_the_summary_is_rebuilt_from_both(registrar
     assert second.registered == 2
     assert sorted(os.listdir(tmp_path / "reg")) == [f"p{k}" for k in range(1, 6)]
     table = batch.summarise(rows, pairs_file)
-    assert capsys.readouterr().out.startswith("cohort summary: 5 of 5 pairs complete; written to ")
+    assert capsys.readouterr().out.startswith("cohort summary: 5 of 5 pairs complete")
     assert [entry["state"] for entry in table] == ["complete"] * 5
     assert len({entry["model_sha256"] for entry in table}) == 1
 
