@@ -114,7 +114,8 @@ def test_a_killed_batch_resumes_to_the_outputs_of_an_uninterrupted_run(identity_
     reference = cohort(tmp_path / "uninterrupted", pairs=5)
     assert quiet_run(registrar, pairs.read_pairs(reference)).registered == 5
     for k in range(1, 6):
-        mine, theirs = output_files(tmp_path / "killed" / "reg" / f"p{k}"), output_files(tmp_path / "uninterrupted" / "reg" / f"p{k}")
+        mine = output_files(tmp_path / "killed" / "reg" / f"p{k}")
+        theirs = output_files(tmp_path / "uninterrupted" / "reg" / f"p{k}")
         assert mine.keys() == theirs.keys()
         for name in mine:
             np.testing.assert_array_equal(mine[name], theirs[name], err_msg=f"p{k}/{name}")
@@ -127,8 +128,8 @@ def test_complete_folders_are_skipped_other_settings_refused_and_overwrite_redoe
     assert quiet_run(registrar, rows).registered == 2
     again = quiet_run(registrar, rows)
     assert (again.registered, again.skipped, again.status) == (0, 2, faults.OK)
-    two_passes = pipeline.Registrar(str(identity_run), RegistrationSettings(NO_INIT.alignment, NetworkSettings(passes=2)),
-                                    **QUIET)
+    two_passes = pipeline.Registrar(str(identity_run),
+                                    RegistrationSettings(NO_INIT.alignment, NetworkSettings(passes=2)), **QUIET)
     refused = quiet_run(two_passes, rows)
     assert refused.status == faults.PAIRS_FAILED and len(refused.failures) == 2
     assert str(refused.failures[0][1]).endswith("was made with other settings (network.passes); pass --overwrite "

@@ -4,8 +4,7 @@ import os
 
 import pytest
 
-from vtn_tf.io import pairs
-from vtn_tf.io import InputError
+from vtn_tf.io import InputError, pairs
 
 
 def write(tmp_path, payload, name="pairs.csv"):

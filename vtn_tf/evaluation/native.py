@@ -67,9 +67,7 @@ def moved_copy(path, matrix, folder, role):
     """Write ``path`` with its header moved by ``matrix`` (world) into ``folder``; returns the path."""
     image = nib.load(os.fspath(path))
     affine = matrix @ image.affine
-    moved = nib.Nifti1Image(np.asanyarray(image.dataobj), affine, image.header)
-    moved.set_qform(affine, code=1)
-    moved.set_sform(affine, code=1)
+    moved = io.nifti_image(np.asanyarray(image.dataobj), affine, image.header)
     target = os.path.join(folder, f"{role}_{os.path.basename(os.fspath(path))}")
     nib.save(moved, target)
     return target

@@ -310,6 +310,25 @@ def _itk_voxels(data, path):
                      "[X, Y, Z], [X, Y, Z, C] or [X, Y, Z, 1, C] is required")
 
 
+def nifti_image(data, affine, header=None, intent=None):
+    """A NIfTI-1 image of ``data`` whose qform and sform both hold ``affine`` (voxel indices -> RAS
+    mm, code 1: scanner space) with millimetre units, as every tool reads it back.
+
+    Args:
+      data: the voxel array (its dtype is the stored one).
+      affine: ``(4, 4)`` voxel indices -> RAS mm.
+      header: a NIfTI header to start from (kept fields: data type, scaling, descriptions).
+      intent: a NIfTI intent name, e.g. ``"vector"`` for a displacement field.
+    """
+    image = nib.Nifti1Image(data, affine, header)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    if intent is not None:
+        image.header.set_intent(intent)
+    return image
+
+
 def write_volume(path, data, affine, overwrite=False):
     """Write a 3-D (or vector) volume; never leaves a partial file.
 
@@ -330,11 +349,7 @@ def write_volume(path, data, affine, overwrite=False):
     affine = np.asarray(affine, float)
 
     def write_nifti(temporary):
-        image = nib.Nifti1Image(data, affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        image.header.set_xyzt_units("mm")
-        nib.save(image, temporary)
+        nib.save(nifti_image(data, affine), temporary)
 
     def write_itk(temporary):
         import SimpleITK as sitk

@@ -34,12 +34,7 @@ def itk_displacement(flow_voxels, fixed_affine):
 
 def itk_field_image(flow_voxels, fixed_affine):
     """``flow_itk`` as a nibabel image: 5-D NIfTI, intent vector (1007), fixed affine."""
-    image = nib.Nifti1Image(itk_displacement(flow_voxels, fixed_affine), fixed_affine)
-    image.set_qform(fixed_affine, code=1)
-    image.set_sform(fixed_affine, code=1)
-    image.header.set_intent("vector")
-    image.header.set_xyzt_units("mm")
-    return image
+    return io.nifti_image(itk_displacement(flow_voxels, fixed_affine), fixed_affine, intent="vector")
 
 
 def affine_description(A, b, network_shape, G, fixed_affine, initial=None):
@@ -149,29 +144,24 @@ def write_result(result, fixed, label_paths, labels, out, overwrite=False, log=p
     ext, affine = _extension(compression), fixed.affine
     names, images = [], []
     with io.staged_folder(out) as staging:
-        def nifti(name, image, grid_affine=affine):
-            image.set_qform(grid_affine, code=1)
-            image.set_sform(grid_affine, code=1)
-            image.header.set_xyzt_units("mm")
+        def nifti(name, image):
             images.append((staging / name, image))
             names.append(name)
 
-        nifti(f"warped{ext}", nib.Nifti1Image(result.warped.astype(np.float32), affine))
-        nifti(f"flow_voxels{ext}", nib.Nifti1Image(np.asarray(result.flow_voxels, np.float32), affine))
+        nifti(f"warped{ext}", io.nifti_image(result.warped.astype(np.float32), affine))
+        nifti(f"flow_voxels{ext}", io.nifti_image(np.asarray(result.flow_voxels, np.float32), affine))
         nifti(f"flow_itk{ext}", itk_field_image(result.flow_voxels, affine))
         for path, volume, warped in zip(label_paths, labels, result.warped_labels):
             dtype = _label_dtype(path, volume.data)
-            nifti(f"warped_labels_{_stem(path)}{ext}", nib.Nifti1Image(warped.astype(dtype), affine))
+            nifti(f"warped_labels_{_stem(path)}{ext}", io.nifti_image(warped.astype(dtype), affine))
         if inverse is not None:
             moving_affine = moving.affine
-            nifti(f"flow_inverse_voxels{ext}", nib.Nifti1Image(inverse.flow.astype(np.float32), moving_affine),
-                  moving_affine)
-            nifti(f"flow_inverse_itk{ext}", itk_field_image(inverse.flow, moving_affine), moving_affine)
-            nifti(f"warped_fixed{ext}", nib.Nifti1Image(inverse.warped_fixed.astype(np.float32), moving_affine),
-                  moving_affine)
+            nifti(f"flow_inverse_voxels{ext}", io.nifti_image(inverse.flow.astype(np.float32), moving_affine))
+            nifti(f"flow_inverse_itk{ext}", itk_field_image(inverse.flow, moving_affine))
+            nifti(f"warped_fixed{ext}", io.nifti_image(inverse.warped_fixed.astype(np.float32), moving_affine))
             for path, volume, warped in zip(fixed_label_paths, fixed_labels, inverse.warped_fixed_labels):
                 nifti(f"warped_fixed_labels_{_stem(path)}{ext}",
-                      nib.Nifti1Image(warped.astype(_label_dtype(path, volume.data)), moving_affine), moving_affine)
+                      io.nifti_image(warped.astype(_label_dtype(path, volume.data)), moving_affine))
         save_all(images, compression)
         (staging / "affine.json").write_text(json.dumps(result.affine, indent=2) + "\n")
         (staging / "affine.txt").write_text(itk_affine_text(result.affine["world_lps"]))
