@@ -50,7 +50,26 @@ def locked(out):
       OSError: the lock file cannot be made (the folder above ``out`` is read-only or full).
     """
     path = lock_path(out)
+    created = _missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield from _hold(out, path)
+    finally:
+        for folder in created:  # deepest first: folders made for the lock alone leave with it
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _missing_folders(folder):
+    """The folders of ``folder``'s path that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _hold(out, path):
     while True:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
