@@ -133,7 +133,8 @@ def draw(model, dataset, pair, path):
     axis.set_aspect("equal")
     axis.axis("off")
     figure.suptitle(f"VTN: {moving_id} registered to {fixed_id}, slice z={z} "
-                    "(contours: moving labels; dashed yellow: fixed labels)")
+                    "(solid: each panel's own labels, fixed, moving and warped moving; "
+                    "dashed yellow: the fixed labels' outline, for comparison)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
