@@ -177,7 +177,8 @@ def test_a_full_disk_stops_the_batch_on_one_line(registrar, tmp_path, monkeypatc
     outcome = quiet_run(registrar, rows)
     assert outcome.status == faults.DISK_FULL and outcome.not_attempted == 2
     assert str(outcome.failures[0][1]) == f"output folder {rows[0]['out']}: no space left on device"
-    assert os.listdir(tmp_path / "reg") == []  # nothing partial, no staging folder, no lock file
+    # nothing partial, no staging folder, no lock file: not even the folder made to hold them
+    assert not (tmp_path / "reg").exists()
 
 
 @pytest.mark.parametrize("code,message", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
