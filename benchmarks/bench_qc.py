@@ -20,18 +20,7 @@ import statistics
 import tempfile
 import time
 
-from common import base_parser, data_dir, format_seconds, print_machine, print_table, setup_tensorflow
-
-
-def _model(args, folder):
-    if args.model:
-        return args.model
-    from vtn_tf.nn.model import VTN
-    from vtn_tf.training import loop
-
-    model = VTN("ADD", width=0.5, flow_head_initializer="small")
-    model.build((None, 64, 64, 64, 1))
-    return str(loop.save_model_dir(model, (64, 64, 64), os.path.join(folder, "untrained")))
+from common import base_parser, data_dir, format_seconds, model_dir, print_machine, print_table, setup_tensorflow
 
 
 def _pairs_file(folder, count, tag):
@@ -116,7 +105,7 @@ def main():
     repeats = args.repeats or (1 if args.quick else 3)
     print_machine(args)
     with tempfile.TemporaryDirectory() as folder:
-        model = _model(args, folder)
+        model = model_dir(args, folder)
         registrar = pipeline.Registrar(model, log=lambda *_: None)
         rows = []
         for refine in [0] + ([args.refine] if args.refine and not args.quick else []):

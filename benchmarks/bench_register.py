@@ -42,6 +42,7 @@ from common import (
     base_parser,
     data_dir,
     format_seconds,
+    model_dir,
     print_machine,
     print_table,
     ratio,
@@ -73,17 +74,6 @@ def _brain_pair(folder, size):
         nib.save(nib.Nifti1Image(resampled.astype(data.dtype), affine), target)
         out.append(target)
     return out
-
-
-def _model(args, folder):
-    if args.model:
-        return args.model
-    from vtn_tf.nn.model import VTN
-    from vtn_tf.training import loop
-
-    model = VTN("ADD", width=0.5, flow_head_initializer="small")
-    model.build((None, 64, 64, 64, 1))
-    return str(loop.save_model_dir(model, (64, 64, 64), os.path.join(folder, "untrained")))
 
 
 def _median(values):
@@ -209,7 +199,7 @@ def main():
     repeats = args.repeats or (1 if args.quick else 3)
     print_machine(args)
     with tempfile.TemporaryDirectory() as folder:
-        model = _model(args, folder)
+        model = model_dir(args, folder)
         registrar = pipeline.Registrar(model, log=lambda *_: None)
         rows = []
         for size in (["lpba40"] if args.quick else args.sizes):

@@ -264,3 +264,16 @@ def print_table(headers, rows):
 
 def finish():
     print(f"- load average at end: {load_average()}")
+
+
+def model_dir(args, folder):
+    """``--model``, or an untrained ADD (half width, 64³) saved under ``folder``: its timings are a
+    trained model's, its accuracy is not."""
+    if args.model:
+        return args.model
+    from vtn_tf.nn.model import VTN
+    from vtn_tf.training import loop
+
+    model = VTN("ADD", width=0.5, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    return str(loop.save_model_dir(model, (64, 64, 64), os.path.join(folder, "untrained")))

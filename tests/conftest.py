@@ -28,3 +28,19 @@ def vtn_data():
     if not root.is_dir():
         pytest.skip(f"real data not found at {root} (set VTN_DATA to the shared data folder)")
     return root
+
+
+@pytest.fixture(scope="module")
+def identity_run(tmp_path_factory):
+    """A run directory whose tiny AD model outputs exactly the zero flow."""
+    import numpy as np
+
+    from vtn_tf.nn.model import VTN
+    from vtn_tf.training import loop
+
+    model = VTN("AD", width=0.125, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    affine, dense = model.stages
+    for variable in (affine.matrix_head.kernel, affine.translation_head.kernel, dense.output_layer.kernel):
+        variable.assign(np.zeros(variable.shape, np.float32))
+    return loop.save_model_dir(model, (64, 64, 64), tmp_path_factory.mktemp("identity_run"))

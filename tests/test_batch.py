@@ -24,25 +24,10 @@ from vtn_tf.io import completion, faults, folder_lock, pairs
 from vtn_tf.registration import batch, outputs, pipeline
 from vtn_tf.registration.settings import AlignmentSettings, NetworkSettings, RegistrationSettings
 
-NET = (64, 64, 64)
 SHAPE = (24, 20, 16)
 AFFINE = np.diag([1.5, 1.2, 2.0, 1.0])
 QUIET = {"log": lambda *_: None}
 NO_INIT = RegistrationSettings(alignment=AlignmentSettings(init="none"))  # the synthetic pairs share a header
-
-
-@pytest.fixture(scope="module")
-def identity_run(tmp_path_factory):
-    """A run directory whose tiny AD model outputs exactly the zero flow."""
-    from vtn_tf.nn.model import VTN
-    from vtn_tf.training import loop
-
-    model = VTN("AD", width=0.125, flow_head_initializer="small")
-    model.build((None, *NET, 1))
-    affine, dense = model.stages
-    for variable in (affine.matrix_head.kernel, affine.translation_head.kernel, dense.output_layer.kernel):
-        variable.assign(np.zeros(variable.shape, np.float32))
-    return loop.save_model_dir(model, NET, tmp_path_factory.mktemp("identity_run"))
 
 
 @pytest.fixture(scope="module")

@@ -385,20 +385,6 @@ def test_the_pipeline_check_places_the_moving_image_by_its_headers():
 
 
 # ----- vtn-register: the check beside the outputs, the cohort report ---------------------------------
-@pytest.fixture(scope="module")
-def identity_run(tmp_path_factory):
-    """A run directory whose tiny AD model outputs exactly the zero flow."""
-    from vtn_tf.nn.model import VTN
-    from vtn_tf.training import loop
-
-    model = VTN("AD", width=0.125, flow_head_initializer="small")
-    model.build((None, 64, 64, 64, 1))
-    affine, dense = model.stages
-    for variable in (affine.matrix_head.kernel, affine.translation_head.kernel, dense.output_layer.kernel):
-        variable.assign(np.zeros(variable.shape, np.float32))
-    return loop.save_model_dir(model, (64, 64, 64), tmp_path_factory.mktemp("identity_run"))
-
-
 def _save(path, data, affine=None):
     import nibabel as nib
 
