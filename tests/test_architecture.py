@@ -200,3 +200,14 @@ def test_the_onednn_switch_is_set_before_tensorflow_loads_and_never_over_the_use
                             timeout=300)
     assert unset.stdout.split() == ["1", "False"], unset.stderr[-2000:]
     assert chosen.stdout.split() == ["0", "False"], chosen.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_command_loads_tensorflow_only_after_its_main_starts(command):
+    """The commands set up TensorFlow's compiled-kernel cache in ``main``
+    (`vtn_tf.cli.compile_cache`), and TensorFlow reads that setting when it loads: a command
+    module that loaded TensorFlow on import would leave the cache off."""
+    script = f"import sys, {command}; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["False", "False"], result.stderr[-2000:]

@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from vtn_tf.core import fields
+from vtn_tf.nn.spec import check_ncc_window
 
 VARIANCE_EPSILON = 1e-6
 ORTHOGONALITY_EPSILON = 1e-5
@@ -41,12 +42,6 @@ def correlation_coefficient_loss(fixed, warped):
     variance_fixed = tf.reduce_mean(tf.square(fixed), axes) + VARIANCE_EPSILON
     variance_warped = tf.reduce_mean(tf.square(warped), axes) + VARIANCE_EPSILON
     return 1.0 - covariance * tf.math.rsqrt(variance_fixed * variance_warped)
-
-
-def check_ncc_window(window):
-    """ValueError unless ``window`` is a positive odd int (a cube side in voxels)."""
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or window % 2 == 0:
-        raise ValueError(f"ncc_window must be a positive odd number of voxels; got {window!r}.")
 
 
 def _separable_box_mean(x, window):

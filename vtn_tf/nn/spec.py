@@ -72,3 +72,9 @@ def default_similarity_weights(spec, preset="paper"):
     dense = list(PAPER_DENSE_SIMILARITY[-n_dense:]) if n_dense else []
     dense = [0.0] * (n_dense - len(dense)) + dense
     return ([1.0] if spec.startswith("A") else []) + dense
+
+
+def check_ncc_window(window):
+    """ValueError unless ``window`` is a positive odd int (a cube side in voxels)."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or window % 2 == 0:
+        raise ValueError(f"ncc_window must be a positive odd number of voxels; got {window!r}.")

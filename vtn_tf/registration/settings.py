@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from vtn_tf.io import InputError
-from vtn_tf.nn import losses
-from vtn_tf.nn.spec import PRECISIONS
+from vtn_tf.nn.spec import PRECISIONS, check_ncc_window
 from vtn_tf.preprocessing.alignment import MODES
 
 INIT_STEPS = 50  # the affine search after the initialiser (`vtn_tf.registration.affine_search`)
@@ -165,7 +164,7 @@ class RefineSettings:
             raise ValueError(f"refine similarity must be one of {SIMILARITIES}; got {self.similarity!r}")
         if float(self.rate) <= 0 or float(self.smoothness) < 0 or float(self.folding) < 0:
             raise ValueError("refine rate must be positive, smoothness and folding weights non-negative")
-        losses.check_ncc_window(self.window)
+        check_ncc_window(self.window)
         if self.resolution == "auto":
             return
         levels = self._levels()
