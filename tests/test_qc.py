@@ -44,7 +44,21 @@ def test_global_correlation_is_pearsons_r():
     a, b = rng.normal(size=SHAPE), rng.normal(size=SHAPE)
     b = 0.6 * a + b
     mask = rng.uniform(size=SHAPE) > 0.3
-    assert figures.correlation(a, b, mask) == pytest.approx(stats.pearsonr(a[mask], b[mask])[0], abs=1e-6)
+    expected = stats.pearsonr(a[mask], b[mask])[0]
+    assert figures.similarity(a, [b], mask)[0]["cc"] == pytest.approx(expected, abs=1e-6)
+    # a large offset and another unit (a CT-like scale) change nothing: the sums are centred
+    assert figures.similarity(a * 3.0 + 1000.0, [b * 0.01 - 5.0], mask)[0]["cc"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_window_means_match_scipys_uniform_filter():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(11, 9, 4)).astype(np.float32)  # 4: windows past both ends at once
+    full = ndimage.uniform_filter(x.astype(np.float64), 5, mode="nearest")
+    for stride in (1, 2, 3):
+        np.testing.assert_allclose(figures._window_means(x, 5, stride), full[::stride, ::stride, ::stride],
+                                   atol=1e-6)
+    three = ndimage.uniform_filter(x.astype(np.float64), 3, mode="nearest")
+    np.testing.assert_allclose(figures._window_means(x, 3, 2), three[::2, ::2, ::2], atol=1e-6)
 
 
 def test_local_correlation_matches_a_window_by_window_loop():
@@ -59,16 +73,20 @@ def test_local_correlation_matches_a_window_by_window_loop():
     for i, j, k in np.argwhere(mask):
         wa, wb = pa[i:i + 5, j:j + 5, k:k + 5].ravel(), pb[i:i + 5, j:j + 5, k:k + 5].ravel()
         expected.append(np.corrcoef(wa, wb)[0, 1])
-    assert figures.local_correlation(a, b, mask, 5, stride=1) == pytest.approx(np.mean(expected), abs=2e-4)
-    assert figures.local_correlation(a, a, mask) == pytest.approx(1.0, abs=1e-4)
-    assert figures.local_correlation(a, -a, mask) == pytest.approx(-1.0, abs=1e-4)
+    assert figures.similarity(a, [b], mask, 5, stride=1)[0]["lcc"] == pytest.approx(np.mean(expected), abs=2e-4)
+    every_second = [c for c, (i, j, k) in zip(expected, np.argwhere(mask)) if i % 2 == j % 2 == k % 2 == 0]
+    assert figures.similarity(a, [b], mask)[0]["lcc"] == pytest.approx(np.mean(every_second), abs=2e-4)
+    same, opposite = figures.similarity(a, [a, -a], mask)
+    assert same["lcc"] == pytest.approx(1.0, abs=1e-4) and opposite["lcc"] == pytest.approx(-1.0, abs=1e-4)
+    constant = figures.similarity(a, [np.zeros(shape)], mask)[0]  # no structure: every cube counts 0
+    assert constant == {"cc": 0.0, "lcc": 0.0}
 
 
 def test_local_correlation_on_every_second_cube_estimates_the_mean_of_all():
     fixed, moving = phantom(seed=1), phantom(seed=2, shift=(1, 2, 0))
     mask = figures.foreground(fixed)
-    every = figures.local_correlation(fixed, moving, mask, stride=1)
-    assert figures.local_correlation(fixed, moving, mask) == pytest.approx(every, abs=0.02)
+    every = figures.similarity(fixed, [moving], mask, stride=1)[0]["lcc"]
+    assert figures.similarity(fixed, [moving], mask)[0]["lcc"] == pytest.approx(every, abs=0.02)
 
 
 def test_jacobian_of_an_affine_field_is_its_determinant():
@@ -76,6 +94,9 @@ def test_jacobian_of_an_affine_field_is_its_determinant():
     det = figures.jacobian_determinant(affine_field(matrix, (2, -1, 3)))
     assert det.shape == tuple(n - 1 for n in SHAPE)
     np.testing.assert_allclose(det, np.linalg.det(matrix), rtol=1e-4)
+    field = figures.field_figures(affine_field(matrix, (2, -1, 3)), np.eye(4))  # far from 1, no spread
+    assert field["jacobian_std"] == pytest.approx(0.0, abs=1e-4)
+    assert field["jacobian_min"] == pytest.approx(np.linalg.det(matrix), rel=1e-4)
 
 
 def test_folding_percent_counts_a_known_folded_block():
@@ -122,7 +143,34 @@ def test_largest_displacement_in_mm():
     flow[..., :] = [1.0, 2.0, 0.5]
     flow[5, 6, 7] = [3.0, -1.0, 2.0]
     expected = np.linalg.norm(flow @ fixed_affine[:3, :3].T, axis=-1).max()
-    assert figures.largest_displacement(flow, fixed_affine) == pytest.approx(expected, rel=1e-6)
+    assert figures.field_figures(flow, fixed_affine)["largest_displacement_mm"] == pytest.approx(expected, rel=1e-6)
+    flow[-1, -1, -1] = [0.0, 0.0, 9.0]  # the last voxel has no forward difference, but a displacement
+    assert figures.field_figures(flow, fixed_affine)["largest_displacement_mm"] == pytest.approx(27.0, rel=1e-6)
+
+
+def _reference_field_figures(flow, warped, threshold):
+    """The field's figures from an independent forward-difference Jacobian: numpy's
+    determinant of ``I + [∂u/∂x, ∂u/∂y, ∂u/∂z]`` in float64, voxel by voxel."""
+    u = np.asarray(flow, np.float64)
+    columns = [np.diff(u, axis=a)[tuple(slice(0, n - 1) for n in u.shape[:3])] for a in range(3)]
+    det = np.linalg.det(np.eye(3) + np.stack(columns, -1))
+    inside = np.asarray(warped)[:-1, :-1, :-1] > threshold
+    return det, {"folding_percent": 100.0 * np.mean(det <= 0), "jacobian_std": det.std(), "jacobian_min": det.min(),
+                 "carried_voxels": np.clip(det[inside], 0, None).sum()}
+
+
+def test_field_figures_match_an_independent_jacobian_slab_by_slab(monkeypatch):
+    rng = np.random.default_rng(8)
+    flow = np.stack([ndimage.gaussian_filter(rng.normal(size=SHAPE), 2) * 15 for _ in range(3)], -1).astype(np.float32)
+    warped = phantom()
+    det, expected = _reference_field_figures(flow, warped, 50.0)
+    assert 0 < expected["folding_percent"] < 20  # some folding, most not
+    np.testing.assert_allclose(figures.jacobian_determinant(flow), det, atol=2e-4)
+    for slab in (figures.SLAB_VOXELS, 3 * SHAPE[1] * SHAPE[2]):  # one slab; slabs of 3 planes (the last shorter)
+        monkeypatch.setattr(figures, "SLAB_VOXELS", slab)
+        found = figures.field_figures(flow, np.eye(4), warped, 50.0)
+        for key, value in expected.items():
+            assert found[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
 
 
 def test_dice_matches_a_direct_count():
@@ -135,12 +183,22 @@ def test_dice_matches_a_direct_count():
 
 def test_coverage_of_a_moving_image_half_outside_the_fixed_view():
     moving = phantom()
-    full = figures.coverage(moving, np.ones(tuple(n - 1 for n in SHAPE)), np.eye(4), moving, np.eye(4))
-    assert full["moving_inside_percent"] > 90
+    zero = np.zeros(SHAPE + (3,), np.float32)
     half = moving.copy()
     half[SHAPE[0] // 2:] = 0  # the fixed grid sees half of the object
-    seen = figures.coverage(half, np.ones(tuple(n - 1 for n in SHAPE)), np.eye(4), moving, np.eye(4))
-    assert 40 < seen["moving_inside_percent"] < 60
+
+    def inside(warped, spacing=1.0):
+        numbers = figures.compute(moving, warped, warped, zero, np.diag([spacing] * 3 + [1.0]), moving=moving,
+                                  moving_affine=np.diag([spacing] * 3 + [1.0]))
+        return numbers["coverage"]["moving_inside_percent"]
+
+    assert inside(moving) > 90 and inside(moving, 2.0) == inside(moving)
+    assert 40 < inside(half) < 60
+    threshold = figures.moving_threshold(moving)  # its parts: the foreground above the threshold, and what lands
+    carried = figures.field_figures(zero, np.eye(4), half, threshold)["carried_voxels"]
+    assert carried == np.count_nonzero(half[:-1, :-1, :-1] > threshold)
+    share = figures.coverage(moving, np.eye(4), threshold, carried, np.eye(4))["moving_inside_percent"]
+    assert share == pytest.approx(100 * carried / np.count_nonzero(moving > threshold))
 
 
 # ----- the failure rule --------------------------------------------------------------------------
@@ -246,6 +304,13 @@ def test_picture_is_drawn_with_labels_and_an_oblique_affine(tmp_path):
     written = qc.write(tmp_path, result)
     assert written == ["qc.png", "qc.json"] and (tmp_path / "qc.png").stat().st_size > 10000
     assert "folding" in (tmp_path / "qc.json").read_text()
+    full = np.pad(figures.jacobian_determinant(flow), [(0, 1)] * 3, mode="edge")  # the volume, then its slices
+    centre = (7, 43, 20)  # the last plane along y: it repeats the one before it
+    axes, flips = picture._orientation(affine)
+    ras_centre = [SHAPE[a] - 1 - centre[a] if flip else centre[a] for a, flip in zip(axes, flips)]
+    expected = picture._slices(picture.to_ras(full, affine), ras_centre)
+    for got, want in zip(picture.jacobian_slices(flow, affine, centre), expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
     volume = np.arange(24).reshape(2, 3, 4)
     ras = picture.to_ras(volume, affine)  # R runs down axis 2, A up axis 0, S up axis 1
     assert ras.shape == (4, 2, 3) and ras[0, 1, 2] == volume[1, 2, 3] and ras[3, 0, 0] == volume[0, 0, 0]
@@ -376,7 +441,8 @@ def test_the_pipeline_check_places_the_moving_image_by_its_headers():
                                   [volume(np.roll(labels, -3, 0), moving_affine, "l.nii")],
                                   [volume(labels, fixed_affine, "fl.nii")], modality="MRI", picture=False)
     expected = _placed_by_headers(moving, moving_affine, SHAPE, fixed_affine)
-    before = figures.correlation(fixed, expected, figures.foreground(fixed))
+    mask = figures.foreground(fixed)
+    before = stats.pearsonr(fixed[mask], expected[mask])[0]
     assert check.figures["similarity"]["before"]["cc"] == pytest.approx(before, abs=1e-3)
     assert check.figures["similarity"]["after"]["cc"] == pytest.approx(1.0)
     assert check.figures["dice"]["mean"] == 1.0 > check.figures["dice"]["before"]

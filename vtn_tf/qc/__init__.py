@@ -51,21 +51,22 @@ class Check:
 
 
 def check(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, picture=True, name="",
-          fixed_labels=(), warped_labels=(), headers_labels=(), thresholds=flags_lib.THRESHOLDS,
+          fixed_labels=(), warped_labels=(), headers_labels=(), thresholds=flags_lib.THRESHOLDS, mask=None,
           **figure_options):
     """Figures, flags and (``picture``) the PNG of one registration.
 
     Arguments as :func:`vtn_tf.qc.figures.compute` (arrays on the fixed grid; ``flow`` in
     voxels of the fixed grid, pulling); ``fixed_labels`` / ``warped_labels``: label maps on the
     fixed grid (Dice when both are given; the first warped map is outlined in the picture);
-    ``headers_labels``: the moving label maps placed by the headers alone (Dice before).
+    ``headers_labels``: the moving label maps placed by the headers alone (Dice before);
+    ``mask``: the fixed image's foreground (`vtn_tf.qc.figures.foreground`) when already computed.
     Returns a :class:`Check`.
     """
     import io
 
     begin = time.perf_counter()
-    jacobian = figures_lib.jacobian_determinant(flow)
-    figures = figures_lib.compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras, jacobian=jacobian,
+    mask = figures_lib.foreground(fixed) if mask is None else mask
+    figures = figures_lib.compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras, mask=mask,
                                   fixed_labels=fixed_labels, warped_labels=warped_labels,
                                   headers_labels=headers_labels, **figure_options)
     found = flags_lib.flags(figures, thresholds)
@@ -74,9 +75,9 @@ def check(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, 
         from vtn_tf.qc import picture as picture_lib
 
         buffer = io.BytesIO()
-        picture_lib.draw(buffer, fixed, moving_headers, warped, jacobian, fixed_affine, figures, found,
+        picture_lib.draw(buffer, fixed, moving_headers, warped, flow, fixed_affine, figures, found,
                          warped_labels[0] if len(warped_labels) else None,
-                         fixed_labels[0] if len(fixed_labels) else None, name)
+                         fixed_labels[0] if len(fixed_labels) else None, name, mask)
         png = buffer.getvalue()
     return Check(figures, found, png, time.perf_counter() - begin)
 

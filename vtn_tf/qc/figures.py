@@ -13,13 +13,13 @@ Inputs, all on the fixed image's grid ``[X, Y, Z]`` unless said otherwise:
 * ``world_ras``: the affine part, 4x4, fixed point (mm) -> moving point (mm), as
   ``affine.json`` records it.
 
-Numpy and scipy, with the project's forward-difference Jacobian (`vtn_tf.core.fields`).
+Numpy alone, each figure in one pass over the fixed grid, a slab of planes at a time: the
+similarity over the fixed foreground's bounding box, the field's figures over the whole grid.
 """
 
 import math
 
 import numpy as np
-from scipy import ndimage
 
 WINDOW = 5  # side of the local correlation's cubes (voxels of the fixed grid)
 FOREGROUND = 0.1  # foreground: above this share of the 0.5-99.5 percentile range (the input contract's)
@@ -40,101 +40,185 @@ def foreground(image, threshold=FOREGROUND, percentiles=PERCENTILES):
 
 def _box(mask, margin):
     """The slices of ``mask``'s bounding box widened by ``margin`` voxels (all of it if empty)."""
-    if not mask.any():
-        return tuple(slice(0, n) for n in mask.shape)
-    index = np.argwhere(mask)
-    low = np.maximum(index.min(0) - margin, 0)
-    high = np.minimum(index.max(0) + 1 + margin, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+    out = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not present.size:
+            return tuple(slice(0, n) for n in mask.shape)
+        out.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(out)
 
 
-def correlation(fixed, image, mask):
-    """Pearson's r of two images over the voxels of ``mask`` (0 when one is constant there)."""
-    a = np.asarray(fixed, np.float32)[mask]
-    b = np.asarray(image, np.float32)[mask]
-    a = a - np.float32(a.mean(dtype=np.float64))
-    b = b - np.float32(b.mean(dtype=np.float64))
-    denominator = math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b)))
-    return float(np.dot(a, b)) / denominator if denominator > 0 else 0.0
+def _rows(axis, index):
+    """An index of ``index`` along ``axis`` (all of the axes before it)."""
+    return (slice(None),) * axis + (index,)
+
+
+def _window_sums(x, axis, window, stride):
+    """Sums of ``x`` over ``window`` consecutive entries along ``axis``, centred on every
+    ``stride``-th entry from the first, the edge entries repeated beyond the ends: float32,
+    ``(n - 1) // stride + 1`` entries along ``axis``.
+
+    Each of the ``window`` offsets is one strided slice added to the sums; the few centres whose
+    window passes an end add the end's entry instead."""
+    n, half = x.shape[axis], window // 2
+    count = (n - 1) // stride + 1
+    last = stride * (count - 1)
+    total = x[_rows(axis, slice(0, last + 1, stride))].astype(np.float32, copy=True)
+    for offset in range(-half, window - half):
+        if offset == 0:
+            continue
+        lo = min(count, (-offset + stride - 1) // stride) if offset < 0 else 0  # the first centre inside
+        hi = count if last + offset <= n - 1 else max(lo, (n - 1 - offset) // stride + 1)
+        if hi > lo:
+            begin = stride * lo + offset
+            total[_rows(axis, slice(lo, hi))] += x[_rows(axis, slice(begin, begin + stride * (hi - lo - 1) + 1,
+                                                                     stride))]
+        if lo > 0:
+            total[_rows(axis, slice(0, lo))] += x[_rows(axis, slice(0, 1))]
+        if hi < count:
+            total[_rows(axis, slice(hi, count))] += x[_rows(axis, slice(n - 1, n))]
+    return total
 
 
 def _window_means(x, window, stride):
     """Means of ``x`` over ``window``³ cubes centred on every ``stride``-th voxel per axis (edge
-    values repeated beyond the volume): separable, each axis filtered then decimated."""
-    for axis in (2, 1, 0):  # the contiguous axis first: a third faster than the other way round
-        x = ndimage.uniform_filter1d(x, window, axis=axis, mode="nearest")
-        x = x[(slice(None),) * axis + (slice(None, None, stride),)]
-    return x
+    values repeated beyond the volume). Separable: each axis summed and decimated, axis 0 first
+    (whole planes at a time), so that each pass reads less than the one before."""
+    for axis in range(3):
+        x = _window_sums(x, axis, window, stride)
+    return x * np.float32(1.0 / window ** 3)
 
 
-def local_correlation(fixed, image, mask, window=WINDOW, stride=2):
-    """Mean over ``mask`` of the correlation coefficient in ``window``³ cubes centred on its voxels.
-
-    Cubes where either image is constant count as 0 (no structure to match: a warped image
-    that is 0 beyond the moving volume scores nothing there). The cubes are centred on every
-    ``stride``-th voxel of each axis (1: every voxel; 2, the default, estimates the same mean
-    from an eighth of the cubes, 3 times faster on a brain), within ``mask``'s bounding box.
-    """
-    return local_correlations(fixed, [image], mask, window, stride)[0]
-
-
-def local_correlations(fixed, images, mask, window=WINDOW, stride=2):
-    """:func:`local_correlation` of each of ``images`` to ``fixed`` (the fixed image's window
-    moments computed once; the images side by side in threads: numpy and scipy release the GIL)."""
-    import concurrent.futures
-
-    box = _box(mask, window // 2 + 1)
-    inside = mask[box][::stride, ::stride, ::stride]
-
-    def unit(image):  # float32 moments stay accurate for any intensity unit
-        image = np.asarray(image, np.float32)[box]
-        return image / max(float(np.abs(image).max()), _EPS)
-
-    def moments(x):
-        mean = _window_means(x, window, stride)
-        return x, mean, _window_means(x * x, window, stride) - mean * mean
-
-    def score(image, fixed_moments):
-        a, mean_a, var_a = fixed_moments
-        b, mean_b, var_b = moments(unit(image))
-        cov = _window_means(a * b, window, stride) - mean_a * mean_b
-        va, vb, cov = var_a[inside], var_b[inside], cov[inside]
-        valid = (va > _EPS * _EPS) & (vb > _EPS * _EPS)
-        cc = np.where(valid, cov / np.sqrt(np.maximum(va * vb, _EPS ** 4)), 0.0)
-        return float(np.clip(cc, -1.0, 1.0).mean()) if cc.size else 0.0
-
-    fixed_moments = moments(unit(fixed))
-    if len(images) == 1:
-        return [score(images[0], fixed_moments)]
-    with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
-        return list(pool.map(lambda image: score(image, fixed_moments), images))
-
-
-def similarity(fixed, images, mask, window=WINDOW):
+def similarity(fixed, images, mask, window=WINDOW, stride=2):
     """``[{"cc": global correlation, "lcc": local correlation}]`` of each of ``images`` to
-    ``fixed`` over ``mask``."""
-    local = local_correlations(fixed, images, mask, window)
-    return [{"cc": correlation(fixed, image, mask), "lcc": value} for image, value in zip(images, local)]
+    ``fixed`` over the voxels of ``mask`` (``[X, Y, Z]`` arrays).
+
+    ``cc``: Pearson's r over ``mask`` (0 when an image is constant there). ``lcc``: the mean
+    over ``mask`` of the correlation coefficient in ``window``³ cubes (edge values repeated
+    beyond the volume); cubes where either image is constant count as 0 (no structure to
+    match: a warped image that is 0 beyond the moving volume scores nothing there). The cubes
+    are centred on every ``stride``-th voxel of each axis (1: every voxel; 2, the default,
+    estimates the same mean from an eighth of the cubes).
+
+    Each image is scaled to its largest magnitude over ``mask``'s bounding box (the threshold
+    of a constant cube means the same in any intensity unit); the window moments are float32
+    box sums, decimated axis by axis (the fixed image's once for all images).
+    """
+    box = _box(mask, window // 2 + 1)
+    region = mask[box]
+    kept = region[::stride, ::stride, ::stride]
+    inside = np.flatnonzero(region)
+
+    def scaled(image):  # contiguous, the largest magnitude 1
+        view = np.asarray(image, np.float32)[box]
+        return view * np.float32(1.0 / max(float(view.max()), -float(view.min()), _EPS))
+
+    def means(x):
+        return _window_means(x, window, stride)[kept]
+
+    a = scaled(fixed)
+    centred_a = _centred(a.ravel().take(inside))
+    mean_a = means(a)
+    var_a = means(a * a) - mean_a * mean_a
+    out = []
+    for image in images:
+        b = scaled(image)
+        mean_b = means(b)
+        var_b = means(b * b) - mean_b * mean_b
+        cov = means(a * b) - mean_a * mean_b
+        valid = (var_a > _EPS * _EPS) & (var_b > _EPS * _EPS)
+        cc = np.where(valid, cov / np.sqrt(np.maximum(var_a * var_b, _EPS ** 4)), 0.0)
+        local = float(np.clip(cc, -1.0, 1.0).mean(dtype=np.float64)) if cc.size else 0.0
+        centred_b = _centred(b.ravel().take(inside))
+        denominator = math.sqrt(float(np.dot(centred_a, centred_a)) * float(np.dot(centred_b, centred_b)))
+        out.append({"cc": float(np.dot(centred_a, centred_b)) / denominator if denominator > 0 else 0.0,
+                    "lcc": local})
+    return out
+
+
+def _centred(values):
+    """``values`` minus their mean, the mean taken in float64 (the correlation's products of
+    centred float32 values do not cancel)."""
+    return values - np.float32(values.mean(dtype=np.float64)) if values.size else values
 
 
 # ----- the field -----------------------------------------------------------------------------
-ROWS = 4  # fixed-grid slices per step of the field figures: the temporaries stay in the CPU's cache
+SLAB_VOXELS = 1 << 17  # fixed-grid voxels per step of the field's pass: its temporaries stay in cache
 
 
 def jacobian_determinant(flow):
     """``det(I + ∇flow)`` with forward differences: ``[X-1, Y-1, Z-1]`` float32, as the evaluation
-    counts folding (`vtn_tf.core.fields.forward_jacobian_determinant`, here a few slices at a
-    time: 8 times faster on a brain than the whole volume at once).
+    counts folding (`vtn_tf.core.fields.forward_jacobian_determinant`: the same products in the
+    same order, without the cofactors the determinant does not need).
 
     ``flow``: ``[X, Y, Z, 3]`` voxels, pulling (channel c along axis c).
     """
-    from vtn_tf.core.fields import forward_jacobian_determinant
+    components = np.moveaxis(np.asarray(flow, np.float32), -1, 0)
+    return _determinant(np.ascontiguousarray(components))
 
+
+def _determinant(components):
+    """:func:`jacobian_determinant` of ``[3, X, Y, Z]`` contiguous displacement components."""
+    base = components[:, :-1, :-1, :-1]
+    J = [[components[k, 1:, :-1, :-1] - base[k], components[k, :-1, 1:, :-1] - base[k],
+          components[k, :-1, :-1, 1:] - base[k]] for k in range(3)]
+    for k in range(3):
+        J[k][k] += np.float32(1.0)
+    return (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1]) + J[0][1] * (J[1][2] * J[2][0] - J[1][0] * J[2][2])
+            + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
+
+
+def field_figures(flow, fixed_affine, warped=None, threshold=None):
+    """The figures of a flow in one pass, a slab of planes at a time (:data:`SLAB_VOXELS`).
+
+    Args:
+      flow: ``[X, Y, Z, 3]`` voxels of the grid with ``fixed_affine``, pulling.
+      warped, threshold: with both, also ``carried_voxels``: the sum of the positive Jacobian
+        determinants over the voxels whose ``warped`` value is above ``threshold``
+        (:func:`coverage`).
+    Returns:
+      dict: ``folding_percent`` (determinant ≤ 0), ``jacobian_std``, ``jacobian_min`` (of the
+      forward-difference determinant, :func:`jacobian_determinant`) and
+      ``largest_displacement_mm`` (the longest ``u(x)``, mm).
+    """
     flow = np.asarray(flow, np.float32)
-    out = np.empty(tuple(n - 1 for n in flow.shape[:3]), np.float32)
-    for start in range(0, out.shape[0], ROWS):
-        stop = min(start + ROWS, out.shape[0])
-        out[start:stop] = forward_jacobian_determinant(flow[start:stop + 1])
+    linear = np.asarray(fixed_affine, np.float64)[:3, :3]
+    gram = linear.T @ linear  # |L u|² = u·(LᵀL)u
+    X = flow.shape[0]
+    rows = max(1, SLAB_VOXELS // max(1, flow.shape[1] * flow.shape[2]))
+    folded, total, smallest, largest = 0, 0, math.inf, 0.0
+    shift, sums = None, [0.0, 0.0]  # of det - shift and its square (shift: the first slab's mean, no cancellation)
+    carried = 0.0
+    for start in range(0, X - 1, rows):
+        stop = min(start + rows, X - 1)
+        components = np.ascontiguousarray(np.moveaxis(flow[start:stop + 1], -1, 0))
+        det = _determinant(components)
+        folded += int(np.count_nonzero(det <= 0))
+        total += det.size
+        smallest = min(smallest, float(det.min()))
+        shift = float(det.mean(dtype=np.float64)) if shift is None else shift
+        deviation = (det - np.float32(shift)).ravel()
+        sums[0] += float(deviation.sum(dtype=np.float64))
+        sums[1] += float(np.dot(deviation, deviation))
+        if warped is not None and threshold is not None:
+            inside = np.asarray(warped[start:stop, :-1, :-1]) > threshold
+            carried += float(np.maximum(det, 0.0)[inside].sum(dtype=np.float64))
+        u = components[:, :stop - start + (1 if stop == X - 1 else 0)]
+        squared = sum(np.float32(gram[i, i]) * u[i] * u[i] for i in range(3))
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            if gram[i, j] != 0:
+                squared += np.float32(2.0 * gram[i, j]) * u[i] * u[j]
+        largest = max(largest, float(squared.max()))
+    if X < 2:  # no forward differences: the displacement alone
+        largest = float(displacement_mm(flow, fixed_affine).max()) ** 2 if flow.size else 0.0
+    total = max(total, 1)
+    mean = sums[0] / total
+    spread = math.sqrt(max(sums[1] / total - mean * mean, 0.0))
+    out = {"folding_percent": 100.0 * folded / total, "jacobian_std": spread, "jacobian_min": smallest,
+           "largest_displacement_mm": math.sqrt(largest)}
+    if warped is not None and threshold is not None:
+        out["carried_voxels"] = carried
     return out
 
 
@@ -147,17 +231,6 @@ def displacement_mm(flow, fixed_affine):
     """Lengths (mm) of a displacement ``[X, Y, Z, 3]`` in voxels of the grid with ``fixed_affine``."""
     linear = np.asarray(fixed_affine, np.float32)[:3, :3]
     return np.linalg.norm(np.asarray(flow, np.float32) @ linear.T, axis=-1)
-
-
-def largest_displacement(flow, fixed_affine):
-    """The longest displacement (mm) of a flow ``[X, Y, Z, 3]`` in voxels, a few slices at a time."""
-    flow = np.asarray(flow, np.float32)
-    linear = np.asarray(fixed_affine, np.float32)[:3, :3]
-    largest = 0.0
-    for start in range(0, flow.shape[0], 4 * ROWS):
-        mm = flow[start:start + 4 * ROWS] @ linear.T
-        largest = max(largest, float(np.einsum("...c,...c->...", mm, mm).max()))
-    return math.sqrt(largest)
 
 
 # ----- the affine part -------------------------------------------------------------------------
@@ -236,7 +309,7 @@ def _rounded(value, digits=4):
 
 def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, fixed_labels=(),
             warped_labels=(), headers_labels=(), inverse_consistency=None, seconds=None, modality=None, moving=None,
-            moving_affine=None, jacobian=None, window=WINDOW):
+            moving_affine=None, mask=None, window=WINDOW):
     """Every figure of one registration, as a JSON-ready dict (``qc.json``).
 
     Args:
@@ -249,7 +322,7 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
         failure rule with the intensities of ``fixed`` and ``moving``.
       moving, moving_affine: the moving image on its own grid and its affine: the intensity
         summary and the share of its foreground that lands in the fixed field of view.
-      jacobian: the forward-difference determinant when already computed (else computed here).
+      mask: the fixed image's :func:`foreground` when already computed (else computed here).
     Returns:
       dict: ``similarity`` (``before``: headers alone, ``after``: registered; each ``cc`` and
       ``lcc``), ``field`` (``folding_percent``, ``jacobian_std``, ``jacobian_min``,
@@ -258,23 +331,23 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
       ``intensity``, ``dice``, ``inverse_consistency``, ``seconds``.
     """
     fixed = np.asarray(fixed, np.float32)
-    mask = foreground(fixed)
+    mask = foreground(fixed) if mask is None else mask
     if not mask.any():
         mask = np.ones(fixed.shape, bool)
     before, after = similarity(fixed, [moving_headers, warped], mask, window)
     out = {"similarity": {"before": before, "after": after,
                           "window": int(window), "region": "the fixed image's foreground"}}
-    det = jacobian_determinant(flow) if jacobian is None else jacobian
-    field = {"folding_percent": 100.0 * float(np.count_nonzero(det <= 0)) / det.size,
-             "jacobian_std": float(det.std(dtype=np.float64)), "jacobian_min": float(det.min()),
-             "largest_displacement_mm": largest_displacement(flow, fixed_affine)}
+    covered = moving is not None and moving_affine is not None
+    threshold = moving_threshold(moving) if covered else None
+    field = field_figures(flow, fixed_affine, warped if covered else None, threshold)
+    carried = field.pop("carried_voxels", 0.0)
     if world_ras is not None:
-        centre_voxel = np.argwhere(mask[::2, ::2, ::2]).mean(0) * 2.0
+        centre_voxel = _mean_index(mask[::2, ::2, ::2]) * 2.0
         centre = (np.asarray(fixed_affine, float) @ np.r_[centre_voxel, 1.0])[:3]
         out["affine"] = decompose_affine(world_ras, centre)
     out["field"] = field
-    if moving is not None and moving_affine is not None:
-        out["coverage"] = coverage(warped, det, fixed_affine, moving, moving_affine)
+    if covered:
+        out["coverage"] = coverage(moving, moving_affine, threshold, carried, fixed_affine)
     out["intensity"] = {"modality": modality, "fixed": intensity_summary(fixed)}
     if moving is not None:
         out["intensity"]["moving"] = intensity_summary(moving)
@@ -289,20 +362,31 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
     return _rounded(out)
 
 
-def coverage(warped, det, fixed_affine, moving, moving_affine):
+def _mean_index(mask):
+    """The mean voxel index of ``mask`` (``[3]`` float), from its counts along each axis."""
+    total = max(int(np.count_nonzero(mask)), 1)
+    return np.array([float(np.dot(np.arange(mask.shape[a]), mask.sum(axis=tuple(b for b in range(3) if b != a))))
+                     / total for a in range(3)])
+
+
+def moving_threshold(moving):
+    """The moving image's foreground threshold (as :func:`foreground`'s, on its own grid)."""
+    low, high = np.percentile(np.asarray(moving, np.float32)[::2, ::2, ::2], PERCENTILES)
+    return low + FOREGROUND * (max(high, low + 1e-6) - low)
+
+
+def coverage(moving, moving_affine, threshold, carried_voxels, fixed_affine):
     """How much of the moving image's foreground lands in the fixed field of view.
 
-    A fixed voxel whose warped value is foreground carries ``vol_f * det(I + ∇u)`` mm³ of the
-    moving image; their sum over the moving foreground's volume is the share that lands inside
-    (100 % when the fixed grid covers the whole moving foreground).
+    A fixed voxel whose warped value is above the moving image's foreground ``threshold``
+    (:func:`moving_threshold`) carries ``vol_f * det(I + ∇u)`` mm³ of the moving image;
+    ``carried_voxels`` is the sum of those determinants (the positive ones:
+    :func:`field_figures`), and its volume over the moving foreground's is the share that
+    lands inside (100 % when the fixed grid covers the whole moving foreground).
     Returns ``{"moving_inside_percent"}``.
     """
-    moving = np.asarray(moving, np.float32)
-    low, high = np.percentile(moving[::2, ::2, ::2], PERCENTILES)
-    threshold = low + FOREGROUND * (max(high, low + 1e-6) - low)
-    moving_volume = float(np.count_nonzero(moving > threshold)) * float(np.prod(spacing_of(moving_affine)))
-    inside = np.asarray(warped, np.float32)[:-1, :-1, :-1] > threshold
-    carried = float(np.clip(det[inside], 0.0, None).sum()) * float(np.prod(spacing_of(fixed_affine)))
+    moving_volume = float(np.count_nonzero(np.asarray(moving) > threshold)) * float(np.prod(spacing_of(moving_affine)))
+    carried = carried_voxels * float(np.prod(spacing_of(fixed_affine)))
     share = 100.0 * min(carried / moving_volume, 1.0) if moving_volume > 0 else 0.0
     return {"moving_inside_percent": share}
 

@@ -8,8 +8,11 @@ warped tiles; the Jacobian determinant of the field (diverging colours about 1, 
 marked); and, with labels, the warped label outlines over the fixed image. A title gives the
 verdict and the figures; a caption says what every colour means.
 
-Matplotlib (the ``plot`` extra) draws it with the Agg backend, imported only when called."""
+Numpy composes the image; Pillow (with matplotlib, the ``plot`` extra: its colour maps and its
+DejaVu Sans font) writes the text and the PNG, imported only when called."""
 
+import functools
+import os
 import textwrap
 
 import numpy as np
@@ -22,6 +25,7 @@ FOLDING_RGB = (0.0, 1.0, 0.0)  # folding voxels: bright green over the diverging
 PANEL_PIXELS = 200  # the longest side of a panel, in pixels of the picture
 PAD = 6  # pixels between panels
 CHECKER_TILES = 8
+PNG_COMPRESSION = 3  # zlib level: half the time of the default 6, the file no larger (RGB, no alpha)
 
 
 def _orientation(affine):
@@ -184,33 +188,88 @@ def summary_line(figures):
     return "; ".join(parts)
 
 
-def draw(path, fixed, moving_headers, warped, jacobian, fixed_affine, figures=None, flag_list=(),
-         warped_labels=None, fixed_labels=None, name="", dpi=72):
+def jacobian_slices(flow, fixed_affine, centre_voxel):
+    """The forward-difference Jacobian determinant on the three slices of the picture: axial,
+    coronal and sagittal (as :func:`_slices` of the RAS-oriented volume) through the fixed
+    voxel ``centre_voxel``, each from the two planes of ``flow`` it needs (the last plane of an
+    axis repeats the one before it, which has no forward neighbour)."""
+    flow = np.asarray(flow, np.float32)
+    axes_order, _ = _orientation(fixed_affine)
+    out = []
+    for ras_axis in (2, 1, 0):  # axial fixes S, coronal A, sagittal R
+        axis = axes_order[ras_axis]
+        n = flow.shape[axis]
+        first = max(min(int(centre_voxel[axis]), n - 2), 0)
+        planes = np.take(flow, range(first, min(first + 2, n)), axis=axis)
+        if planes.shape[axis] < 2:  # one voxel thick: no forward difference along it
+            planes = np.concatenate([planes, planes], axis=axis)
+        det = figures_lib.jacobian_determinant(planes)
+        det = np.pad(det, [(0, 0) if a == axis else (0, 1) for a in range(3)], mode="edge")
+        out.append(np.take(to_ras(det, fixed_affine), 0, axis=ras_axis))
+    return tuple(out)
+
+
+def _centre_voxel(mask, shape):
+    """The centre of ``mask``'s bounding box (read on every second voxel), or of the grid."""
+    sample = mask[::2, ::2, ::2]
+    if not sample.any():
+        return np.asarray(shape) // 2
+    low = [2 * int(np.flatnonzero(sample.any(axis=tuple(b for b in range(3) if b != a)))[0]) for a in range(3)]
+    high = [2 * int(np.flatnonzero(sample.any(axis=tuple(b for b in range(3) if b != a)))[-1]) for a in range(3)]
+    return (np.asarray(low) + np.asarray(high)) // 2
+
+
+@functools.cache
+def _font(size, bold=False):
+    """Matplotlib's own DejaVu Sans at ``size`` pixels (Pillow's default font without it)."""
+    import matplotlib
+    from PIL import ImageFont
+
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", name), size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def _rotated(words, size):
+    """``words`` in black on white, turned a quarter to read upwards (a row's name)."""
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = _font(size).getbbox(words)
+    label = Image.new("RGB", (right - left + 2, bottom - top + 2), "white")
+    ImageDraw.Draw(label).text((1 - left, 1 - top), words, fill="black", font=_font(size))
+    return label.transpose(Image.Transpose.ROTATE_90)
+
+
+def _colour_scale(width, height):
+    """The Jacobian's colour scale, determinants 0 to 2 left to right: ``[height, width, 3]``."""
+    return np.repeat(_jacobian_colours(np.linspace(0.0, 2.0, width))[None], height, 0)
+
+
+def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, flag_list=(),
+         warped_labels=None, fixed_labels=None, name="", mask=None, dpi=72):
     """Draw the picture into ``path`` (a PNG file name or binary stream) and return ``path``.
 
     Args:
       fixed, moving_headers, warped: ``[X, Y, Z]`` images on the fixed grid (see
         `vtn_tf.qc.figures`).
-      jacobian: ``[X-1, Y-1, Z-1]`` forward-difference determinant of the field (edge-padded here).
+      flow: ``[X, Y, Z, 3]`` displacement (voxels, pulling): the Jacobian determinant column,
+        computed on the slices shown (:func:`jacobian_slices`).
       fixed_affine: 4x4 voxel -> RAS mm of the fixed grid (orientation and pixel aspect).
       figures, flag_list: :func:`vtn_tf.qc.figures.compute`'s dict and
         :func:`vtn_tf.qc.flags.flags`'s list, for the title.
       warped_labels, fixed_labels: optional ``[X, Y, Z]`` label maps on the fixed grid.
       name: the pair's name, first in the title.
+      mask: the fixed image's foreground (`vtn_tf.qc.figures.foreground`) when already computed.
 
-    The panels are composed into one image (:func:`mosaic`) drawn on one set of axes: a
-    tenth of the time of a grid of matplotlib axes.
+    The panels (:func:`mosaic`), the margins and the colour scale are composed into one RGB
+    image; Pillow writes the text on it (matplotlib's DejaVu Sans) and the PNG: a tenth of the
+    time of a matplotlib figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     fixed = np.asarray(fixed, np.float32)
-    jacobian = np.pad(np.asarray(jacobian, np.float32), [(0, 1)] * 3, mode="edge")
-    mask = figures_lib.foreground(fixed)[::2, ::2, ::2]
-    index = np.argwhere(mask) * 2 if mask.any() else np.zeros((1, 3), int) + np.asarray(fixed.shape) // 2
-    centre_voxel = (index.min(0) + index.max(0)) // 2
+    mask = figures_lib.foreground(fixed) if mask is None else mask
+    centre_voxel = _centre_voxel(mask, fixed.shape)
     axes_order, flips = _orientation(fixed_affine)
     centre = [int(fixed.shape[a] - 1 - centre_voxel[a]) if flip else int(centre_voxel[a])
               for a, flip in zip(axes_order, flips)]
@@ -222,8 +281,8 @@ def draw(path, fixed, moving_headers, warped, jacobian, fixed_affine, figures=No
         return _slices(to_ras(volume, fixed_affine), centre) if volume is not None else (None,) * 3
 
     views = {"fixed": slices(fixed), "moving": slices(moving_headers), "warped": slices(warped),
-             "jacobian": slices(jacobian), "warped_labels": slices(warped_labels),
-             "fixed_labels": slices(fixed_labels)}
+             "jacobian": jacobian_slices(flow, fixed_affine, centre_voxel),
+             "warped_labels": slices(warped_labels), "fixed_labels": slices(fixed_labels)}
     windows = (_window(views["fixed"]), _window(views["moving"] + views["warped"], nonzero=True))
     # (horizontal, vertical) spacing of each view: axial R-A, coronal R-S, sagittal A-S
     pixel = [(spacing[0], spacing[1]), (spacing[0], spacing[2]), (spacing[1], spacing[2])]
@@ -232,35 +291,42 @@ def draw(path, fixed, moving_headers, warped, jacobian, fixed_affine, figures=No
 
     top_px, bottom_px, left_px = 64, 62, 20  # title lines; colour scale and caption; view names
     height_px, width_px = canvas.shape[0] + top_px + bottom_px, canvas.shape[1] + left_px + 4
-    fig = plt.figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    ax = fig.add_axes([left_px / width_px, bottom_px / height_px, canvas.shape[1] / width_px,
-                       canvas.shape[0] / height_px])
-    ax.imshow(canvas, interpolation="nearest", aspect="equal")
-    ax.set_axis_off()
+    image = np.ones((height_px, width_px, 3), np.float32)
+    image[top_px:top_px + canvas.shape[0], left_px:left_px + canvas.shape[1]] = canvas
+    bar_left, bar_top, bar_width = int(left_px + 4.1 * width), height_px - bottom_px + 16, int(0.8 * width)
+    image[bar_top:bar_top + 8, bar_left:bar_left + bar_width] = _colour_scale(bar_width, 8)
+    for k in range(5):  # ticks at 0, 0.5, 1, 1.5, 2
+        image[bar_top + 8:bar_top + 10, bar_left + round(k * (bar_width - 1) / 4)] = 0.0
+
+    from PIL import Image, ImageDraw
+
+    picture = Image.fromarray((image * 255 + 0.5).astype(np.uint8))
+    pen = ImageDraw.Draw(picture)
+
+    def text(x, y, words, size, anchor="la", fill="black", bold=False):  # x, y in pixels from the top left
+        pen.text((x, y), words, fill=fill, font=_font(size, bold), anchor=anchor)
+
     for c, title in enumerate(columns):
-        ax.text(c * width + width / 2, -4, title, ha="center", va="bottom", fontsize=9)
+        text(left_px + c * width + width / 2, top_px - 4, title, 9, "md")
     names = ("axial", "coronal", "sagittal")
     positions = (f"S {centre[2]}", f"A {centre[1]}", f"R {centre[0]}")
     for r, letters in enumerate((("L", "R"), ("L", "R"), ("P", "A"))):
-        ax.text(-4, sum(heights[:r]) + heights[r] / 2, f"{names[r]} ({positions[r]})", rotation=90,
-                ha="right", va="center", fontsize=9)
+        label = _rotated(f"{names[r]} ({positions[r]})", 9)
+        middle = top_px + sum(heights[:r]) + heights[r] // 2
+        picture.paste(label, (left_px - 4 - label.width, middle - label.height // 2))
         _, _, left, top, cell_width, cell_height = cells[r * len(columns)]
-        for x, letter, align in ((left + 2, letters[0], "left"), (left + cell_width - 2, letters[1], "right")):
-            ax.text(x, top + cell_height - 2, letter, color="yellow", fontsize=8, ha=align, va="bottom")
-    bar = fig.add_axes([(left_px + 4.1 * width) / width_px, (bottom_px - 24) / height_px,
-                        0.8 * width / width_px, 8 / height_px])  # the Jacobian's colour scale under its column
-    bar.imshow(_jacobian_colours(np.linspace(0.0, 2.0, 256))[None], aspect="auto", extent=(0, 2, 0, 1))
-    bar.set_yticks([])
-    bar.set_xticks([0, 0.5, 1, 1.5, 2])
-    bar.tick_params(labelsize=7, length=2, pad=1)
+        for x, letter, anchor in ((left + 2, letters[0], "ld"), (left + cell_width - 2, letters[1], "rd")):
+            text(left_px + x, top_px + top + cell_height - 2, letter, 8, anchor, (255, 255, 0))
+    for k in range(5):
+        text(bar_left + k * (bar_width - 1) / 4, bar_top + 11, f"{0.5 * k:.1f}", 7, "ma")
 
-    def wrapped(text, size):  # matplotlib's own wrapping measures every word: slow
-        return textwrap.fill(text, max(40, int(width_px / (0.58 * size))))
+    def wrapped(words, size):  # about as many characters as fit the width
+        return textwrap.fill(words, max(40, int(width_px / (0.58 * size))))
 
     verdict = ("SUSPECT: " + "; ".join(f["reason"] for f in flag_list)) if flag_list else "no failure flag"
-    fig.text(4 / width_px, 1 - 4 / height_px, wrapped((name + ": " if name else "") + verdict, 9), fontsize=9,
-             va="top", color="firebrick" if flag_list else "darkgreen", fontweight="bold")
-    fig.text(4 / width_px, 1 - 38 / height_px, wrapped(summary_line(figures or {}), 8), fontsize=8, va="top")
+    pen.multiline_text((4, 4), wrapped((name + ": " if name else "") + verdict, 9), font=_font(9, True),
+                       fill=(178, 34, 34) if flag_list else (0, 100, 0))
+    pen.multiline_text((4, 38), wrapped(summary_line(figures or {}), 8), font=_font(8), fill="black")
     caption = ("Neurological view: the patient's right on the right (letters at the edges). Grey: "
                "each image scaled on its own slices. Checkerboard: fixed and warped tiles; edges should run on "
                "across tiles. Jacobian determinant: local volume change, white = 1 (none), red > 1 (expansion), "
@@ -268,7 +334,6 @@ def draw(path, fixed, moving_headers, warped, jacobian, fixed_affine, figures=No
     if views["warped_labels"][0] is not None:
         caption += (" Labels: coloured outlines = warped moving labels"
                     + ("; white = fixed labels" if fixed_labels is not None else "") + ".")
-    fig.text(4 / width_px, 3 / height_px, wrapped(caption, 7), fontsize=7, va="bottom")
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    pen.multiline_text((4, height_px - 3), wrapped(caption, 7), font=_font(7), fill="black", anchor="ld")
+    picture.save(path, format="PNG", compress_level=PNG_COMPRESSION)
     return path

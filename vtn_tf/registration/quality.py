@@ -47,9 +47,9 @@ def quality_check(result, fixed, moving, moving_labels=(), fixed_labels=(), moda
     paired = min(len(fixed_labels), len(result.warped_labels))
     headers_labels = [resample_through(v.data, fixed_to_moving, shape, "nearest", "zero")
                       for v in list(moving_labels)[:paired]]
+    mask = qc_figures.foreground(fixed.data)  # once, for the figures, the picture and the inverse's consistency
     consistency = None
     if result.inverse is not None:
-        mask = qc_figures.foreground(fixed.data)
         consistency = inverse_consistency(result.flow_voxels, result.inverse.flow, fixed.affine, moving.affine, mask)
     if name is None:
         name = f"{os.path.basename(fixed.path)} <- {os.path.basename(moving.path)}"
@@ -60,6 +60,6 @@ def quality_check(result, fixed, moving, moving_labels=(), fixed_labels=(), moda
                      fixed_labels=[v.data for v in list(fixed_labels)[:paired]],
                      warped_labels=list(result.warped_labels), headers_labels=headers_labels,
                      inverse_consistency=consistency, seconds=seconds, modality=modality, moving=moving.data,
-                     moving_affine=moving.affine)
+                     moving_affine=moving.affine, mask=mask)
     check.seconds = time.perf_counter() - begin
     return check
