@@ -450,6 +450,33 @@ def test_the_pipeline_check_places_the_moving_image_by_its_headers():
     assert quality.modality_of(None, "ct") == "CT" and quality.modality_of(SimpleNamespace(modality="MRI")) == "MRI"
 
 
+def test_scans_on_one_grid_are_placed_by_their_headers_without_resampling(monkeypatch):
+    from types import SimpleNamespace
+
+    from vtn_tf import io
+    from vtn_tf.registration import quality
+
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    affine[:3, 3] = [-20.0, 4.0, 7.0]
+    fixed, moving = phantom(), phantom(seed=3, shift=(2, 0, 1))
+    labels = (moving > 110).astype(np.int16)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("resampled although the grids coincide")
+    monkeypatch.setattr(quality, "resample_through", refused)
+    volume = lambda data, name: io.Volume(data, affine, (1.5, 1.0, 2.0), name)  # noqa: E731
+    result = SimpleNamespace(flow_voxels=np.zeros(SHAPE + (3,), np.float32), warped=fixed, warped_labels=[labels],
+                             inverse=None, affine={"world_ras": np.eye(4)}, seconds={})
+    check = quality.quality_check(result, volume(fixed, "f.nii"), volume(moving, "m.nii"), [volume(labels, "l.nii")],
+                                  [volume(labels, "fl.nii")], picture=False)
+    mask = figures.foreground(fixed)
+    assert check.figures["similarity"]["before"]["cc"] == pytest.approx(stats.pearsonr(fixed[mask], moving[mask])[0],
+                                                                        abs=1e-4)
+    assert check.figures["dice"]["before"] == 1.0
+    placed = quality.placed_by_headers(labels, np.eye(4), SHAPE, "nearest")
+    assert placed.dtype == labels.dtype and np.array_equal(placed, labels)
+
+
 # ----- vtn-register: the check beside the outputs, the cohort report ---------------------------------
 def _save(path, data, affine=None):
     import nibabel as nib
