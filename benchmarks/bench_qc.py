@@ -1,5 +1,7 @@
-"""What the quality check adds to a registration: ``vtn-register --pairs`` per pair with
-``--qc off`` and ``--qc on``, side by side in one run, and the check's parts.
+"""What the quality check adds to a vtn-register --pairs registration, and its parts.
+
+``vtn-register --pairs`` per pair with ``output.qc=false`` and ``output.qc=true``, side by side
+in one run, and the check's parts.
 
 Pairs: LPBA40 S01 <- S02, S03, ... (160x192x160, 1 mm) with the moving labels, as stored. The
 model: a run directory (``--model``, e.g. runs/brain-cpu), or an untrained ADD at half width
@@ -11,8 +13,9 @@ Columns (seconds, median over the pairs of ``--repeats`` passes after a warm-up 
 * batch per pair with ``--qc off`` and ``--qc on`` (read, register, write; the model loaded
   once), the difference and its share of the registration;
 * the check's parts on one pair: placing the moving image by the headers (the figures'
-  "before"), the figures (`vtn_tf.qc.figures.compute`, with the Jacobian), the picture
-  (`vtn_tf.qc.picture.draw`), and the cohort report per pair (`vtn_tf.qc.report.write`).
+  "before"; no resampling when the two scans share their grid, as LPBA40's), the figures
+  (`vtn_tf.qc.figures.compute`), the picture (`vtn_tf.qc.picture.draw`), and the cohort
+  report per pair (`vtn_tf.qc.report.write`).
 """
 
 import os
@@ -56,7 +59,6 @@ def parts(registrar, repeats):
 
     from vtn_tf.qc import figures, picture, report
     from vtn_tf.registration import pipeline, quality
-    from vtn_tf.registration.resampling import resample_through
 
     root = data_dir() / "lpba40"
     fixed, moving, labels = pipeline.read_inputs(root / "images" / "S01.nii.gz", root / "images" / "S02.nii.gz",
@@ -66,17 +68,18 @@ def parts(registrar, repeats):
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(repeats + 1):
             begin = time.perf_counter()
-            headers = resample_through(moving.data, np.linalg.inv(moving.affine) @ fixed.affine, fixed.data.shape)
+            headers = quality.placed_by_headers(moving.data, np.linalg.inv(moving.affine) @ fixed.affine,
+                                                fixed.data.shape)
             times["headers"].append(time.perf_counter() - begin)
             begin = time.perf_counter()
-            jacobian = figures.jacobian_determinant(result.flow_voxels)
+            mask = figures.foreground(fixed.data)
             numbers = figures.compute(fixed.data, headers, result.warped, result.flow_voxels, fixed.affine,
-                                      np.asarray(result.affine["world_ras"]), jacobian=jacobian, moving=moving.data,
+                                      np.asarray(result.affine["world_ras"]), mask=mask, moving=moving.data,
                                       moving_affine=moving.affine, modality="MRI")
             times["figures"].append(time.perf_counter() - begin)
             begin = time.perf_counter()
-            picture.draw(os.path.join(folder, "qc.png"), fixed.data, headers, result.warped, jacobian, fixed.affine,
-                         numbers, [], result.warped_labels[0])
+            picture.draw(os.path.join(folder, "qc.png"), fixed.data, headers, result.warped, result.flow_voxels,
+                         fixed.affine, numbers, [], result.warped_labels[0], mask=mask)
             times["picture"].append(time.perf_counter() - begin)
             check = quality.quality_check(result, fixed, moving, labels)
             with open(os.path.join(folder, "qc.json"), "w") as stream:
