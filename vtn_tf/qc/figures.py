@@ -194,16 +194,17 @@ def field_figures(flow, fixed_affine, warped=None, threshold=None):
         stop = min(start + rows, X - 1)
         components = np.ascontiguousarray(np.moveaxis(flow[start:stop + 1], -1, 0))
         det = _determinant(components)
-        folded += int(np.count_nonzero(det <= 0))
+        low = float(det.min())
+        folded += int(np.count_nonzero(det <= 0)) if low <= 0 else 0
         total += det.size
-        smallest = min(smallest, float(det.min()))
+        smallest = min(smallest, low)
         shift = float(det.mean(dtype=np.float64)) if shift is None else shift
         deviation = (det - np.float32(shift)).ravel()
         sums[0] += float(deviation.sum(dtype=np.float64))
         sums[1] += float(np.dot(deviation, deviation))
         if warped is not None and threshold is not None:
             inside = np.asarray(warped[start:stop, :-1, :-1]) > threshold
-            carried += float(np.maximum(det, 0.0)[inside].sum(dtype=np.float64))
+            carried += float((np.maximum(det, 0.0) if low <= 0 else det)[inside].sum(dtype=np.float64))
         u = components[:, :stop - start + (1 if stop == X - 1 else 0)]
         squared = sum(np.float32(gram[i, i]) * u[i] * u[i] for i in range(3))
         for i, j in ((0, 1), (0, 2), (1, 2)):
