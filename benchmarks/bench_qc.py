@@ -8,10 +8,13 @@ model: a run directory (``--model``, e.g. runs/brain-cpu), or an untrained ADD a
 on a 64^3 grid (speed only; its fields are random). Rows: batch mode without refinement and
 with ``--refine N`` (``--refine``, default 60).
 
-Columns (seconds, median over the pairs of ``--repeats`` passes after a warm-up pair):
+Columns (seconds, medians over the pairs after a warm-up pair; the parts over ``--repeats``
+passes):
 
-* batch per pair with ``--qc off`` and ``--qc on`` (read, register, write; the model loaded
-  once), the difference and its share of the registration;
+* batch per pair with ``output.qc=false`` and ``output.qc=true``, each pair registered both
+  ways one after the other (read, register, write; the model loaded once), their difference
+  (the median of the pairs' differences) and its share of the registration; the check's own
+  ``qc_seconds`` (``qc.json``: placing, figures, picture) and its share;
 * the check's parts on one pair: placing the moving image by the headers (the figures'
   "before"; no resampling when the two scans share their grid, as LPBA40's), the figures
   (`vtn_tf.qc.figures.compute`), the picture (`vtn_tf.qc.picture.draw`), and the cohort
@@ -37,20 +40,30 @@ def _pairs_file(folder, count, tag):
     return path
 
 
-def per_pair(registrar, folder, count, tag, qc):
-    """Median seconds per pair of the batch run (``--pairs``) with the check on or off."""
+def per_pair(registrar, folder, count, tag):
+    """Seconds per pair of the batch run (``--pairs``), each pair with the check off then on
+    (the two runs side by side, so that a change in the machine's load falls on both): the
+    medians over the pairs after the first of the time off, on, their difference, and the
+    check's own ``qc_seconds``."""
     import io as text_io
+    import json
 
     from vtn_tf.registration import batch
 
-    registrar.settings.output.qc = qc
-    rows = batch.read_pairs(_pairs_file(folder, count, tag))
-    seconds = []
-    for row in rows:
-        begin = time.perf_counter()
-        batch.run(registrar, [row], overwrite=True, stream=text_io.StringIO())
-        seconds.append(time.perf_counter() - begin)
-    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+    rows = {qc: batch.read_pairs(_pairs_file(folder, count, f"{tag}-{'on' if qc else 'off'}")) for qc in (False, True)}
+    seconds = {False: [], True: [], "qc": []}
+    for off_row, on_row in zip(rows[False], rows[True]):
+        for qc, row in ((False, off_row), (True, on_row)):
+            registrar.settings.output.qc = qc
+            begin = time.perf_counter()
+            batch.run(registrar, [row], overwrite=True, stream=text_io.StringIO())
+            seconds[qc].append(time.perf_counter() - begin)
+        with open(os.path.join(on_row["out"], "qc.json"), encoding="utf-8") as stream:
+            seconds["qc"].append(json.load(stream)["qc_seconds"])
+    kept = {key: values[1:] if len(values) > 1 else values for key, values in seconds.items()}
+    added = [on - off for off, on in zip(kept[False], kept[True])]
+    return (statistics.median(kept[False]), statistics.median(kept[True]), statistics.median(added),
+            statistics.median(kept["qc"]))
 
 
 def parts(registrar, repeats):
@@ -113,12 +126,12 @@ def main():
         rows = []
         for refine in [0] + ([args.refine] if args.refine and not args.quick else []):
             registrar.settings.refine = RefineSettings(steps=refine)
-            off = per_pair(registrar, folder, count, f"off{refine}", False)
-            on = per_pair(registrar, folder, count, f"on{refine}", True)
+            off, on, added, check = per_pair(registrar, folder, count, f"refine{refine}")
             rows.append([f"--refine {refine}" if refine else "no refinement", format_seconds(off),
-                         format_seconds(on), format_seconds(on - off), f"{100 * (on - off) / off:.0f} %"])
-        print_table(["registration (LPBA40, 160x192x160)", "batch per pair, --qc off", "--qc on", "added",
-                     "added / registration"], rows)
+                         format_seconds(on), format_seconds(added), f"{100 * added / off:.0f} %",
+                         format_seconds(check), f"{100 * check / off:.0f} %"])
+        print_table(["registration (LPBA40, 160x192x160)", "batch per pair, output.qc=false", "output.qc=true",
+                     "added", "added / registration", "the check (qc_seconds)", "check / registration"], rows)
         registrar.settings.refine = RefineSettings(steps=0)
         timed = parts(registrar, repeats)
         print_table(["headers placement", "figures", "picture", "report.html + .csv, per pair"],
