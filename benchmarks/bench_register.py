@@ -24,6 +24,17 @@ Rows (seconds, median of ``--repeats`` after a warm-up):
   (affine + B-spline, then transformix of the labels) on the same files, once each
   (``--no-classical`` skips them), and the ratios.
 
+A call table (``--call``): one ``vtn-register`` call as a user or a script makes it, part by
+part, on a hippocampus crop pair (64^3, ``--hippocampus-model``) and on the LPBA40 pair
+(``--model``), each with the model's ``--preset`` (default accurate): the process start (Python,
+its set-up), importing the registration code (TensorFlow), the model (build + restore), then
+read, registration and write of the first pair in that process, and the same pair again (the
+work alone: a batch's pair; first - second is the tracing and compiling of the first); the
+whole process's wall clock with a new compiled-kernel cache and with the one it left; a call
+handed to a running ``vtn-register --serve`` (the client's wall clock, the second pair sent;
+the first one pays the server's tracing); ANTs SyN's and elastix's whole processes on the same
+files (import, read, register, write the warped image and labels), and the ratios.
+
 A second table: the peak resident memory of one ``vtn-register`` CLI call (a fresh process;
 its own ``ru_maxrss``), with and without ``--refine``, for the pairs of ``--memory-sizes``:
 ``lpba40``, ``256`` and ``512`` (a 512x512x400-class pair, the LPBA40 pair resampled to
@@ -176,6 +187,121 @@ def measure_classical(name, paths):
     return time.perf_counter() - start
 
 
+ANTS_PROCESS = """
+import sys, ants
+fixed, moving, labels, out = sys.argv[1:]
+f, m = ants.image_read(fixed), ants.image_read(moving)
+r = ants.registration(f, m, type_of_transform="SyN", outprefix=out + "/a_")
+ants.image_write(r["warpedmovout"], out + "/warped.nii.gz")
+w = ants.apply_transforms(f, ants.image_read(labels), r["fwdtransforms"], interpolator="nearestNeighbor")
+ants.image_write(w, out + "/warped_labels.nii.gz")
+"""
+ELASTIX_PROCESS = """
+import sys, itk
+fixed, moving, labels, out = sys.argv[1:]
+p = itk.ParameterObject.New()
+p.AddParameterMap(p.GetDefaultParameterMap("affine"))
+p.AddParameterMap(p.GetDefaultParameterMap("bspline"))
+warped, t = itk.elastix_registration_method(itk.imread(fixed, itk.F), itk.imread(moving, itk.F),
+                                            parameter_object=p, log_to_console=False, output_directory=out)
+itk.imwrite(warped, out + "/warped.nii.gz")
+for k in range(t.GetNumberOfParameterMaps()):
+    t.SetParameter(k, "FinalBSplineInterpolationOrder", "0")
+    t.SetParameter(k, "ResampleInterpolator", "FinalNearestNeighborInterpolator")
+itk.imwrite(itk.transformix_filter(itk.imread(labels, itk.F), t), out + "/warped_labels.nii.gz")
+"""
+
+
+def _timed(command, env=None):
+    """Wall-clock seconds of one process (raises when it fails)."""
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(map(str, command[:4]))} ... failed: {done.stderr[-1500:]}")
+    return time.perf_counter() - start, done.stdout
+
+
+def hippocampus_pair():
+    root = data_dir() / "hippocampus"
+    return [str(root / "images" / "hippocampus_287.nii.gz"), str(root / "images" / "hippocampus_288.nii.gz"),
+            str(root / "labels" / "hippocampus_288.nii.gz")]
+
+
+def measure_call(model, paths, folder, preset, classical=True):
+    """One call's parts (call_parts.py), its whole process (new and warm kernel cache), a
+    served call, and the classical tools' whole processes; seconds in a dict."""
+    import json
+
+    cache = tempfile.mkdtemp(dir=folder, prefix="xla-cache-")
+    env = dict({k: v for k, v in os.environ.items() if k != "TF_XLA_FLAGS"}, VTN_XLA_CACHE=cache,
+               XDG_RUNTIME_DIR=tempfile.mkdtemp(dir=folder, prefix="run-"))
+    call = [sys.executable, "-m", "vtn_tf.cli.register", "--model", model, paths[0], paths[1],
+            "--moving_labels", paths[2], "--overwrite", "--preset", preset, "--out"]
+    seconds = {"cold": _timed(call + [os.path.join(folder, "cold")], env)[0],
+               "warm": _timed(call + [os.path.join(folder, "warm")], env)[0]}
+    start = time.time()
+    _, output = _timed([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "call_parts.py"), model, *paths,
+                        os.path.join(folder, "parts"), preset], env)
+    parts = json.loads(next(line for line in output.splitlines() if line.startswith("PARTS "))[6:])
+    stamps = parts["stamps"]
+    seconds.update(start=stamps["began"] - start, imports=stamps["imported"] - stamps["began"],
+                   model=stamps["loaded"] - stamps["imported"], first=parts["first"], second=parts["second"],
+                   parts_process=stamps["pass0"] - start)
+    server = subprocess.Popen([sys.executable, "-m", "vtn_tf.cli.register", "--model", model, "--serve"],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        server.stdout.readline()  # listening
+        seconds["served_first"] = _timed(call + [os.path.join(folder, "served0")], env)[0]
+        seconds["served"] = _timed(call + [os.path.join(folder, "served1")], env)[0]
+    finally:
+        server.terminate()
+        server.wait()
+    for name, script in (("ants", ANTS_PROCESS), ("elastix", ELASTIX_PROCESS)):
+        from vtn_tf.evaluation import baselines
+
+        if classical and not baselines.unavailable(name):
+            out = tempfile.mkdtemp(dir=folder, prefix=name)
+            seconds[name] = _timed([sys.executable, "-c", script, *paths[:3], out])[0]
+    return seconds
+
+
+def call_rows(results):
+    """The call table: one column per pair set, one row per part."""
+    def cell(values, key, part=None):
+        value = values.get(key)
+        if part is not None:
+            value = None if value is None else value.get(part)
+        return format_seconds(value) if value is not None else "n/a"
+
+    names = list(results)
+    rows = [["process start (Python, set-up)"] + [cell(results[n], "start") for n in names],
+            ["import the registration code (TensorFlow)"] + [cell(results[n], "imports") for n in names],
+            ["model: build + restore"] + [cell(results[n], "model") for n in names]]
+    for part in ("read", "preprocess", "network", "field", "refine", "resample", "qc", "write", "total"):
+        rows.append([f"first pair: {part}"] + [cell(results[n], "first", part) for n in names])
+    for part in ("network", "refine", "total"):
+        rows.append([f"same pair again (the work): {part}"] + [cell(results[n], "second", part) for n in names])
+    rows.append(["tracing + compiling (first - again)"] + [
+        format_seconds(results[n]["first"]["total"] - results[n]["second"]["total"]) for n in names])
+    rows += [["one call: whole process, new kernel cache"] + [cell(results[n], "cold") for n in names],
+             ["one call: whole process, kernel cache of an earlier call"] + [cell(results[n], "warm") for n in names],
+             ["one call handed to `--serve` (client's wall clock)"] + [cell(results[n], "served") for n in names],
+             ["  the first call a new server gets"] + [cell(results[n], "served_first") for n in names],
+             ["ANTs SyN: whole process"] + [cell(results[n], "ants") for n in names],
+             ["elastix: whole process"] + [cell(results[n], "elastix") for n in names]]
+    for label, top, bottom in (("one call (warm cache) / the work", "warm", None),
+                               ("served call / the work", "served", None),
+                               ("ANTs SyN / one call (warm cache)", "ants", "warm"),
+                               ("ANTs SyN / served call", "ants", "served")):
+        row = [label]
+        for n in names:
+            value = results[n]
+            lower = value["second"]["total"] if bottom is None else value.get(bottom)
+            row.append(ratio(value[top], lower) if value.get(top) and lower else "n/a")
+        rows.append(row)
+    return ["part"] + names, rows
+
+
 def main():
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", help="run directory (default: an untrained ADD, width 0.5, 64^3)")
@@ -184,6 +310,11 @@ def main():
     parser.add_argument("--memory-sizes", nargs="*", default=["lpba40", "512"], choices=["lpba40", "256", "512"],
                         help="pairs of the peak-memory table (none: skip it)")
     parser.add_argument("--no-classical", action="store_true", help="skip ANTs SyN and elastix")
+    parser.add_argument("--tables", nargs="*", default=["call", "speed", "memory"], choices=["call", "speed", "memory"],
+                        help="which tables (default all)")
+    parser.add_argument("--hippocampus-model", help="run directory for the call table's hippocampus pair "
+                        "(default: runs/hippocampus-labels when it exists, else the pair is left out)")
+    parser.add_argument("--preset", default="accurate", help="the call table's preset (default accurate)")
     parser.add_argument("--refine", type=int, default=60,
                         help="also time batch mode with --refine N (default 60, the make targets'; 0: skip)")
     args = parser.parse_args()
@@ -200,9 +331,19 @@ def main():
     print_machine(args)
     with tempfile.TemporaryDirectory() as folder:
         model = model_dir(args, folder)
+        if "call" in args.tables:
+            results = {}
+            default = os.path.join(REPO_ROOT, "runs", "hippocampus-labels")
+            hippocampus = args.hippocampus_model or (default if os.path.isdir(default) else None)
+            if hippocampus and (data_dir() / "hippocampus").is_dir():
+                results["hippocampus 64^3"] = measure_call(hippocampus, hippocampus_pair(), folder, args.preset,
+                                                           not args.no_classical)
+            results["LPBA40 160x192x160"] = measure_call(model, _brain_pair(folder, "lpba40"), folder, args.preset,
+                                                         not args.no_classical)
+            print_table(*call_rows(results))
         registrar = pipeline.Registrar(model, log=lambda *_: None)
         rows = []
-        for size in (["lpba40"] if args.quick else args.sizes):
+        for size in ([] if "speed" not in args.tables else ["lpba40"] if args.quick else args.sizes):
             paths = _brain_pair(folder, size)
             shape = "x".join(map(str, nib.load(paths[0]).shape))
             parts, network, no_search = measure_vtn(registrar, paths, folder, repeats)
@@ -236,7 +377,7 @@ def main():
                          "ANTs / batch", "elastix / batch", "ANTs / (batch, .nii)",
                          "ANTs / (batch + refine)"], rows)
         memory_rows, steps = [], args.refine or 60
-        for size in (["lpba40"] if args.quick else args.memory_sizes):
+        for size in ([] if "memory" not in args.tables else ["lpba40"] if args.quick else args.memory_sizes):
             paths = _brain_pair(folder, size)
             shape = nib.load(paths[0]).shape
             input_gb = 4 * int(np.prod(shape)) / 1e9  # one image as float32 (about as read)

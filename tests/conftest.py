@@ -44,3 +44,21 @@ def identity_run(tmp_path_factory):
     for variable in (affine.matrix_head.kernel, affine.translation_head.kernel, dense.output_layer.kernel):
         variable.assign(np.zeros(variable.shape, np.float32))
     return loop.save_model_dir(model, (64, 64, 64), tmp_path_factory.mktemp("identity_run"))
+
+
+def output_files(folder):
+    """Every output of a folder: voxel arrays and texts (gzip headers hold a time stamp; the
+    completion record and quality control's files hold seconds)."""
+    import nibabel as nib
+    import numpy as np
+
+    from vtn_tf.io import completion
+
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        path = folder / name
+        if name.endswith((".nii", ".nii.gz")):
+            found[name] = np.asarray(nib.load(path).dataobj)
+        elif name != completion.RECORD_NAME and not name.startswith("qc."):
+            found[name] = path.read_text()
+    return found

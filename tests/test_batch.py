@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, output_files
 from vtn_tf import io
 from vtn_tf.io import completion, faults, folder_lock, pairs
 from vtn_tf.registration import batch, outputs, pipeline
@@ -57,19 +57,6 @@ def cli(*args, **popen):
     if popen:
         return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=180)
-
-
-def output_files(folder):
-    """Every output of a folder: voxel arrays and texts (gzip headers hold a time stamp; the
-    completion record and quality control's files hold seconds)."""
-    found = {}
-    for name in sorted(os.listdir(folder)):
-        path = folder / name
-        if name.endswith((".nii", ".nii.gz")):
-            found[name] = np.asarray(nib.load(path).dataobj)
-        elif name != completion.RECORD_NAME and not name.startswith("qc."):
-            found[name] = path.read_text()
-    return found
 
 
 def quiet_run(registrar, rows, **options):

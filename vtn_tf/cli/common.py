@@ -7,15 +7,8 @@ import os
 import sys
 
 from vtn_tf.cli.compile_cache import configure_compile_cache
-from vtn_tf.io import InputError, error_line, faults
-from vtn_tf.training.config import ConfigError
-
-# Errors a user can fix: the library's InputError (a file, flag or setting that cannot be
-# used) and ConfigError, and the FileNotFoundError / FileExistsError / PermissionError it
-# raises about user files. Anything else (a bare ValueError, KeyError or OSError) is a bug
-# and keeps its traceback.
-USER_ERRORS = (InputError, ConfigError, FileNotFoundError, FileExistsError, PermissionError)
-
+from vtn_tf.io import error_line, faults
+from vtn_tf.io.errors import USER_ERRORS
 
 
 def setup(environ=None):

@@ -5,6 +5,7 @@ Usage:
       [--moving_labels labels.nii.gz ...] [--preset accurate|fast|optimiser] [--set section.field=value ...]
       [--inverse [--fixed_labels atlas_labels.nii.gz ...]] [--overwrite]
   vtn-register --model runs/X --pairs pairs.csv [options]      # many pairs, one model load
+  vtn-register --model runs/X --serve    # keep the model loaded: later calls with --model runs/X register there
 
 (``python -m vtn_tf.cli.register`` is the same; ``--fixed`` / ``--moving`` may replace the
 two positional arguments.) Images of any size, spacing and orientation (.nii, .nii.gz, .mha,
@@ -27,6 +28,10 @@ model, settings and inputs (their ``registration.json``; ``--overwrite`` redoes 
 ``--shard K/N`` registers the pairs whose index is K modulo N (K from 0); ``--summary_only``
 rebuilds the cohort summary (``NAME.summary.csv`` beside the CSV) from all shards' output
 folders. Each output folder is locked while written: a second process refuses it at once.
+
+Warm mode: ``--serve`` keeps the model loaded in one process on this machine; while it runs, a
+``vtn-register --model`` call with the same run directory hands its pair to it (the same
+outputs, without the seconds of start-up: `vtn_tf.serving.warm`), ``--server off`` never.
 
 Exit status (`vtn_tf.io.faults`): 0 done; 1 some pairs failed; 2 bad input; 3 an output
 folder cannot be written; 4 no space left on the device (a batch stops); 5 the output folder
@@ -62,6 +67,10 @@ define_settings_flags()
 flags.declare_key_flag("preset")  # listed by --help with this command's own flags
 flags.declare_key_flag("set")
 flags.DEFINE_boolean("overwrite", False, "replace existing outputs")
+flags.DEFINE_boolean("serve", False, "keep the --model loaded and register the pairs that later vtn-register calls "
+                     "with the same --model send (this machine only, this user; Ctrl-C stops): docs/usage.md")
+flags.DEFINE_enum("server", "auto", ["auto", "off"], "auto: hand the pair to a running --serve of the same --model "
+                  "when there is one; off: always register in this process")
 flags.DEFINE_boolean("verbose", False, "show tracebacks and, in batch mode, every pair's progress")
 
 
@@ -74,17 +83,34 @@ def settings_of_flags(log):
 
 
 def register_one(fixed, moving):
-    from vtn_tf.io import faults, folder_lock
-    from vtn_tf.registration import batch, outputs, pipeline
+    from vtn_tf.registration import batch, pipeline
 
     settings = settings_of_flags(lambda line: print(line, file=sys.stderr))
-    outputs.check_outputs(FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite, settings.output.compression,
-                          settings.output.inverse, FLAGS.fixed_labels)
-    with faults.output_faults(FLAGS.out), folder_lock.locked(FLAGS.out):  # a second process refuses at once
-        inputs = pipeline.read_inputs(fixed, moving, FLAGS.moving_labels)  # bad files refused before the model loads
-        registrar = pipeline.Registrar(FLAGS.model, settings, print)
-        batch.register_pair(registrar, fixed, moving, FLAGS.out, FLAGS.moving_labels, FLAGS.overwrite,
-                            FLAGS.fixed_labels, inputs)
+    batch.register_call(lambda: pipeline.Registrar(FLAGS.model, settings, print), settings, fixed, moving, FLAGS.out,
+                        FLAGS.moving_labels, FLAGS.fixed_labels, FLAGS.overwrite)
+
+
+def served(fixed, moving):
+    """The exit status of the call handed to a running ``--serve`` of ``--model``, or None
+    when there is none (`vtn_tf.serving.warm`; no TensorFlow is loaded here)."""
+    from vtn_tf.serving import warm
+
+    if FLAGS.server == "off":
+        return None
+    return warm.request(FLAGS.model, {
+        "fixed": fixed, "moving": moving, "out": FLAGS.out, "moving_labels": FLAGS.moving_labels,
+        "fixed_labels": FLAGS.fixed_labels, "inverse": FLAGS.inverse, "overwrite": FLAGS.overwrite,
+        "preset": FLAGS.preset, "set": FLAGS.set})
+
+
+def serve():
+    from vtn_tf.serving import warm
+
+    try:
+        warm.Server(FLAGS.model).serve_forever()
+    except warm.ServerError as error:
+        print(f"vtn-register: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def register_batch():
@@ -108,8 +134,14 @@ def register_batch():
 
 
 def main(argv):
-    setup()
     positional = list(argv[1:])
+    if FLAGS.serve:
+        if positional or FLAGS.fixed or FLAGS.moving or FLAGS.out or FLAGS.pairs or not FLAGS.model:
+            raise app.UsageError("--serve takes --model (and --verbose) alone: the pairs come from later "
+                                 "vtn-register calls")
+        setup()
+        serve()
+        return
     if (FLAGS.shard or FLAGS.summary_only) and not FLAGS.pairs:
         raise app.UsageError("--shard and --summary_only work on a pairs file: add --pairs pairs.csv")
     if FLAGS.pairs:
@@ -117,6 +149,7 @@ def main(argv):
             raise app.UsageError("--pairs takes the pairs from the CSV: no images, --out or --moving_labels")
         if not FLAGS.model and not FLAGS.summary_only:
             raise app.UsageError("missing --model; usage: vtn-register --model RUN_DIR --pairs pairs.csv")
+        setup()
         with user_errors("vtn-register", FLAGS.verbose):
             register_batch()
         return
@@ -129,6 +162,10 @@ def main(argv):
     if missing:
         raise app.UsageError(f"missing {', '.join(missing)}; usage: vtn-register --model RUN_DIR "
                              "FIXED MOVING --out OUT_DIR")
+    status = served(fixed, moving)  # before TensorFlow loads: a running server needs none here
+    if status is not None:
+        sys.exit(status)
+    setup()
     with user_errors("vtn-register", FLAGS.verbose):
         register_one(fixed, moving)
 

@@ -81,6 +81,21 @@ def register_pair(registrar, fixed, moving, out, moving_labels=(), overwrite=Fal
     return done
 
 
+def register_call(load, settings, fixed, moving, out, moving_labels=(), fixed_labels=(), overwrite=False):
+    """One ``vtn-register FIXED MOVING --out OUT`` call, in a fresh process or in a server
+    (`vtn_tf.registration.server`): the outputs and the inputs checked before the model is
+    loaded, then :func:`register_pair` under the folder's lock (a second process refuses it
+    at once). ``load()`` returns the `vtn_tf.registration.pipeline.Registrar` to use, with
+    ``settings``. Returns what :func:`register_pair` returns."""
+    from vtn_tf.registration import outputs, pipeline
+
+    outputs.check_outputs(out, moving_labels, overwrite, settings.output.compression, settings.output.inverse,
+                          fixed_labels, settings.output.qc)
+    with faults.output_faults(out), folder_lock.locked(out):
+        inputs = pipeline.read_inputs(fixed, moving, moving_labels)  # bad files refused before the model loads
+        return register_pair(load(), fixed, moving, out, moving_labels, overwrite, fixed_labels, inputs)
+
+
 def register_row(registrar, row, overwrite=False):
     """Register one row under its folder's lock: None when it was complete and is skipped,
     else ``(written, result, seconds per part)``. Raises InputError (a `vtn_tf.io.faults.Fault`

@@ -55,6 +55,7 @@ unless ``overwrite``.
 """
 
 import contextlib
+import copy
 import dataclasses
 import os
 import pathlib
@@ -273,6 +274,16 @@ class Registrar:
                if network.passes == 0 else [])
         self.log(f"model {self.run_dir} ({self.checkpoint}), spec {getattr(self.model, 'spec', '?')}, grid "
                  f"{_shape(self.network_shape)}" + "".join(f"; {note}" for note in notes))
+
+    def with_settings(self, settings: RegistrationSettings, log: Callable[[str], Any] | None = None) -> "Registrar":
+        """This registrar with other ``settings`` (and ``log``), sharing its loaded model: the
+        network's precision must be the same (the model is built in it)."""
+        if settings.network.precision != self.settings.network.precision:
+            raise ValueError(f"the model is loaded in {self.settings.network.precision}, "
+                             f"not {settings.network.precision}")
+        twin = copy.copy(self)
+        twin.settings, twin.log = settings, log or self.log
+        return twin
 
     def register(self, fixed: io.Volume, moving: io.Volume, labels: Sequence[io.Volume] = ()) -> "Result":
         return register_volumes(self.model, self.network_shape, fixed, moving, labels, self.settings, self.contract,

@@ -17,6 +17,7 @@ import copy
 import json
 import pathlib
 
+from vtn_tf.io.errors import InputError
 from vtn_tf.nn.spec import MODEL_DEFAULTS, parse_spec
 
 DEFAULTS = {
@@ -58,7 +59,7 @@ DEFAULTS = {
 TEST_TIME = ("register",)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override that cannot be used."""
 
 
