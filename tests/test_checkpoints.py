@@ -32,6 +32,38 @@ def test_save_and_restore_give_the_same_flow(tmp_path):
     np.testing.assert_array_equal(restored(inputs)["flow"].numpy(), model(inputs)["flow"].numpy())
 
 
+def test_the_weights_alone_are_read_when_they_are_the_latest_checkpoints(tmp_path):
+    model = VTN("AD", width=0.125, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    run_dir = checkpoints.save_model_dir(model, (64, 64, 64), tmp_path / "run")
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    copy = checkpoints.write_inference_weights(model, latest)
+    assert copy == checkpoints.inference_weights(latest) == str(run_dir / "weights" / pathlib.Path(latest).name)
+    assert not [p for p in (run_dir / "weights").iterdir() if p.name.startswith(".")]  # no partial file left
+    for data in (run_dir / "checkpoints").glob("*.data-*"):
+        data.write_bytes(b"")  # the checkpoint unreadable: restoring must not need it
+    x = np.random.default_rng(1).random((1, 64, 64, 64, 1)).astype(np.float32)
+    inputs = {"fixed": x, "moving": x[:, :, ::-1].copy()}
+    restored, _, named = checkpoints.restore_model(run_dir)
+    assert named == latest  # outputs keep naming the checkpoint
+    np.testing.assert_array_equal(restored(inputs)["flow"].numpy(), model(inputs)["flow"].numpy())
+
+
+def test_weights_of_an_older_checkpoint_are_not_read(tmp_path):
+    model = VTN("AD", width=0.125, flow_head_initializer="small")
+    model.build((None, 64, 64, 64, 1))
+    run_dir = checkpoints.save_model_dir(model, (64, 64, 64), tmp_path / "run")
+    checkpoints.write_inference_weights(model, tf.train.latest_checkpoint(str(run_dir / "checkpoints")))
+    head = model.stages[-1].output_layer.kernel
+    head.assign(head.numpy() + 0.01)  # training went on: a newer checkpoint, other values
+    tf.train.CheckpointManager(checkpoints.make_checkpoint(model), str(run_dir / "checkpoints"), 2).save(1)
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    assert checkpoints.inference_weights(latest) is None
+    restored, _, named = checkpoints.restore_model(run_dir)
+    assert named == latest
+    np.testing.assert_array_equal(restored.stages[-1].output_layer.kernel.numpy(), head.numpy())
+
+
 def test_restore_refuses_a_mismatched_checkpoint(tmp_path):
     model = VTN("AD", width=0.125, flow_head_initializer="small")
     model.build((None, 64, 64, 64, 1))

@@ -68,8 +68,17 @@ def test_training_writes_config_checkpoints_and_tensorboard(toy_manifest, tmp_pa
         assert f"train/{term}" in tags
     assert {"validation/dice", "validation/dice_unregistered"} <= tags
     assert any(tag.startswith("validation/fixed_moving_warped") for tag in tags)
-    model, shape, _ = checkpoints.restore_model(tmp_path / "run")
+    model, shape, latest = checkpoints.restore_model(tmp_path / "run")
     assert shape == (64, 64, 64) and model.spec == "AD"
+    copy = checkpoints.inference_weights(latest)  # the weights alone, named after the last checkpoint
+    assert copy == str(tmp_path / "run" / "weights" / f"ckpt-{total}")
+    stored = dict(tf.train.list_variables(latest))
+    alone = {name for name, _ in tf.train.list_variables(copy) if name.startswith("model/")}
+    assert alone == {name for name in stored if name.startswith("model/")}
+    assert not [name for name, _ in tf.train.list_variables(copy) if name.startswith("optimizer/")]
+    assert any(name.startswith("optimizer/") for name in stored)
+    for name in alone:
+        np.testing.assert_array_equal(tf.train.load_variable(copy, name), tf.train.load_variable(latest, name))
 
 
 def test_a_different_config_is_not_resumed(toy_manifest, tmp_path):

@@ -5,7 +5,10 @@ A run directory (written by `vtn_tf.training.loop.train`, or by `save_model_dir`
 * ``model.json``: the VTN's constructor arguments, its grid ``image_shape`` ``(X, Y, Z)``
   and the dataset's ``label_values`` (plain JSON; nothing in it is executed);
 * ``checkpoints/``: `tf.train.Checkpoint` files whose model variables are keyed by their
-  Keras layer paths (`make_checkpoint`).
+  Keras layer paths (`make_checkpoint`), with the optimizer's slots (training resumes from them);
+* ``weights/``: the model's variables alone, written at the end of training
+  (`write_inference_weights`): the same keys and values as the checkpoint they come from, and
+  named after it, without the optimizer's slots (a third of the size with Adam).
 
 `restore_model` rebuilds the network from these for inference, in a chosen compute
 precision. This module imports no training code (no optimizer, no data pipeline), so
@@ -95,6 +98,38 @@ def restore_model(run_dir, precision="float32"):
         return _restore_model(pathlib.Path(run_dir))
 
 
+WEIGHTS = "weights"
+
+
+def inference_weights(checkpoint):
+    """The inference-only copy of ``checkpoint`` (``run/checkpoints/ckpt-N`` ->
+    ``run/weights/ckpt-N``), or None when there is none (older runs; a later checkpoint)."""
+    checkpoint = pathlib.Path(checkpoint)
+    copy = checkpoint.parent.parent / WEIGHTS / checkpoint.name
+    return str(copy) if pathlib.Path(f"{copy}.index").is_file() else None
+
+
+def write_inference_weights(model, checkpoint):
+    """Write ``model``'s variables alone beside the run's checkpoints, as :func:`inference_weights`
+    of ``checkpoint`` (the checkpoint they equal): the files are written under temporary
+    names and renamed, the index last, so a reader sees a whole copy or none; older copies go.
+    Returns the copy's prefix."""
+    checkpoint = pathlib.Path(checkpoint)
+    folder = checkpoint.parent.parent / WEIGHTS
+    folder.mkdir(exist_ok=True)
+    staging = folder / f".{checkpoint.name}.partial"
+    copy = make_checkpoint(model)
+    copy.save_counter  # noqa: B018 - created on first use; written, so a restore matches every object
+    written = copy.write(str(staging))
+    data = sorted(folder.glob(f"{staging.name}.data-*"))
+    for path in [*data, pathlib.Path(f"{written}.index")]:
+        path.replace(folder / path.name.replace(staging.name, checkpoint.name))
+    for old in folder.iterdir():
+        if not old.name.startswith((f"{checkpoint.name}.", ".")):
+            old.unlink()
+    return str(folder / checkpoint.name)
+
+
 def _restore_model(run_dir):
     description = run_dir / "model.json"
     if not description.is_file():
@@ -108,17 +143,18 @@ def _restore_model(run_dir):
         model.build((None, *image_shape, 1))
     except (TypeError, ValueError) as error:
         raise io.InputError(f"{description} does not describe a usable VTN: {io.error_line(error)}") from None
+    source = inference_weights(latest) or latest  # the same values; without the optimizer's slots
     try:
-        status = make_checkpoint(model).restore(latest).expect_partial()
+        status = make_checkpoint(model).restore(source).expect_partial()
         status.assert_existing_objects_matched()
-        stored = {name for name, _ in tf.train.list_variables(latest) if name.startswith("model/")}
+        stored = {name for name, _ in tf.train.list_variables(source) if name.startswith("model/")}
         if len(stored) != len(model.weights):
             raise ValueError(f"it holds {len(stored)} model tensors, the model has {len(model.weights)}")
     except (IndexError, tf.errors.DataLossError) as error:  # truncated or damaged files
-        raise io.InputError(f"checkpoint {latest} is unreadable (truncated or corrupt: "
+        raise io.InputError(f"checkpoint {source} is unreadable (truncated or corrupt: "
                             f"{io.error_line(error)})") from None
     except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise io.InputError(f"checkpoint {latest} does not fit the model in {description}: "
+        raise io.InputError(f"checkpoint {source} does not fit the model in {description}: "
                             f"{io.error_line(error)}") from None
     return model, image_shape, latest
 

@@ -39,6 +39,7 @@ from vtn_tf.nn.checkpoints import (  # noqa: F401
     network_precision,
     restore_model,
     save_model_dir,
+    write_inference_weights,
     write_model_description,
 )
 from vtn_tf.nn.model import VTN
@@ -331,6 +332,8 @@ def _train(config, run_dir, restart, verbose, log):
                "seconds": seconds, "steps_per_second": steps / seconds if seconds else float("nan")}
     if validation and validation.last:
         summary["validation"] = validation.last
+    if chief and manager.latest_checkpoint:
+        write_inference_weights(model, manager.latest_checkpoint)  # what registration loads
     log(f"trained {steps} steps in {seconds:.1f} s ({summary['steps_per_second']:.2f} steps/s); "
         f"checkpoints in {checkpoint_dir}")
     return summary
