@@ -11,7 +11,7 @@ LIVER_LAYOUT ?= lits
 SET ?=
 export VTN_DATA
 
-.PHONY: help install demo test test-all demo train-brain train-liver train-hippocampus tune-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus accuracy-brain-labels accuracy-hippocampus-labels
+.PHONY: help install demo test test-all bench-call demo train-brain train-liver train-hippocampus tune-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus accuracy-brain-labels accuracy-hippocampus-labels
 
 help:
 	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
@@ -20,6 +20,7 @@ help:
 	@echo "make train-liver   prepare liver data and train (synthetic stand-in unless LIVER_DATA is set)"
 	@echo "make tensorboard   watch the runs in $(RUNS)"
 	@echo "make bench         speed tables (warp, inference, training)"
+	@echo "make bench-call    one vtn-register call part by part, served and batch, beside ANTs and elastix"
 
 # EXTRAS: the setup.py extras installed with the package (CI adds baselines).
 EXTRAS ?= test,plot
@@ -164,7 +165,8 @@ accuracy-brain-labels: install $(PREPARED)/lpba40-64/manifest.json
 accuracy-hippocampus-labels: install $(PREPARED)/hippocampus/manifest.json
 	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-labels.json --run_dir $(RUNS)/hippocampus-labels $(SET)
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/hippocampus-labels NATIVE_MANIFEST=$(PREPARED)/hippocampus/manifest.json \
-	  NATIVE_NAME=hippocampus-labels NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN= REFINE_QUARTER=10x3
+	  NATIVE_NAME=hippocampus-labels NATIVE_PROTOCOL="--protocol consecutive" NATIVE_MISALIGN= REFINE_QUARTER=10x3 \
+	  NATIVE_REFINE_FULL=40x12
 
 # The native-resolution tables (the user's path): the original files registered through the
 # vtn-register code, scored on the fixed image's grid, aligned and moved by known rigid transforms
@@ -186,14 +188,18 @@ NATIVE_ACCURATE ?= yes
 # Steps per level of the accurate schedule at a quarter of its budget (empty: no such row): does the
 # network's field let a quarter of the optimiser's budget reach what the optimiser alone reaches?
 REFINE_QUARTER ?=
+# The refinement schedule of the accurate and optimiser rows when the model's own accurate preset
+# has none (a model whose network alone validated best): e.g. 40x12 (empty: the preset's).
+NATIVE_REFINE_FULL ?=
+native_full = $(if $(NATIVE_REFINE_FULL),--set refine.steps=$(NATIVE_REFINE_FULL))
 native_eval = $(PYTHON) -m vtn_tf.cli.evaluate --native --model $(NATIVE_MODEL) --manifest $(NATIVE_MANIFEST) \
 	  $(NATIVE_PROTOCOL) --overwrite
 native-tables:
 	@mkdir -p results
 	$(native_eval) --preset fast --methods vtn,identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native.csv
 	$(native_eval) --preset fast --set refine.steps=$(REFINE_STEPS) --methods vtn --out results/$(NATIVE_NAME)-native-refine.csv
-	$(if $(NATIVE_ACCURATE),$(native_eval) --preset accurate --methods vtn --out results/$(NATIVE_NAME)-native-refine-full.csv)
-	$(if $(NATIVE_ACCURATE),$(native_eval) --preset optimiser --methods vtn --out results/$(NATIVE_NAME)-native-optimiser.csv)
+	$(if $(NATIVE_ACCURATE),$(native_eval) --preset accurate $(native_full) --methods vtn --out results/$(NATIVE_NAME)-native-refine-full.csv)
+	$(if $(NATIVE_ACCURATE),$(native_eval) --preset optimiser $(native_full) --methods vtn --out results/$(NATIVE_NAME)-native-optimiser.csv)
 	$(if $(REFINE_QUARTER),$(native_eval) --preset accurate --set refine.steps=$(REFINE_QUARTER) --methods vtn --out results/$(NATIVE_NAME)-native-refine-quarter.csv)
 	$(if $(NATIVE_MISALIGN),$(native_eval) --preset fast --misalign $(NATIVE_MISALIGN) --methods vtn$(comma)identity$(if $(NATIVE_BASELINES),$(comma)$(NATIVE_BASELINES)) --out results/$(NATIVE_NAME)-native-misaligned.csv)
 	$(if $(NATIVE_MISALIGN),$(native_eval) --preset fast --set refine.steps=$(REFINE_STEPS) --misalign $(NATIVE_MISALIGN) --methods vtn --out results/$(NATIVE_NAME)-native-misaligned-refine.csv)
