@@ -28,7 +28,7 @@ FLOORS = {
     "training": 5,        # configuration, data pipelines, the training run
     "registration": 6,    # settings, the pipeline and its stages
     "evaluation": 7,      # protocols, native evaluation, baselines, statistics
-    "serving": 7,         # the SavedModel export
+    "serving": 7,         # the SavedModel export, the warm local server
     "cli": 8,             # one module per command
 }
 # TensorFlow 2.21 leaves oneDNN off on some x86 CPUs; `vtn_tf/__init__.py` turns it on where the

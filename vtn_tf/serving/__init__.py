@@ -1,2 +1,2 @@
-"""Serving: the SavedModel export (`export`).
+"""Serving: the SavedModel export (`export`) and the warm local registration server (`warm`).
 """
