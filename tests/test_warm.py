@@ -152,3 +152,14 @@ def test_each_model_has_its_own_socket_named_by_its_real_path(tmp_path):
     assert warm.socket_path(tmp_path / "a", environ) == warm.socket_path(tmp_path / "link", environ)
     assert warm.socket_path(tmp_path / "a", environ) != warm.socket_path(tmp_path / "b", environ)
     assert len(warm.socket_path(tmp_path / "a", environ)) < 108  # the limit of a Unix socket's path
+
+
+def test_a_server_of_an_unusable_model_says_so_and_leaves_no_socket(tmp_path):
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    (tmp_path / "notarun").mkdir()
+    refused = call(runtime, "--model", tmp_path / "notarun", "--serve")
+    assert refused.returncode == 2
+    assert "vtn-register: error:" in refused.stderr and "notarun" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert os.listdir(runtime / "vtn-tf") == []

@@ -106,11 +106,8 @@ def served(fixed, moving):
 def serve():
     from vtn_tf.serving import warm
 
-    try:
+    with user_errors("vtn-register", FLAGS.verbose):  # a busy socket, an unusable model: one line, status 2
         warm.Server(FLAGS.model).serve_forever()
-    except warm.ServerError as error:
-        print(f"vtn-register: error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 def register_batch():

@@ -38,6 +38,8 @@ import struct
 import sys
 import tempfile
 
+from vtn_tf.io.errors import InputError
+
 PROTOCOL = 1
 # The request fields, with their defaults: the arguments of one vtn-register call.
 FIELDS: dict[str, object] = {"fixed": None, "moving": None, "out": None, "moving_labels": [], "fixed_labels": [],
@@ -45,7 +47,7 @@ FIELDS: dict[str, object] = {"fixed": None, "moving": None, "out": None, "moving
 PATHS = ("fixed", "moving", "out", "moving_labels", "fixed_labels")
 
 
-class ServerError(RuntimeError):
+class ServerError(InputError):
     """The socket folder is unsafe, or a server for the model already runs."""
 
 
@@ -202,6 +204,22 @@ class Server:
             reply.err(f"vtn-register: internal error in the server: {type(error).__name__}: {error_line(error)}")
             return faults.PAIRS_FAILED
 
+    def warm_up(self):
+        """Load the model for the default preset and trace its network once (on zeros), so that
+        the first call finds it ready."""
+        import io as byte_io
+
+        import numpy as np
+
+        from vtn_tf.registration import network
+        from vtn_tf.registration import settings as settings_lib
+
+        settings = settings_lib.resolve(self.run_dir, settings_lib.DEFAULT_PRESET, (), lambda *_: None)
+        registrar = self.registrar(settings, _Reply(byte_io.BytesIO()))
+        if settings.network.passes > 0:
+            zeros = np.zeros((1, *registrar.network_shape, 1), np.float32)
+            network.network_outputs(registrar.model, zeros, zeros, settings.network.passes)
+
     def serve_forever(self, environ=None):
         """Listen until Ctrl-C or SIGTERM; the socket is removed on the way out. ServerError when
         a server for this model already listens."""
@@ -217,9 +235,10 @@ class Server:
         os.chmod(path, 0o600)
         listener.listen(16)
         previous = signal.signal(signal.SIGTERM, _stop)
-        self.log(f"serving {self.run_dir} at {path} (pid {os.getpid()}): `vtn-register --model {self.run_dir} "
-                 "FIXED MOVING --out OUT` now registers here, one pair at a time; Ctrl-C stops")
         try:
+            self.warm_up()
+            self.log(f"serving {self.run_dir} at {path} (pid {os.getpid()}): `vtn-register --model {self.run_dir} "
+                     "FIXED MOVING --out OUT` now registers here, one pair at a time; Ctrl-C stops")
             while True:
                 connection, _ = listener.accept()
                 with connection:
