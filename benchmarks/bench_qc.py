@@ -71,7 +71,7 @@ def parts(registrar, repeats):
     import numpy as np
 
     from vtn_tf.qc import figures, picture, report
-    from vtn_tf.registration import pipeline, quality
+    from vtn_tf.registration import pipeline, quality, resampling
 
     root = data_dir() / "lpba40"
     fixed, moving, labels = pipeline.read_inputs(root / "images" / "S01.nii.gz", root / "images" / "S02.nii.gz",
@@ -81,8 +81,8 @@ def parts(registrar, repeats):
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(repeats + 1):
             begin = time.perf_counter()
-            headers = quality.placed_by_headers(moving.data, np.linalg.inv(moving.affine) @ fixed.affine,
-                                                fixed.data.shape)
+            headers = resampling.resample_through(moving.data, np.linalg.inv(moving.affine) @ fixed.affine,
+                                                  fixed.data.shape)
             times["headers"].append(time.perf_counter() - begin)
             begin = time.perf_counter()
             mask = figures.foreground(fixed.data)

@@ -6,7 +6,7 @@ in this process: the second pass is the work alone, so first - second is what tr
 compiling cost on the first. Prints one JSON line of wall-clock stamps (``time.time()``, to
 be compared with the parent's clock) and seconds per part.
 
-Usage: python call_parts.py MODEL FIXED MOVING LABELS OUT PRESET [--set words ...]
+Usage: python call_parts.py MODEL FIXED MOVING LABELS OUT PRESET [section.field=value ...]
 """
 
 import time
@@ -26,7 +26,7 @@ def main():
     from vtn_tf.registration import pipeline, settings  # loads TensorFlow, as the command does here
 
     stamps["imported"] = time.time()
-    chosen = settings.resolve(model, preset, [w for w in overrides if w != "--set"], lambda *_: None)
+    chosen = settings.resolve(model, preset, overrides, lambda *_: None)
     registrar = pipeline.Registrar(model, chosen, lambda *_: None)
     stamps["loaded"] = time.time()
     passes = []

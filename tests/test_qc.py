@@ -454,7 +454,7 @@ def test_scans_on_one_grid_are_placed_by_their_headers_without_resampling(monkey
     from types import SimpleNamespace
 
     from vtn_tf import io
-    from vtn_tf.registration import quality
+    from vtn_tf.registration import quality, resampling
 
     affine = np.diag([1.5, 1.0, 2.0, 1.0])
     affine[:3, 3] = [-20.0, 4.0, 7.0]
@@ -463,7 +463,7 @@ def test_scans_on_one_grid_are_placed_by_their_headers_without_resampling(monkey
 
     def refused(*args, **kwargs):
         raise AssertionError("resampled although the grids coincide")
-    monkeypatch.setattr(quality, "resample_through", refused)
+    monkeypatch.setattr(resampling.kernels, "compiled", refused)
     volume = lambda data, name: io.Volume(data, affine, (1.5, 1.0, 2.0), name)  # noqa: E731
     result = SimpleNamespace(flow_voxels=np.zeros(SHAPE + (3,), np.float32), warped=fixed, warped_labels=[labels],
                              inverse=None, affine={"world_ras": np.eye(4)}, seconds={})
@@ -473,7 +473,7 @@ def test_scans_on_one_grid_are_placed_by_their_headers_without_resampling(monkey
     assert check.figures["similarity"]["before"]["cc"] == pytest.approx(stats.pearsonr(fixed[mask], moving[mask])[0],
                                                                         abs=1e-4)
     assert check.figures["dice"]["before"] == 1.0
-    placed = quality.placed_by_headers(labels, np.eye(4), SHAPE, "nearest")
+    placed = resampling.resample_through(labels, np.eye(4), SHAPE, "nearest")
     assert placed.dtype == labels.dtype and np.array_equal(placed, labels)
 
 

@@ -83,7 +83,7 @@ def register_pair(registrar, fixed, moving, out, moving_labels=(), overwrite=Fal
 
 def register_call(load, settings, fixed, moving, out, moving_labels=(), fixed_labels=(), overwrite=False):
     """One ``vtn-register FIXED MOVING --out OUT`` call, in a fresh process or in a server
-    (`vtn_tf.registration.server`): the outputs and the inputs checked before the model is
+    (`vtn_tf.serving.warm`): the outputs and the inputs checked before the model is
     loaded, then :func:`register_pair` under the folder's lock (a second process refuses it
     at once). ``load()`` returns the `vtn_tf.registration.pipeline.Registrar` to use, with
     ``settings``. Returns what :func:`register_pair` returns."""

@@ -27,16 +27,6 @@ def modality_of(contract, intensity="auto"):
     return getattr(contract, "modality", None)
 
 
-def placed_by_headers(data, fixed_to_moving, shape, interpolation="linear"):
-    """``data`` (the moving grid) on the fixed grid of ``shape`` through the headers alone, 0
-    outside: ``fixed_to_moving`` maps fixed voxels to moving voxels (4x4). When the two grids
-    coincide (the same shape, the map the identity: scans in one space, as LPBA40's), that is
-    ``data`` itself (sampling at the voxels returns them), with no resampling."""
-    if tuple(np.shape(data)) == tuple(shape) and np.allclose(fixed_to_moving, np.eye(4), rtol=0.0, atol=1e-9):
-        return np.asarray(data, np.float32) if interpolation == "linear" else np.asarray(data)
-    return resample_through(data, fixed_to_moving, shape, interpolation, "zero")
-
-
 def quality_check(result, fixed, moving, moving_labels=(), fixed_labels=(), modality=None, picture=True, name=None):
     """A :class:`vtn_tf.qc.Check` of a registration :class:`~vtn_tf.registration.pipeline.Result`.
 
@@ -53,9 +43,9 @@ def quality_check(result, fixed, moving, moving_labels=(), fixed_labels=(), moda
     begin = time.perf_counter()
     shape = fixed.data.shape
     fixed_to_moving = np.linalg.inv(moving.affine) @ fixed.affine
-    headers = placed_by_headers(moving.data, fixed_to_moving, shape)
+    headers = resample_through(moving.data, fixed_to_moving, shape, "linear", "zero")
     paired = min(len(fixed_labels), len(result.warped_labels))
-    headers_labels = [placed_by_headers(v.data, fixed_to_moving, shape, "nearest")
+    headers_labels = [resample_through(v.data, fixed_to_moving, shape, "nearest", "zero")
                       for v in list(moving_labels)[:paired]]
     mask = qc_figures.foreground(fixed.data)  # once, for the figures, the picture and the inverse's consistency
     consistency = None

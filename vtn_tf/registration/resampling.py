@@ -21,10 +21,15 @@ def resample_through(data, matrix, shape, interpolation="linear", outside="zero"
       field: optional ``[X, Y, Z, 3]`` float32 (tf or numpy) displacement in target voxels
         (pulling) added to the target voxel positions before ``matrix``.
     Returns:
-      ``[X, Y, Z]`` numpy array (float32 for linear, ``data``'s dtype for nearest).
+      ``[X, Y, Z]`` numpy array (float32 for linear, ``data``'s dtype for nearest); ``data``
+      itself when ``matrix`` is the identity on a grid of its shape and there is no field.
     """
     if interpolation not in ("linear", "nearest") or outside not in ("zero", "clamp"):
         raise ValueError(f"unknown interpolation {interpolation!r} or outside mode {outside!r}")
+    if (field is None and not isinstance(data, tf.Tensor) and tuple(np.shape(data)) == tuple(shape)
+            and np.allclose(matrix, np.eye(4), rtol=0.0, atol=1e-9)):
+        # the same grid (scans in one space): sampling at the voxels returns them, no resampling
+        return np.asarray(data, np.float32) if interpolation == "linear" else np.asarray(data)
     if isinstance(data, tf.Tensor):  # already [1, X', Y', Z', 1] (one conversion for several calls)
         image, dtype = data, data.dtype.as_numpy_dtype
     else:
