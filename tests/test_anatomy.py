@@ -73,6 +73,28 @@ def test_the_label_term_is_the_dice_of_labels_warped_by_the_final_flow():
                                                  rel=1e-5)
 
 
+def test_folding_weight_adds_the_folding_of_the_final_flow_to_the_loss():
+    rng = np.random.default_rng(2)
+    shape = (64, 64, 64)
+    fixed, moving = (ndimage.gaussian_filter(rng.random(shape), 2)[None, ..., None].astype(np.float32)
+                     for _ in range(2))
+    model = VTN("D", width=0.125, flow_head_initializer="lecun_uniform", flow_scale=400.0, folding_weight=3.0)
+    model.build((None, *shape, 1))
+    terms = model.loss_terms(fixed, moving)
+    flow = model({"fixed": fixed, "moving": moving})["flow"].numpy()
+    base = flow[:, :-1, :-1, :-1].astype(np.float64)
+    J = np.stack([flow[:, 1:, :-1, :-1] - base, flow[:, :-1, 1:, :-1] - base, flow[:, :-1, :-1, 1:] - base], -1)
+    folding = np.maximum(-np.linalg.det(J + np.eye(3)), 0).mean()
+    assert folding > 1e-4  # the large flow scale makes a folding flow, or the test would prove little
+    assert float(terms["folding"]) == pytest.approx(folding, rel=1e-4)
+    plain = VTN("D", width=0.125, flow_head_initializer="lecun_uniform", flow_scale=400.0)
+    plain.build((None, *shape, 1))
+    plain.set_weights(model.get_weights())
+    assert "folding" not in plain.loss_term_names()
+    assert float(terms["loss"]) == pytest.approx(float(plain.loss_terms(fixed, moving)["loss"]) + 3.0 * folding,
+                                                 rel=1e-5)
+
+
 def test_training_with_labels_feeds_one_hot_maps_and_logs_the_term(toy_manifest, tmp_path):  # noqa: F811
     tiny = config_lib.load_config(TINY, [f"data.manifest={toy_manifest}", "model.label_weight=1",
                                                       "train.epochs=1", "train.steps_per_epoch=2"])

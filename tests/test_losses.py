@@ -167,6 +167,37 @@ def test_total_variation_zero_for_constant_field():
     np.testing.assert_array_equal(losses.total_variation_loss(flow).numpy(), [0.0, 0.0])
 
 
+# ----- folding penalty (not in the paper) ---------------------------------------------------
+def numpy_folding(flow):
+    """Mean of relu(-det J) over the cells, J = I + forward differences, by np.linalg.det."""
+    f = flow.astype(np.float64)
+    base = f[:, :-1, :-1, :-1]
+    columns = [f[:, 1:, :-1, :-1] - base, f[:, :-1, 1:, :-1] - base, f[:, :-1, :-1, 1:] - base]
+    J = np.stack(columns, -1) + np.eye(3)  # J[..., k, a] = d(x + u)_k / d x_a
+    return np.maximum(-np.linalg.det(J), 0.0).mean(axis=(1, 2, 3))
+
+
+def test_folding_loss_matches_numpy_determinants():
+    flow = np.random.default_rng(5).normal(scale=0.6, size=(2, 5, 6, 4, 3)).astype(np.float32)
+    expected = numpy_folding(flow)
+    assert expected.min() > 0  # a field that folds somewhere, or the comparison proves little
+    value, (gradient,) = finite_value_and_gradient(losses.folding_loss, flow)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    assert np.abs(gradient).max() > 0
+
+
+def test_folding_loss_of_a_mirror_and_of_smooth_maps():
+    """u = (-2x, 0, 0) maps x to -x (a mirror): det = -1 in every cell → 1; a rotation and a
+    stretch keep orientation → 0."""
+    x, y, z = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in (6, 5, 4)), indexing="ij")
+    mirror = np.stack([-2 * x, 0 * y, 0 * z], -1)[None]
+    np.testing.assert_allclose(losses.folding_loss(mirror).numpy(), [1.0], rtol=1e-6)
+    c, s = np.cos(0.4), np.sin(0.4)
+    rotation = np.stack([(c - 1) * x - s * y, s * x + (c - 1) * y, 0 * z], -1)[None]
+    stretch = np.stack([0.5 * x, 0 * y, -0.3 * z], -1)[None]
+    np.testing.assert_allclose(losses.folding_loss(np.concatenate([rotation, stretch])).numpy(), [0, 0], atol=1e-7)
+
+
 # ----- orthogonality (eq. 9) and determinant (eq. 10) --------------------------------------
 def numpy_orthogonality(A):
     s = np.linalg.svd(A, compute_uv=False)

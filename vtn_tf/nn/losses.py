@@ -179,6 +179,23 @@ def total_variation_loss(flow):
     return tf.add_n(terms) / 3.0
 
 
+def folding_loss(flow):
+    """Folding penalty: the mean over cells of ``relu(-det(I + D flow))``, ``D`` forward differences.
+
+    Args:
+      flow: ``[B, X, Y, Z, 3]`` voxels, pulling (channel c along axis c): the map is ``x + flow(x)``.
+    Returns:
+      ``[B]`` float32, 0 where the map keeps orientation everywhere; each cell of
+      ``[X-1, Y-1, Z-1]`` where ``det(I + D flow) < 0`` adds its ``-det`` (the folding measure of
+      `vtn_tf.core.fields.forward_jacobian_determinant`, here with a gradient).
+    """
+    flow = _float32(flow)
+    base = flow[:, :-1, :-1, :-1]
+    determinant = fields.cofactors([flow[:, 1:, :-1, :-1] - base, flow[:, :-1, 1:, :-1] - base,
+                                    flow[:, :-1, :-1, 1:] - base])[1]
+    return tf.reduce_mean(tf.nn.relu(-determinant), [1, 2, 3])
+
+
 def _determinant_3x3(m):
     """Closed-form determinant of ``[..., 3, 3]`` (no LU: smooth gradients everywhere)."""
     return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])

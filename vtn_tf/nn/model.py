@@ -56,6 +56,9 @@ class VTN(keras.Model):
         labels warped by the final flow (`vtn_tf.nn.losses.label_dice_loss`; not in the paper).
         0 = off (unsupervised, the paper). When on, training batches carry one-hot
         ``fixed_labels`` / ``moving_labels`` ``[B, X, Y, Z, K]``; registering never needs labels.
+      folding_weight: weight of the folding penalty on the final flow
+        (`vtn_tf.nn.losses.folding_loss`, negative forward-difference Jacobian determinants;
+        not in the paper). 0 = off.
 
     Call:
       ``model({"fixed": I1, "moving": I2})`` (or a tuple), images ``[B, X, Y, Z, 1]``
@@ -77,7 +80,7 @@ class VTN(keras.Model):
                  determinant_weight=PAPER["determinant_weight"], orthogonality_weight=PAPER["orthogonality_weight"],
                  invertibility_weight=PAPER["invertibility_weight"], central_fraction=PAPER["central_fraction"],
                  similarity=PAPER["similarity"], ncc_window=PAPER["ncc_window"],
-                 label_weight=PAPER["label_weight"], **kwargs):
+                 label_weight=PAPER["label_weight"], folding_weight=PAPER["folding_weight"], **kwargs):
         super().__init__(**kwargs)
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {sorted(SIMILARITIES)}; got {similarity!r}.")
@@ -95,6 +98,7 @@ class VTN(keras.Model):
         self.invertibility_weight = float(invertibility_weight)
         self.central_fraction = float(central_fraction)
         self.label_weight = float(label_weight)
+        self.folding_weight = float(folding_weight)
         self.stage_names = stage_names(spec)
         self.stages = [
             AffineSubnetwork(width, name=name) if letter == "A" else
@@ -236,6 +240,8 @@ class VTN(keras.Model):
             names.append("invertibility")
         if self.label_weight:
             names.append("label_dice")
+        if self.folding_weight:
+            names.append("folding")
         return names
 
     def similarity_loss(self, fixed, warped):
@@ -281,16 +287,22 @@ class VTN(keras.Model):
         terms, total = self.pass_loss_terms(fixed, forward)
         if use_labels:
             terms["label_dice"] = self.label_loss(labels[0], labels[1], forward["flow"])
+        if self.folding_weight:
+            terms["folding"] = tf.reduce_mean(losses.folding_loss(forward["flow"]))
         if self.invertibility_weight:
             backward = self({"fixed": moving, "moving": fixed}, training=training)
             back_terms, back_total = self.pass_loss_terms(moving, backward)
             if use_labels:
                 back_terms["label_dice"] = self.label_loss(labels[1], labels[0], backward["flow"])
+            if self.folding_weight:
+                back_terms["folding"] = tf.reduce_mean(losses.folding_loss(backward["flow"]))
             terms = {name: (value + back_terms[name]) / 2.0 for name, value in terms.items()}
             total = (total + back_total) / 2.0
             terms["invertibility"] = tf.reduce_mean(losses.invertibility_loss(
                 forward["flow"], backward["flow"], self.central_fraction))
             total += self.invertibility_weight * terms["invertibility"]
+        if self.folding_weight:
+            total += self.folding_weight * terms["folding"]
         if use_labels:
             total += self.label_weight * terms["label_dice"]
         elif self.label_weight:
@@ -366,4 +378,5 @@ class VTN(keras.Model):
                 "determinant_weight": self.determinant_weight,
                 "orthogonality_weight": self.orthogonality_weight,
                 "invertibility_weight": self.invertibility_weight, "central_fraction": self.central_fraction,
-                "similarity": self.similarity, "ncc_window": self.ncc_window, "label_weight": self.label_weight}
+                "similarity": self.similarity, "ncc_window": self.ncc_window, "label_weight": self.label_weight,
+                "folding_weight": self.folding_weight}

@@ -22,6 +22,7 @@ MODEL_DEFAULTS = {
     "similarity": "cc",           # "cc": the paper's global correlation; "ncc": local (not in the paper)
     "ncc_window": 9,              # voxels, for "ncc"
     "label_weight": 0.0,          # soft Dice on warped training labels (0: unsupervised, the paper)
+    "folding_weight": 0.0,        # penalty on negative Jacobian determinants of the final flow (not in the paper)
 }
 
 
