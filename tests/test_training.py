@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from vtn_tf.io import InputError
 from vtn_tf.nn import checkpoints
 from vtn_tf.nn.model import VTN
 from vtn_tf.training import config as config_lib
@@ -79,6 +80,38 @@ def test_training_writes_config_checkpoints_and_tensorboard(toy_manifest, tmp_pa
     assert any(name.startswith("optimizer/") for name in stored)
     for name in alone:
         np.testing.assert_array_equal(tf.train.load_variable(copy, name), tf.train.load_variable(latest, name))
+
+
+def test_init_from_starts_a_deeper_cascade_from_a_trained_one(toy_manifest, tmp_path):
+    """AD trained, then ADD initialised from it: the affine and first dense stage start from the
+    source's weights (checked against the files with tf.train.load_variable), the new stage from
+    its initialiser; a source of another width is refused, naming the checkpoint."""
+    one = tiny_config(toy_manifest, "train.epochs=1", "train.steps_per_epoch=2")
+    loop.train(one, tmp_path / "source", verbose=0, log=lambda *_: None)
+    source = checkpoints.inference_weights(tf.train.latest_checkpoint(str(tmp_path / "source" / "checkpoints")))
+    deeper = tiny_config(toy_manifest, "model.spec=ADD", "model.similarity_weights=[1, 0, 1]", "train.epochs=1",
+                         "train.steps_per_epoch=1", f"train.init_from={tmp_path / 'source'}")
+    model = loop.build_model(deeper, (64, 64, 64))
+    lines = []
+    loaded, new = checkpoints.initialise_from(model, tmp_path / "source", lines.append)
+    assert {key.split(".", 1)[0] for key in loaded} == {"affine", "dense1"}
+    assert new and {key.split(".", 1)[0] for key in new} == {"dense2"}
+    assert f"from {source}; new: dense2" in lines[0]
+    for v in model.weights:
+        key = v.path.split("/", 1)[-1].replace("/", ".")
+        if key in loaded:
+            np.testing.assert_array_equal(v.numpy(), tf.train.load_variable(
+                source, f"model/{key.replace('.', '..')}/.ATTRIBUTES/VARIABLE_VALUE"))
+    history = []
+    loop.train(deeper, tmp_path / "deeper", verbose=0, log=history.append)
+    assert any("initialised" in line and "new: dense2" in line for line in history), history
+    wider = tiny_config(toy_manifest, "model.width=0.25", f"train.init_from={tmp_path / 'source'}")
+    with pytest.raises(InputError, match=r"ckpt-2 does not fit this model \(shapes differ"):
+        loop.train(wider, tmp_path / "wider", verbose=0, log=lambda *_: None)
+    with pytest.raises(config_lib.ConfigError, match="not a run directory with a checkpoint"):
+        loop.train(tiny_config(toy_manifest, f"train.init_from={tmp_path / 'nowhere'}"), tmp_path / "none",
+                   verbose=0, log=lambda *_: None)
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_different_config_is_not_resumed(toy_manifest, tmp_path):

@@ -36,8 +36,7 @@ def make_checkpoint(model, optimizer=None):
     def value(v):
         return getattr(v, "value", v)
 
-    # Paths without the model's own name (which Keras uniquifies per process).
-    tree = {"model": {v.path.split("/", 1)[-1].replace("/", "."): value(v) for v in model.weights}}
+    tree = {"model": {_variable_key(v): value(v) for v in model.weights}}
     if optimizer is not None:  # optimizer slots follow the model's variable order
         tree["optimizer"] = {f"{k:05d}": value(v) for k, v in enumerate(optimizer.variables)}
     return tf.train.Checkpoint(**tree)
@@ -128,6 +127,52 @@ def write_inference_weights(model, checkpoint):
         if not old.name.startswith((f"{checkpoint.name}.", ".")):
             old.unlink()
     return str(folder / checkpoint.name)
+
+
+def initialise_from(model, run_dir, log=print):
+    """Load into a built ``model`` the variables of ``run_dir``'s latest weights that have the
+    same layer path and shape (fine-tuning, or a deeper cascade starting from a shallower one:
+    stages are named ``affine``, ``dense1``, ``dense2``, ... whatever follows them).
+
+    Variables the source lacks keep their initial values; a variable the source holds with
+    another shape, or a source that shares none, is an :class:`vtn_tf.io.InputError` naming
+    the files. Returns ``(loaded names, new names)``."""
+    run_dir = pathlib.Path(run_dir)
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    if latest is None:
+        raise io.InputError(f"train.init_from: {run_dir} holds no checkpoint (looked in {run_dir / 'checkpoints'}).")
+    source = inference_weights(latest) or latest
+    try:
+        stored = dict(tf.train.list_variables(source))
+    except (tf.errors.OpError, ValueError) as error:
+        raise io.InputError(f"train.init_from: checkpoint {source} is unreadable: {io.error_line(error)}") from None
+    variables, new, clashes = {}, [], []
+    for v in model.weights:
+        key = _variable_key(v)
+        shape = stored.get(f"model/{key.replace('.', '..')}/.ATTRIBUTES/VARIABLE_VALUE")
+        if shape is None:
+            new.append(key)
+        elif list(shape) != list(v.shape):
+            clashes.append(f"{key} {list(shape)} there, {list(v.shape)} here")
+        else:
+            variables[key] = getattr(v, "value", v)
+    if clashes or not variables:
+        problem = ("shapes differ: " + "; ".join(clashes[:3])) if clashes else "no variable in common"
+        raise io.InputError(f"train.init_from: checkpoint {source} does not fit this model ({problem}).")
+    try:
+        tf.train.Checkpoint(model=variables).restore(source).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, tf.errors.OpError) as error:
+        raise io.InputError(f"train.init_from: checkpoint {source} is unreadable: {io.error_line(error)}") from None
+    stages = sorted({key.split(".", 1)[0] for key in new})
+    log(f"initialised {len(variables)} of {len(model.weights)} variables from {source}"
+        + (f"; new: {', '.join(stages)}" if stages else ""))
+    return sorted(variables), new
+
+
+def _variable_key(v):
+    """A variable's key in the checkpoints: its layer path without the model's own name
+    (which Keras uniquifies per process), dots for slashes."""
+    return v.path.split("/", 1)[-1].replace("/", ".")
 
 
 def _restore_model(run_dir):

@@ -50,6 +50,7 @@ DEFAULTS = {
         "mixed_precision": False,     # float16 compute on GPUs; losses and warps stay float32
         "distribute": "auto",         # "auto", "none", "mirrored", "multiworker"
         "on_nonfinite": "stop",       # "stop" or "skip" a batch whose loss is NaN/Inf
+        "init_from": None,            # a run directory: start from its weights where the layers match
     },
     "register": {name: None for name in (
         "init", "init_steps", "passes", "refine", "refine_resolution", "refine_rate", "refine_anneal",
@@ -124,6 +125,8 @@ def load_config(path=None, overrides=()):
 
 def validate(config):
     train, data = config["train"], config["data"]
+    if train["init_from"] is not None and not isinstance(train["init_from"], str):
+        raise ConfigError(f"train.init_from must be a run directory's path or null; got {train['init_from']!r}.")
     for field in ("batch_size", "steps_per_epoch", "epochs", "checkpoint_every", "validate_every", "log_every"):
         if not isinstance(train[field], int) or train[field] <= 0:
             raise ConfigError(f"train.{field} must be a positive integer; got {train[field]!r}.")

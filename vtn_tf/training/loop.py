@@ -35,6 +35,7 @@ from vtn_tf.io import InputError
 # Loading a trained model lives in vtn_tf.checkpoints; these names stay importable from here.
 from vtn_tf.nn.checkpoints import (  # noqa: F401
     PRECISIONS,
+    initialise_from,
     make_checkpoint,
     network_precision,
     restore_model,
@@ -280,6 +281,9 @@ def _train(config, run_dir, restart, verbose, log):
             f"model.label_weight is {config['model']['label_weight']} but some training subjects of "
             f"{data_cfg['manifest']} have no label map; set model.label_weight=0 for unsupervised training.")
     image_shape = tuple(dataset.grid)
+    source = train_cfg["init_from"]
+    if source and tf.train.latest_checkpoint(str(pathlib.Path(source) / "checkpoints")) is None:
+        raise config_lib.ConfigError(f"train.init_from: {source} is not a run directory with a checkpoint.")
     if chief:
         prepare_run_dir(run_dir, config, restart, log)
     writer_dir = run_dir / "logs" if chief else pathlib.Path(tempfile.mkdtemp())
@@ -295,6 +299,8 @@ def _train(config, run_dir, restart, verbose, log):
     if manager.latest_checkpoint and not restart:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         log(f"resuming from {manager.latest_checkpoint}")
+    elif source:
+        initialise_from(model, source, log)
     start_step = step_of(model)
     total_steps = train_cfg["epochs"] * train_cfg["steps_per_epoch"]
     if start_step >= total_steps:
