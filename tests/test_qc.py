@@ -173,12 +173,29 @@ def test_field_figures_match_an_independent_jacobian_slab_by_slab(monkeypatch):
             assert found[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
 
 
-def test_dice_matches_a_direct_count():
+@pytest.mark.parametrize("ids, dtype", [((0, 1, 2, 3), np.uint8), ((0, 5, 181, 1023), np.int16),
+                                        ((0, 7, 4000, 70000), np.int32), ((-3, 0, 2, 9), np.int16),
+                                        ((0, 1, 2, 3), np.float32)])
+def test_dice_matches_a_direct_count(ids, dtype):
+    """Small ids (counted as they are), large and negative ids (coded first), any label dtype;
+    an id present in one map only scores 0 and is counted."""
     rng = np.random.default_rng(3)
-    a = rng.integers(0, 4, SHAPE)
-    b = np.where(rng.uniform(size=SHAPE) < 0.8, a, rng.integers(0, 4, SHAPE))
-    expected = np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in (1, 2, 3)])
+    values = np.asarray(ids)
+    a = values[rng.integers(0, len(ids), SHAPE)].astype(dtype)
+    b = np.where(rng.uniform(size=SHAPE) < 0.8, a, values[rng.integers(0, len(ids), SHAPE)]).astype(dtype)
+    b[0, 0, 0] = 77  # only in b
+    present = [v for v in np.union1d(a, b) if v != 0]
+    expected = np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in present])
     assert figures.dice([a], [b])["mean"] == pytest.approx(expected)
+
+
+def test_jacobian_colours_are_matplotlibs_diverging_map():
+    from matplotlib import colormaps, colors
+
+    det = np.concatenate([np.random.default_rng(0).uniform(-1, 3, 10000), [0, 0.5, 1, 1.5, 2, 2.5]]).astype(np.float32)
+    expected = colormaps["RdBu_r"](colors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)(det))[..., :3]
+    expected[det <= 0] = picture.FOLDING_RGB
+    np.testing.assert_allclose(picture._jacobian_colours(det), expected, atol=1e-6)
 
 
 def test_coverage_of_a_moving_image_half_outside_the_fixed_view():

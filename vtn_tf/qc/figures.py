@@ -17,6 +17,7 @@ Numpy alone, each figure in one pass over the fixed grid, a slab of planes at a 
 similarity over the fixed foreground's bounding box, the field's figures over the whole grid.
 """
 
+import concurrent.futures
 import math
 
 import numpy as np
@@ -335,9 +336,24 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
     mask = foreground(fixed) if mask is None else mask
     if not mask.any():
         mask = np.ones(fixed.shape, bool)
-    before, after = similarity(fixed, [moving_headers, warped], mask, window)
-    out = {"similarity": {"before": before, "after": after,
-                          "window": int(window), "region": "the fixed image's foreground"}}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # numpy lets go of the lock: two cores
+        similar = pool.submit(similarity, fixed, [moving_headers, warped], mask, window)
+        out = _field_and_labels(fixed, warped, flow, fixed_affine, world_ras, mask, fixed_labels, warped_labels,
+                                headers_labels, modality, moving, moving_affine)
+        before, after = similar.result()
+    out = {"similarity": {"before": before, "after": after, "window": int(window),
+                          "region": "the fixed image's foreground"}, **out}
+    if inverse_consistency is not None:
+        out["inverse_consistency"] = {"rms_mm": float(inverse_consistency[0]), "p95_mm": float(inverse_consistency[1])}
+    if seconds:
+        out["seconds"] = {k: float(v) for k, v in seconds.items()}
+    return _rounded(out)
+
+
+def _field_and_labels(fixed, warped, flow, fixed_affine, world_ras, mask, fixed_labels, warped_labels,
+                      headers_labels, modality, moving, moving_affine):
+    """:func:`compute`'s figures other than the similarity (a dict in ``qc.json``'s order)."""
+    out = {}
     covered = moving is not None and moving_affine is not None
     threshold = moving_threshold(moving) if covered else None
     field = field_figures(flow, fixed_affine, warped if covered else None, threshold)
@@ -356,11 +372,7 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
         out["dice"] = dice(fixed_labels, warped_labels)
         if len(headers_labels):
             out["dice"]["before"] = dice(fixed_labels, headers_labels)["mean"]
-    if inverse_consistency is not None:
-        out["inverse_consistency"] = {"rms_mm": float(inverse_consistency[0]), "p95_mm": float(inverse_consistency[1])}
-    if seconds:
-        out["seconds"] = {k: float(v) for k, v in seconds.items()}
-    return _rounded(out)
+    return out
 
 
 def _mean_index(mask):
@@ -392,9 +404,29 @@ def coverage(moving, moving_affine, threshold, carried_voxels, fixed_affine):
     return {"moving_inside_percent": share}
 
 
-def _label_codes(a, b):
-    """Both label maps (flat) as codes ``0..n-1`` of their ids together, and the ids."""
+SMALL_IDS = 1 << 10  # ids 0..SMALL_IDS-1 (every atlas): one joint histogram of the ids themselves
+
+
+def _joint_histogram(a, b):
+    """``(joint, ids)``: ``joint[i, j]`` the voxels with ``a == ids[i]`` and ``b == ids[j]``, over
+    the ids present in either flat map."""
     low, high = int(min(a.min(), b.min())), int(max(a.max(), b.max()))
+    if low >= 0 and high < SMALL_IDS:  # the ids as they are: two passes and one count
+        m = high + 1
+        codes = a.astype(np.intp)
+        codes *= m
+        codes += b if b.dtype.kind in "iub" else b.astype(np.intp)
+        joint = np.bincount(codes, minlength=m * m).reshape(m, m)
+        present = np.flatnonzero(joint.any(1) | joint.any(0))
+        return joint[np.ix_(present, present)], present
+    code_a, code_b, values = _label_codes(a, b, low, high)
+    n = len(values)
+    return np.bincount(code_a.astype(np.int64) * n + code_b, minlength=n * n).reshape(n, n), values
+
+
+def _label_codes(a, b, low, high):
+    """Both label maps (flat) as codes ``0..n-1`` of their ids together, and the ids
+    (``low``, ``high``: the smallest and largest id of both)."""
     if high - low < 1 << 16:  # small ids (every atlas): counts and a lookup table, no sorting
         a, b = (np.asarray(x, np.int32).ravel() - np.int32(low) for x in (a, b))
         present = (np.bincount(a, minlength=high - low + 1) + np.bincount(b, minlength=high - low + 1)) > 0
@@ -409,9 +441,7 @@ def dice(fixed_labels, warped_labels):
     from both left out), from one joint histogram per pair of maps: ``{"mean", "per_map"}``."""
     scores = []
     for a, b in zip(fixed_labels, warped_labels):
-        code_a, code_b, values = _label_codes(np.asarray(a), np.asarray(b))
-        n = len(values)
-        joint = np.bincount(code_a.astype(np.int64) * n + code_b, minlength=n * n).reshape(n, n)
+        joint, values = _joint_histogram(np.asarray(a).ravel(), np.asarray(b).ravel())
         keep = values != 0
         inter = np.diag(joint)[keep].astype(float)
         total = joint.sum(1)[keep] + joint.sum(0)[keep]

@@ -106,13 +106,23 @@ def _with_outlines(rgb, labels, colour=None):
     return out
 
 
-def _jacobian_colours(det):
-    """RGB of Jacobian determinants: RdBu_r about 1 (0 blue, 1 white, 2 red), folding green."""
-    from matplotlib import colormaps, colors
+@functools.cache
+def _diverging_table():
+    """Matplotlib's RdBu_r as its 256 RGB entries (float32)."""
+    from matplotlib import colormaps
 
-    rgb = colormaps["RdBu_r"](colors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)(det))[..., :3]
-    rgb[np.asarray(det) <= 0] = FOLDING_RGB
-    return rgb.astype(np.float32)
+    colour_map = colormaps["RdBu_r"].resampled(256)
+    return colour_map(np.arange(256))[:, :3].astype(np.float32)
+
+
+def _jacobian_colours(det):
+    """RGB of Jacobian determinants: RdBu_r about 1 (0 blue, 1 white, 2 red: matplotlib's
+    ``RdBu_r(TwoSlopeNorm(0, 1, 2)(det))``, entry ``floor(128 det)`` of its 256), folding green."""
+    det = np.asarray(det, np.float32)
+    entry = np.clip(np.floor(det * np.float32(128.0)), 0, 255).astype(np.intp)
+    rgb = _diverging_table()[entry]
+    rgb[det <= 0] = FOLDING_RGB
+    return rgb
 
 
 def _display(view, pixel_mm, display_mm, order):
