@@ -3,10 +3,13 @@
 ``vtn-register --pairs`` per pair with ``output.qc=false`` and ``output.qc=true``, side by side
 in one run, and the check's parts.
 
-Pairs: LPBA40 S01 <- S02, S03, ... (160x192x160, 1 mm) with the moving labels, as stored. The
-model: a run directory (``--model``, e.g. runs/brain-cpu), or an untrained ADD at half width
-on a 64^3 grid (speed only; its fields are random). Rows: batch mode without refinement and
-with ``--refine N`` (``--refine``, default 60).
+Pairs (``--data``): LPBA40 S01 <- S02, S03, ... (160x192x160, 1 mm), or consecutive
+hippocampus crops (64^3, 1 mm; the headers trusted, as the hippocampus models register), with
+the moving labels, as stored. The model: a run directory (``--model``, e.g. runs/brain-labels or
+runs/hippocampus-labels), or an untrained ADD at half width on a 64^3 grid (speed only; its
+fields are random). Rows: batch mode with the model's ``fast``
+preset (its alignment and passes, no refinement), then with ``--refine N`` (``--refine``,
+default 60) on the default levels.
 
 Columns (seconds, medians over the pairs after a warm-up pair; the parts over ``--repeats``
 passes):
@@ -29,18 +32,26 @@ import time
 from common import base_parser, data_dir, format_seconds, model_dir, print_machine, print_table, setup_tensorflow
 
 
-def _pairs_file(folder, count, tag):
-    root = data_dir() / "lpba40"
+def pair_names(data, count):
+    """``(fixed, moving)`` file names (without folder) of the first ``count`` pairs of ``data``."""
+    if data == "lpba40":
+        return [("S01.nii.gz", f"S{k:02d}.nii.gz") for k in range(2, 2 + count)]
+    names = sorted(path.name for path in (data_dir() / data / "images").glob("*.nii.gz"))
+    return list(zip(names[0:2 * count:2], names[1:2 * count:2]))
+
+
+def _pairs_file(folder, data, count, tag):
+    root = data_dir() / data
     path = os.path.join(folder, f"pairs-{tag}.csv")
     with open(path, "w") as stream:
         stream.write("fixed,moving,out,moving_labels\n")
-        for k in range(2, 2 + count):
-            stream.write(f"{root}/images/S01.nii.gz,{root}/images/S{k:02d}.nii.gz,{folder}/{tag}/S{k:02d},"
-                         f"{root}/labels/S{k:02d}.nii.gz\n")
+        for fixed, moving in pair_names(data, count):
+            stream.write(f"{root}/images/{fixed},{root}/images/{moving},{folder}/{tag}/{moving.split('.')[0]},"
+                         f"{root}/labels/{moving}\n")
     return path
 
 
-def per_pair(registrar, folder, count, tag):
+def per_pair(registrar, folder, data, count, tag):
     """Seconds per pair of the batch run (``--pairs``), each pair with the check off then on
     (the two runs side by side, so that a change in the machine's load falls on both): the
     medians over the pairs after the first of the time off, on, their difference, and the
@@ -50,7 +61,8 @@ def per_pair(registrar, folder, count, tag):
 
     from vtn_tf.registration import batch
 
-    rows = {qc: batch.read_pairs(_pairs_file(folder, count, f"{tag}-{'on' if qc else 'off'}")) for qc in (False, True)}
+    rows = {qc: batch.read_pairs(_pairs_file(folder, data, count, f"{tag}-{'on' if qc else 'off'}"))
+            for qc in (False, True)}
     seconds = {False: [], True: [], "qc": []}
     for off_row, on_row in zip(rows[False], rows[True]):
         for qc, row in ((False, off_row), (True, on_row)):
@@ -66,16 +78,17 @@ def per_pair(registrar, folder, count, tag):
             statistics.median(kept["qc"]))
 
 
-def parts(registrar, repeats):
-    """Median seconds of the check's parts on S01 <- S02."""
+def parts(registrar, data, repeats):
+    """Median seconds of the check's parts on the first pair."""
     import numpy as np
 
     from vtn_tf.qc import figures, picture, report
     from vtn_tf.registration import pipeline, quality, resampling
 
-    root = data_dir() / "lpba40"
-    fixed, moving, labels = pipeline.read_inputs(root / "images" / "S01.nii.gz", root / "images" / "S02.nii.gz",
-                                                 [root / "labels" / "S02.nii.gz"])
+    root = data_dir() / data
+    fixed_name, moving_name = pair_names(data, 1)[0]
+    fixed, moving, labels = pipeline.read_inputs(root / "images" / fixed_name, root / "images" / moving_name,
+                                                 [root / "labels" / moving_name])
     result = registrar.register(fixed, moving, labels)
     times = {"headers": [], "figures": [], "picture": [], "report": []}
     with tempfile.TemporaryDirectory() as folder:
@@ -109,31 +122,35 @@ def main():
     parser.add_argument("--model", help="run directory (default: an untrained ADD, width 0.5, 64^3)")
     parser.add_argument("--pairs", type=int, default=5, help="pairs per cell (the first one is a warm-up)")
     parser.add_argument("--refine", type=int, default=60, help="also with --refine N (0: skip)")
+    parser.add_argument("--data", choices=("lpba40", "hippocampus"), default="lpba40", help="which scans")
     args = parser.parse_args()
-    if not (data_dir() / "lpba40").is_dir():
-        print(f"LPBA40 not found under {data_dir()} (set VTN_DATA): nothing to measure")
+    if not (data_dir() / args.data).is_dir():
+        print(f"{args.data} not found under {data_dir()} (set VTN_DATA): nothing to measure")
         return
     setup_tensorflow(args)
     from vtn_tf.registration import pipeline
-    from vtn_tf.registration.settings import RefineSettings
+    from vtn_tf.registration.settings import RefineSettings, resolve
 
     count = 2 if args.quick else args.pairs
     repeats = args.repeats or (1 if args.quick else 3)
     print_machine(args)
     with tempfile.TemporaryDirectory() as folder:
         model = model_dir(args, folder)
-        registrar = pipeline.Registrar(model, log=lambda *_: None)
+        # the model's fast preset (its alignment and passes, no refinement), as --preset fast
+        registrar = pipeline.Registrar(model, resolve(model, "fast") if args.model else None, log=lambda *_: None)
         rows = []
         for refine in [0] + ([args.refine] if args.refine and not args.quick else []):
             registrar.settings.refine = RefineSettings(steps=refine)
-            off, on, added, check = per_pair(registrar, folder, count, f"refine{refine}")
+            off, on, added, check = per_pair(registrar, folder, args.data, count, f"refine{refine}")
             rows.append([f"--refine {refine}" if refine else "no refinement", format_seconds(off),
                          format_seconds(on), format_seconds(added), f"{100 * added / off:.0f} %",
                          format_seconds(check), f"{100 * check / off:.0f} %"])
-        print_table(["registration (LPBA40, 160x192x160)", "batch per pair, output.qc=false", "output.qc=true",
+        grid = "x".join(str(n) for n in pipeline.read_inputs(*[data_dir() / args.data / "images" / name
+                                                                for name in pair_names(args.data, 1)[0]])[0].data.shape)
+        print_table([f"registration ({args.data}, {grid})", "batch per pair, output.qc=false", "output.qc=true",
                      "added", "added / registration", "the check (qc_seconds)", "check / registration"], rows)
         registrar.settings.refine = RefineSettings(steps=0)
-        timed = parts(registrar, repeats)
+        timed = parts(registrar, args.data, repeats)
         print_table(["headers placement", "figures", "picture", "report.html + .csv, per pair"],
                     [[format_seconds(timed[key]) for key in ("headers", "figures", "picture", "report")]])
 
