@@ -11,7 +11,7 @@ LIVER_LAYOUT ?= lits
 SET ?=
 export VTN_DATA
 
-.PHONY: help install demo test test-all bench-call demo train-brain train-liver train-hippocampus tune-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus accuracy-brain-labels accuracy-hippocampus-labels
+.PHONY: help install demo test test-all bench-call demo train-brain train-liver train-hippocampus tune-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus accuracy-brain-labels accuracy-brain-labels-deep accuracy-hippocampus-labels
 
 help:
 	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
@@ -161,6 +161,14 @@ accuracy-brain-labels: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-labels.json --run_dir $(RUNS)/brain-labels \
 	  --set data.manifest=$(PREPARED)/lpba40-64/manifest.json $(SET)
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-labels NATIVE_NAME=brain-labels REFINE_QUARTER=15x15x15x15x3
+
+# brain-labels with a third dense stage, its first stages from the brain-labels run (trained first).
+accuracy-brain-labels-deep: install $(PREPARED)/lpba40-64/manifest.json
+	test -d $(RUNS)/brain-labels/weights || $(PYTHON) -m vtn_tf.cli.train --config experiments/brain-labels.json \
+	  --run_dir $(RUNS)/brain-labels --set data.manifest=$(PREPARED)/lpba40-64/manifest.json $(SET)
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-labels-deep.json --run_dir $(RUNS)/brain-labels-deep \
+	  --set data.manifest=$(PREPARED)/lpba40-64/manifest.json --set train.init_from=$(RUNS)/brain-labels $(SET)
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-labels-deep NATIVE_NAME=brain-labels-deep REFINE_QUARTER=15x15x15x15x3
 
 accuracy-hippocampus-labels: install $(PREPARED)/hippocampus/manifest.json
 	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-labels.json --run_dir $(RUNS)/hippocampus-labels $(SET)
