@@ -141,6 +141,24 @@ def test_more_epochs_extend_a_finished_run(toy_manifest, tmp_path):
                        tmp_path / "extended", **quiet)
 
 
+def test_a_run_saved_before_a_field_existed_resumes(toy_manifest, tmp_path):
+    """A saved config without a field added to the defaults since (as an older run's) reads as
+    that field's default: the run resumes; a non-default value there is still another config."""
+    quiet = {"verbose": 0, "log": lambda *_: None}
+    config = tiny_config(toy_manifest, "train.epochs=1", "train.steps_per_epoch=1")
+    loop.train(config, tmp_path / "run", **quiet)
+    saved = tmp_path / "run" / "config.json"
+    older = json.loads(saved.read_text())
+    del older["model"]["folding_weight"], older["train"]["init_from"]
+    saved.write_text(json.dumps(older))
+    summary = loop.train(tiny_config(toy_manifest, "train.epochs=2", "train.steps_per_epoch=1"), tmp_path / "run",
+                         **quiet)
+    assert summary["start_step"] == 1 and summary["steps"] == 2
+    with pytest.raises(config_lib.ConfigError, match="model.folding_weight"):
+        loop.train(tiny_config(toy_manifest, "train.epochs=3", "train.steps_per_epoch=1", "model.folding_weight=1"),
+                   tmp_path / "run", **quiet)
+
+
 def _trained_weights(run_dir):
     model, _, _ = checkpoints.restore_model(run_dir)
     return [v.numpy() for v in model.trainable_variables]

@@ -123,7 +123,9 @@ def prepare_run_dir(run_dir, config, restart=False, log=print):
     run_dir = pathlib.Path(run_dir)
     saved = run_dir / "config.json"
     if saved.exists() and not restart:
-        previous = json.loads(saved.read_text())
+        # a field the saved config lacks (added to the defaults since) is its default value
+        previous = {section: {**config_lib.DEFAULTS.get(section, {}), **fields}
+                    for section, fields in json.loads(saved.read_text()).items()}
         trained = [s for s in config if s not in config_lib.TEST_TIME]
         if any(previous.get(s) != config[s] for s in trained):
             changed = sorted((s, k) for s in trained for k in config[s]
