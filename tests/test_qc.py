@@ -333,6 +333,23 @@ def test_picture_is_drawn_with_labels_and_an_oblique_affine(tmp_path):
     assert ras.shape == (4, 2, 3) and ras[0, 1, 2] == volume[1, 2, 3] and ras[3, 0, 0] == volume[0, 0, 0]
 
 
+def test_a_small_volume_is_enlarged_by_whole_blocks_so_that_its_picture_reads():
+    """A 40x44x36 crop at 1 mm: panels of at least MIN_PANEL_PIXELS, every voxel a square block of
+    the same value (np.kron), the picture wide enough for the six column titles."""
+    import io
+
+    from PIL import Image
+
+    fixed = phantom()
+    result = qc.check(fixed, fixed, fixed, np.zeros(SHAPE + (3,), np.float32), np.eye(4), np.eye(4),
+                      fixed_labels=[fixed > 110], warped_labels=[fixed > 110])
+    width, height = Image.open(io.BytesIO(result.picture)).size
+    assert width >= 6 * picture.MIN_PANEL_PIXELS and height >= 3 * picture.MIN_PANEL_PIXELS
+    view = np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(picture._display(view, (1.0, 1.0), 0.25, 1), np.kron(view, np.ones((4, 4))))
+    assert picture._display(view, (1.0, 1.5), 1.0, 1).shape == (3, 6)  # not whole: resampled
+
+
 def _entries(tmp_path):
     fixed = phantom()
     entries = []

@@ -309,6 +309,9 @@ def _rounded(value, digits=4):
     return value
 
 
+THREAD_VOXELS = 1 << 21  # from this many fixed voxels on, the similarity runs in a second thread
+
+
 def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, fixed_labels=(),
             warped_labels=(), headers_labels=(), inverse_consistency=None, seconds=None, modality=None, moving=None,
             moving_affine=None, mask=None, window=WINDOW):
@@ -336,11 +339,16 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
     mask = foreground(fixed) if mask is None else mask
     if not mask.any():
         mask = np.ones(fixed.shape, bool)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # numpy lets go of the lock: two cores
-        similar = pool.submit(similarity, fixed, [moving_headers, warped], mask, window)
-        out = _field_and_labels(fixed, warped, flow, fixed_affine, world_ras, mask, fixed_labels, warped_labels,
-                                headers_labels, modality, moving, moving_affine)
-        before, after = similar.result()
+    rest = (fixed, warped, flow, fixed_affine, world_ras, mask, fixed_labels, warped_labels, headers_labels,
+            modality, moving, moving_affine)
+    if fixed.size < THREAD_VOXELS:
+        before, after = similarity(fixed, [moving_headers, warped], mask, window)
+        out = _field_and_labels(*rest)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # numpy lets go of the lock: two cores
+            similar = pool.submit(similarity, fixed, [moving_headers, warped], mask, window)
+            out = _field_and_labels(*rest)
+            before, after = similar.result()
     out = {"similarity": {"before": before, "after": after, "window": int(window),
                           "region": "the fixed image's foreground"}, **out}
     if inverse_consistency is not None:

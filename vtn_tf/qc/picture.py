@@ -12,6 +12,7 @@ Numpy composes the image; Pillow (with matplotlib, the ``plot`` extra: its colou
 DejaVu Sans font) writes the text and the PNG, imported only when called."""
 
 import functools
+import math
 import os
 import textwrap
 
@@ -23,6 +24,7 @@ COLUMNS = ("fixed", "moving, headers alone", "warped moving", "checkerboard fixe
            "Jacobian determinant", "warped labels on fixed")
 FOLDING_RGB = (0.0, 1.0, 0.0)  # folding voxels: bright green over the diverging map
 PANEL_PIXELS = 200  # the longest side of a panel, in pixels of the picture
+MIN_PANEL_PIXELS = 160  # smaller volumes are enlarged by a whole factor (the column titles fit above)
 PAD = 6  # pixels between panels
 CHECKER_TILES = 8
 PNG_COMPRESSION = 3  # zlib level: half the time of the default 6, the file no larger (RGB, no alpha)
@@ -132,6 +134,9 @@ def _display(view, pixel_mm, display_mm, order):
     zoom = (pixel_mm[0] / display_mm, pixel_mm[1] / display_mm)
     if abs(zoom[0] - 1) < 1e-3 and abs(zoom[1] - 1) < 1e-3:
         return np.asarray(view)
+    whole = [round(z) for z in zoom]
+    if all(n >= 1 and abs(z - n) < 1e-3 for z, n in zip(zoom, whole)):  # enlarged: each voxel a block
+        return np.asarray(view).repeat(whole[0], 0).repeat(whole[1], 1)
     return ndimage.zoom(np.asarray(view), zoom, order=order, mode="nearest", grid_mode=True)
 
 
@@ -242,6 +247,23 @@ def _font(size, bold=False):
         return ImageFont.load_default(size)
 
 
+@functools.lru_cache(maxsize=512)
+def _lettering(words, size, bold=False, anchor="la"):
+    """``words`` rendered once as a coverage mask (Pillow ``L`` image) and its offset from the
+    anchor point: the same words on the next picture are pasted, not drawn again."""
+    from PIL import Image, ImageDraw
+
+    font = _font(size, bold)
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    multiline = "\n" in words
+    box = (draw.multiline_textbbox if multiline else draw.textbbox)((0, 0), words, font=font, anchor=anchor)
+    left, top = int(np.floor(box[0])), int(np.floor(box[1]))
+    mask = Image.new("L", (max(int(np.ceil(box[2])) - left, 1), max(int(np.ceil(box[3])) - top, 1)), 0)
+    (ImageDraw.Draw(mask).multiline_text if multiline else ImageDraw.Draw(mask).text)(
+        (-left, -top), words, fill=255, font=font, anchor=anchor)
+    return mask, left, top
+
+
 def _rotated(words, size):
     """``words`` in black on white, turned a quarter to read upwards (a row's name)."""
     from PIL import Image, ImageDraw
@@ -285,7 +307,8 @@ def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, 
               for a, flip in zip(axes_order, flips)]
     spacing = figures_lib.spacing_of(fixed_affine)[axes_order]
     extent = np.asarray(fixed.shape)[axes_order] * spacing
-    display_mm = max(float(extent.max()) / PANEL_PIXELS, float(spacing.min()))
+    display_mm = max(float(extent.max()) / PANEL_PIXELS, float(spacing.min()))  # no finer than the voxels,
+    display_mm /= math.ceil(MIN_PANEL_PIXELS * display_mm / float(extent.max()))  # unless too small to read
 
     def slices(volume):
         return _slices(to_ras(volume, fixed_affine), centre) if volume is not None else (None,) * 3
@@ -313,8 +336,9 @@ def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, 
     picture = Image.fromarray((image * 255 + 0.5).astype(np.uint8))
     pen = ImageDraw.Draw(picture)
 
-    def text(x, y, words, size, anchor="la", fill="black", bold=False):  # x, y in pixels from the top left
-        pen.text((x, y), words, fill=fill, font=_font(size, bold), anchor=anchor)
+    def text(x, y, words, size, anchor="la", fill=(0, 0, 0), bold=False):  # x, y in pixels from the top left
+        mask, left, top = _lettering(words, size, bold, anchor)
+        picture.paste(fill, (int(round(x)) + left, int(round(y)) + top), mask)
 
     for c, title in enumerate(columns):
         text(left_px + c * width + width / 2, top_px - 4, title, 9, "md")
@@ -344,6 +368,6 @@ def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, 
     if views["warped_labels"][0] is not None:
         caption += (" Labels: coloured outlines = warped moving labels"
                     + ("; white = fixed labels" if fixed_labels is not None else "") + ".")
-    pen.multiline_text((4, height_px - 3), wrapped(caption, 7), font=_font(7), fill="black", anchor="ld")
+    text(4, height_px - 3, wrapped(caption, 7), 7, "ld")
     picture.save(path, format="PNG", compress_level=PNG_COMPRESSION)
     return path
