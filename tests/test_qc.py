@@ -198,6 +198,19 @@ def test_jacobian_colours_are_matplotlibs_diverging_map():
     np.testing.assert_allclose(picture._jacobian_colours(det), expected, atol=1e-6)
 
 
+def test_the_figures_are_the_same_computed_side_by_side_or_in_turn(monkeypatch):
+    fixed, moving = phantom(), phantom(shift=(1.5, -1, 0))
+    flow = np.zeros(SHAPE + (3,), np.float32)
+    flow[..., 1] = 0.3 * np.sin(_grid()[..., 0] / 4)
+    labels = (fixed > 110).astype(np.int16)
+    found = []
+    for threshold in (0, 1 << 40):  # every volume in threads, none
+        monkeypatch.setattr(figures, "THREAD_VOXELS", threshold)
+        found.append(figures.compute(fixed, np.roll(moving, 2, 0), moving, flow, np.eye(4), np.eye(4), moving=moving,
+                                     moving_affine=np.eye(4), fixed_labels=[labels], warped_labels=[labels]))
+    assert found[0] == found[1] and found[0]["similarity"]["before"] != found[0]["similarity"]["after"]
+
+
 def test_coverage_of_a_moving_image_half_outside_the_fixed_view():
     moving = phantom()
     zero = np.zeros(SHAPE + (3,), np.float32)

@@ -106,36 +106,46 @@ def similarity(fixed, images, mask, window=WINDOW, stride=2):
     of a constant cube means the same in any intensity unit); the window moments are float32
     box sums, decimated axis by axis (the fixed image's once for all images).
     """
+    statistics = fixed_statistics(fixed, mask, window, stride)
+    return [similarity_to(statistics, image) for image in images]
+
+
+def fixed_statistics(fixed, mask, window=WINDOW, stride=2):
+    """What :func:`similarity` computes of the fixed image once for every image compared to it."""
     box = _box(mask, window // 2 + 1)
     region = mask[box]
     kept = region[::stride, ::stride, ::stride]
     inside = np.flatnonzero(region)
+    a = _scaled(fixed, box)
+    mean_a = _window_means(a, window, stride)[kept]
+    var_a = _window_means(a * a, window, stride)[kept] - mean_a * mean_a
+    return {"box": box, "kept": kept, "inside": inside, "a": a, "centred_a": _centred(a.ravel().take(inside)),
+            "mean_a": mean_a, "var_a": var_a, "window": window, "stride": stride}
 
-    def scaled(image):  # contiguous, the largest magnitude 1
-        view = np.asarray(image, np.float32)[box]
-        return view * np.float32(1.0 / max(float(view.max()), -float(view.min()), _EPS))
+
+def similarity_to(statistics, image):
+    """``{"cc", "lcc"}`` of ``image`` to the fixed image of :func:`fixed_statistics`."""
+    box, kept, a, mean_a, var_a = (statistics[k] for k in ("box", "kept", "a", "mean_a", "var_a"))
 
     def means(x):
-        return _window_means(x, window, stride)[kept]
+        return _window_means(x, statistics["window"], statistics["stride"])[kept]
 
-    a = scaled(fixed)
-    centred_a = _centred(a.ravel().take(inside))
-    mean_a = means(a)
-    var_a = means(a * a) - mean_a * mean_a
-    out = []
-    for image in images:
-        b = scaled(image)
-        mean_b = means(b)
-        var_b = means(b * b) - mean_b * mean_b
-        cov = means(a * b) - mean_a * mean_b
-        valid = (var_a > _EPS * _EPS) & (var_b > _EPS * _EPS)
-        cc = np.where(valid, cov / np.sqrt(np.maximum(var_a * var_b, _EPS ** 4)), 0.0)
-        local = float(np.clip(cc, -1.0, 1.0).mean(dtype=np.float64)) if cc.size else 0.0
-        centred_b = _centred(b.ravel().take(inside))
-        denominator = math.sqrt(float(np.dot(centred_a, centred_a)) * float(np.dot(centred_b, centred_b)))
-        out.append({"cc": float(np.dot(centred_a, centred_b)) / denominator if denominator > 0 else 0.0,
-                    "lcc": local})
-    return out
+    b = _scaled(image, box)
+    mean_b = means(b)
+    var_b = means(b * b) - mean_b * mean_b
+    cov = means(a * b) - mean_a * mean_b
+    valid = (var_a > _EPS * _EPS) & (var_b > _EPS * _EPS)
+    cc = np.where(valid, cov / np.sqrt(np.maximum(var_a * var_b, _EPS ** 4)), 0.0)
+    local = float(np.clip(cc, -1.0, 1.0).mean(dtype=np.float64)) if cc.size else 0.0
+    centred_a, centred_b = statistics["centred_a"], _centred(b.ravel().take(statistics["inside"]))
+    denominator = math.sqrt(float(np.dot(centred_a, centred_a)) * float(np.dot(centred_b, centred_b)))
+    return {"cc": float(np.dot(centred_a, centred_b)) / denominator if denominator > 0 else 0.0, "lcc": local}
+
+
+def _scaled(image, box):
+    """``image[box]`` float32, contiguous, scaled to its largest magnitude 1."""
+    view = np.asarray(image, np.float32)[box]
+    return view * np.float32(1.0 / max(float(view.max()), -float(view.min()), _EPS))
 
 
 def _centred(values):
@@ -341,14 +351,15 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
         mask = np.ones(fixed.shape, bool)
     rest = (fixed, warped, flow, fixed_affine, world_ras, mask, fixed_labels, warped_labels, headers_labels,
             modality, moving, moving_affine)
+    statistics = fixed_statistics(fixed, mask, window)
     if fixed.size < THREAD_VOXELS:
-        before, after = similarity(fixed, [moving_headers, warped], mask, window)
+        before, after = (similarity_to(statistics, image) for image in (moving_headers, warped))
         out = _field_and_labels(*rest)
-    else:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # numpy lets go of the lock: two cores
-            similar = pool.submit(similarity, fixed, [moving_headers, warped], mask, window)
-            out = _field_and_labels(*rest)
-            before, after = similar.result()
+    else:  # three parts of about the same time side by side: numpy lets go of the lock, both cores work
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            parts = [pool.submit(similarity_to, statistics, moving_headers), pool.submit(_field_and_labels, *rest)]
+            after = similarity_to(statistics, warped)
+            before, out = (part.result() for part in parts)
     out = {"similarity": {"before": before, "after": after, "window": int(window),
                           "region": "the fixed image's foreground"}, **out}
     if inverse_consistency is not None:
