@@ -24,7 +24,7 @@ COLUMNS = ("fixed", "moving, headers alone", "warped moving", "checkerboard fixe
            "Jacobian determinant", "warped labels on fixed")
 FOLDING_RGB = (0.0, 1.0, 0.0)  # folding voxels: bright green over the diverging map
 PANEL_PIXELS = 200  # the longest side of a panel, in pixels of the picture
-MIN_PANEL_PIXELS = 160  # smaller volumes are enlarged by a whole factor (the column titles fit above)
+MIN_PANEL_PIXELS = 128  # smaller volumes are enlarged by a whole factor (the column titles fit above)
 PAD = 6  # pixels between panels
 CHECKER_TILES = 8
 PNG_COMPRESSION = 3  # zlib level: half the time of the default 6, the file no larger (RGB, no alpha)
