@@ -363,6 +363,21 @@ def test_a_small_volume_is_enlarged_by_whole_blocks_so_that_its_picture_reads():
     assert picture._display(view, (1.0, 1.5), 1.0, 1).shape == (3, 6)  # not whole: resampled
 
 
+def test_the_check_draws_the_same_picture_as_draw_in_one_go(tmp_path):
+    """check() composes the panels beside the figures and writes the title after them: the
+    pixels are draw()'s with the same figures and flags."""
+    from PIL import Image
+
+    fixed, moving = phantom(), phantom(shift=(2, 0, 0))
+    flow = np.zeros(SHAPE + (3,), np.float32)
+    result = qc.check(fixed, moving, moving, flow, np.eye(4), np.eye(4), name="pair")
+    picture.draw(tmp_path / "alone.png", fixed, moving, moving, flow, np.eye(4), result.figures, result.flags,
+                 name="pair")
+    (tmp_path / "check.png").write_bytes(result.picture)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "check.png")),
+                                  np.asarray(Image.open(tmp_path / "alone.png")))
+
+
 def _entries(tmp_path):
     fixed = phantom()
     entries = []

@@ -11,6 +11,7 @@
 but define things.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import time
@@ -66,19 +67,23 @@ def check(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, 
 
     begin = time.perf_counter()
     mask = figures_lib.foreground(fixed) if mask is None else mask
-    figures = figures_lib.compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras, mask=mask,
-                                  fixed_labels=fixed_labels, warped_labels=warped_labels,
-                                  headers_labels=headers_labels, **figure_options)
-    found = flags_lib.flags(figures, thresholds)
-    png = None
-    if picture:
-        from vtn_tf.qc import picture as picture_lib
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        composed = None
+        if picture:  # the panels need no figure: drawn beside them (numpy and Pillow let go of the lock)
+            from vtn_tf.qc import picture as picture_lib
 
-        buffer = io.BytesIO()
-        picture_lib.draw(buffer, fixed, moving_headers, warped, flow, fixed_affine, figures, found,
-                         warped_labels[0] if len(warped_labels) else None,
-                         fixed_labels[0] if len(fixed_labels) else None, name, mask)
-        png = buffer.getvalue()
+            composed = pool.submit(picture_lib.compose, fixed, moving_headers, warped, flow, fixed_affine,
+                                   warped_labels[0] if len(warped_labels) else None,
+                                   fixed_labels[0] if len(fixed_labels) else None, mask)
+        figures = figures_lib.compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras, mask=mask,
+                                      fixed_labels=fixed_labels, warped_labels=warped_labels,
+                                      headers_labels=headers_labels, **figure_options)
+        found = flags_lib.flags(figures, thresholds)
+        png = None
+        if composed is not None:
+            buffer = io.BytesIO()
+            picture_lib.finish(composed.result(), buffer, figures, found, name)
+            png = buffer.getvalue()
     return Check(figures, found, png, time.perf_counter() - begin)
 
 

@@ -351,15 +351,17 @@ def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *
         mask = np.ones(fixed.shape, bool)
     rest = (fixed, warped, flow, fixed_affine, world_ras, mask, fixed_labels, warped_labels, headers_labels,
             modality, moving, moving_affine)
-    statistics = fixed_statistics(fixed, mask, window)
     if fixed.size < THREAD_VOXELS:
+        statistics = fixed_statistics(fixed, mask, window)
         before, after = (similarity_to(statistics, image) for image in (moving_headers, warped))
         out = _field_and_labels(*rest)
-    else:  # three parts of about the same time side by side: numpy lets go of the lock, both cores work
+    else:  # the field's figures beside the similarities: numpy lets go of the lock, both cores work
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            parts = [pool.submit(similarity_to, statistics, moving_headers), pool.submit(_field_and_labels, *rest)]
+            field = pool.submit(_field_and_labels, *rest)
+            statistics = fixed_statistics(fixed, mask, window)
+            similar = pool.submit(similarity_to, statistics, moving_headers)
             after = similarity_to(statistics, warped)
-            before, out = (part.result() for part in parts)
+            before, out = similar.result(), field.result()
     out = {"similarity": {"before": before, "after": after, "window": int(window),
                           "region": "the fixed image's foreground"}, **out}
     if inverse_consistency is not None:

@@ -281,7 +281,8 @@ def _colour_scale(width, height):
 
 def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, flag_list=(),
          warped_labels=None, fixed_labels=None, name="", mask=None, dpi=72):
-    """Draw the picture into ``path`` (a PNG file name or binary stream) and return ``path``.
+    """Draw the picture into ``path`` (a PNG file name or binary stream) and return ``path``:
+    :func:`finish` of :func:`compose`.
 
     Args:
       fixed, moving_headers, warped: ``[X, Y, Z]`` images on the fixed grid (see
@@ -299,6 +300,14 @@ def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, 
     image; Pillow writes the text on it (matplotlib's DejaVu Sans) and the PNG: a tenth of the
     time of a matplotlib figure.
     """
+    return finish(compose(fixed, moving_headers, warped, flow, fixed_affine, warped_labels, fixed_labels, mask),
+                  path, figures, flag_list, name)
+
+
+def compose(fixed, moving_headers, warped, flow, fixed_affine, warped_labels=None, fixed_labels=None, mask=None):
+    """Everything of :func:`draw`'s picture but its two title lines, which need the figures
+    (the two can be made side by side): ``(Pillow image, wrap)``, ``wrap(words, size)`` the
+    line breaking of its width."""
     fixed = np.asarray(fixed, np.float32)
     mask = figures_lib.foreground(fixed) if mask is None else mask
     centre_voxel = _centre_voxel(mask, fixed.shape)
@@ -331,10 +340,9 @@ def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, 
     for k in range(5):  # ticks at 0, 0.5, 1, 1.5, 2
         image[bar_top + 8:bar_top + 10, bar_left + round(k * (bar_width - 1) / 4)] = 0.0
 
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     picture = Image.fromarray((image * 255 + 0.5).astype(np.uint8))
-    pen = ImageDraw.Draw(picture)
 
     def text(x, y, words, size, anchor="la", fill=(0, 0, 0), bold=False):  # x, y in pixels from the top left
         mask, left, top = _lettering(words, size, bold, anchor)
@@ -357,10 +365,6 @@ def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, 
     def wrapped(words, size):  # about as many characters as fit the width
         return textwrap.fill(words, max(40, int(width_px / (0.58 * size))))
 
-    verdict = ("SUSPECT: " + "; ".join(f["reason"] for f in flag_list)) if flag_list else "no failure flag"
-    pen.multiline_text((4, 4), wrapped((name + ": " if name else "") + verdict, 9), font=_font(9, True),
-                       fill=(178, 34, 34) if flag_list else (0, 100, 0))
-    pen.multiline_text((4, 38), wrapped(summary_line(figures or {}), 8), font=_font(8), fill="black")
     caption = ("Neurological view: the patient's right on the right (letters at the edges). Grey: "
                "each image scaled on its own slices. Checkerboard: fixed and warped tiles; edges should run on "
                "across tiles. Jacobian determinant: local volume change, white = 1 (none), red > 1 (expansion), "
@@ -369,5 +373,19 @@ def draw(path, fixed, moving_headers, warped, flow, fixed_affine, figures=None, 
         caption += (" Labels: coloured outlines = warped moving labels"
                     + ("; white = fixed labels" if fixed_labels is not None else "") + ".")
     text(4, height_px - 3, wrapped(caption, 7), 7, "ld")
+    return picture, wrapped
+
+
+def finish(composed, path, figures=None, flag_list=(), name=""):
+    """Write the title lines (the verdict and :func:`summary_line` of ``figures``) on a
+    :func:`compose`d picture and save it as PNG into ``path``; returns ``path``."""
+    from PIL import ImageDraw
+
+    picture, wrapped = composed
+    pen = ImageDraw.Draw(picture)
+    verdict = ("SUSPECT: " + "; ".join(f["reason"] for f in flag_list)) if flag_list else "no failure flag"
+    pen.multiline_text((4, 4), wrapped((name + ": " if name else "") + verdict, 9), font=_font(9, True),
+                       fill=(178, 34, 34) if flag_list else (0, 100, 0))
+    pen.multiline_text((4, 38), wrapped(summary_line(figures or {}), 8), font=_font(8), fill="black")
     picture.save(path, format="PNG", compress_level=PNG_COMPRESSION)
     return path
