@@ -11,7 +11,7 @@ LIVER_LAYOUT ?= lits
 SET ?=
 export VTN_DATA
 
-.PHONY: help install demo test test-all bench-call demo train-brain train-liver train-hippocampus tune-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus accuracy-brain-labels accuracy-brain-labels-deep accuracy-hippocampus-labels
+.PHONY: help install demo test test-all bench-call demo train-brain train-liver train-hippocampus tune-hippocampus tensorboard bench clean-runs accuracy-hippocampus accuracy-brain ablation-hippocampus ablation-brain native-tables evaluate-brain evaluate-hippocampus accuracy-brain-labels accuracy-brain-labels-deep accuracy-brain-labels-deeper accuracy-hippocampus-labels
 
 help:
 	@echo "make demo          install, train briefly on real data (or synthetic), evaluate, register, draw"
@@ -169,6 +169,13 @@ accuracy-brain-labels-deep: install $(PREPARED)/lpba40-64/manifest.json
 	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-labels-deep.json --run_dir $(RUNS)/brain-labels-deep \
 	  --set data.manifest=$(PREPARED)/lpba40-64/manifest.json --set train.init_from=$(RUNS)/brain-labels $(SET)
 	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-labels-deep NATIVE_NAME=brain-labels-deep REFINE_QUARTER=15x15x15x15x3
+
+# A fourth dense stage from the third-stage run (trained first).
+accuracy-brain-labels-deeper: install $(PREPARED)/lpba40-64/manifest.json
+	test -d $(RUNS)/brain-labels-deep/weights || $(MAKE) accuracy-brain-labels-deep
+	$(PYTHON) -m vtn_tf.cli.train --config experiments/brain-labels-deeper.json --run_dir $(RUNS)/brain-labels-deeper \
+	  --set data.manifest=$(PREPARED)/lpba40-64/manifest.json --set train.init_from=$(RUNS)/brain-labels-deep $(SET)
+	$(MAKE) native-tables NATIVE_MODEL=$(RUNS)/brain-labels-deeper NATIVE_NAME=brain-labels-deeper REFINE_QUARTER=15x15x15x15x3
 
 accuracy-hippocampus-labels: install $(PREPARED)/hippocampus/manifest.json
 	$(PYTHON) -m vtn_tf.cli.train --config experiments/hippocampus-labels.json --run_dir $(RUNS)/hippocampus-labels $(SET)
