@@ -204,7 +204,7 @@ def _mount_tmpfs(folder, options):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    folder = _mount_tmpfs(tmp_path / "disk", "size=300k")  # one pair of outputs fits, not two
+    folder = _mount_tmpfs(tmp_path / "disk", "size=360k")  # one pair of outputs fits, not two
     yield folder
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
