@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 
+import nibabel
 from common import base_parser, data_dir, format_seconds, model_dir, print_machine, print_table, setup_tensorflow
 
 
@@ -145,8 +146,8 @@ def main():
             rows.append([f"--refine {refine}" if refine else "no refinement", format_seconds(off),
                          format_seconds(on), format_seconds(added), f"{100 * added / off:.0f} %",
                          format_seconds(check), f"{100 * check / off:.0f} %"])
-        grid = "x".join(str(n) for n in pipeline.read_inputs(*[data_dir() / args.data / "images" / name
-                                                                for name in pair_names(args.data, 1)[0]])[0].data.shape)
+        fixed_name = pair_names(args.data, 1)[0][0]
+        grid = "x".join(str(n) for n in nibabel.load(data_dir() / args.data / "images" / fixed_name).shape)
         print_table([f"registration ({args.data}, {grid})", "batch per pair, output.qc=false", "output.qc=true",
                      "added", "added / registration", "the check (qc_seconds)", "check / registration"], rows)
         registrar.settings.refine = RefineSettings(steps=0)

@@ -107,14 +107,16 @@ def forward_jacobian_determinant(flow: TensorLike) -> TensorLike:
     measure of the results and the folding penalty of refinement.
 
     Args:
-      flow: ``[X, Y, Z, 3]`` float (numpy or tf), voxels, pulling (channel c along axis c).
+      flow: ``[..., X, Y, Z, 3]`` float (numpy or tf; e.g. a batch ``[B, X, Y, Z, 3]``), voxels,
+        pulling (channel c along axis c).
     Returns:
-      ``[X-1, Y-1, Z-1]`` determinants of the same kind and dtype (the last slice of each axis
-      has no forward neighbour).
+      ``[..., X-1, Y-1, Z-1]`` determinants of the same kind and dtype (the last slice of each
+      axis has no forward neighbour).
     """
     u = flow
-    base = u[:-1, :-1, :-1]
-    return cofactors([u[1:, :-1, :-1] - base, u[:-1, 1:, :-1] - base, u[:-1, :-1, 1:] - base])[1]
+    base = u[..., :-1, :-1, :-1, :]
+    return cofactors([u[..., 1:, :-1, :-1, :] - base, u[..., :-1, 1:, :-1, :] - base,
+                      u[..., :-1, :-1, 1:, :] - base])[1]
 
 
 def cofactors(columns: Sequence[TensorLike]) -> tuple[list[list[TensorLike]], TensorLike]:

@@ -33,12 +33,9 @@ def make_checkpoint(model, optimizer=None):
     Keras 3 layers are not TensorFlow trackables, so the variables are listed
     explicitly. Model variables are keyed by their layer paths, so a checkpoint of
     another architecture fails to restore instead of loading into the wrong layers."""
-    def value(v):
-        return getattr(v, "value", v)
-
-    tree = {"model": {_variable_key(v): value(v) for v in model.weights}}
+    tree = {"model": {_variable_key(v): _value(v) for v in model.weights}}
     if optimizer is not None:  # optimizer slots follow the model's variable order
-        tree["optimizer"] = {f"{k:05d}": value(v) for k, v in enumerate(optimizer.variables)}
+        tree["optimizer"] = {f"{k:05d}": _value(v) for k, v in enumerate(optimizer.variables)}
     return tf.train.Checkpoint(**tree)
 
 
@@ -129,6 +126,14 @@ def write_inference_weights(model, checkpoint):
     return str(folder / checkpoint.name)
 
 
+def latest_weights(run_dir):
+    """``(latest checkpoint, what to read its model variables from)`` of a run directory: the
+    checkpoint's inference-only copy when there is one (the same values, without the optimizer's
+    slots), else the checkpoint; ``(None, None)`` without a checkpoint."""
+    latest = tf.train.latest_checkpoint(str(pathlib.Path(run_dir) / "checkpoints"))
+    return latest, (inference_weights(latest) or latest) if latest else None
+
+
 def initialise_from(model, run_dir, log=print):
     """Load into a built ``model`` the variables of ``run_dir``'s latest weights that have the
     same layer path and shape (fine-tuning, or a deeper cascade starting from a shallower one:
@@ -137,11 +142,10 @@ def initialise_from(model, run_dir, log=print):
     Variables the source lacks keep their initial values; a variable the source holds with
     another shape, or a source that shares none, is an :class:`vtn_tf.io.InputError` naming
     the files. Returns ``(loaded names, new names)``."""
-    run_dir = pathlib.Path(run_dir)
-    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    latest, source = latest_weights(run_dir)
     if latest is None:
-        raise io.InputError(f"train.init_from: {run_dir} holds no checkpoint (looked in {run_dir / 'checkpoints'}).")
-    source = inference_weights(latest) or latest
+        raise io.InputError(f"train.init_from: {run_dir} holds no checkpoint (looked in "
+                            f"{pathlib.Path(run_dir) / 'checkpoints'}).")
     try:
         stored = dict(tf.train.list_variables(source))
     except (tf.errors.OpError, ValueError) as error:
@@ -155,7 +159,7 @@ def initialise_from(model, run_dir, log=print):
         elif list(shape) != list(v.shape):
             clashes.append(f"{key} {list(shape)} there, {list(v.shape)} here")
         else:
-            variables[key] = getattr(v, "value", v)
+            variables[key] = _value(v)
     if clashes or not variables:
         problem = ("shapes differ: " + "; ".join(clashes[:3])) if clashes else "no variable in common"
         raise io.InputError(f"train.init_from: checkpoint {source} does not fit this model ({problem}).")
@@ -169,6 +173,11 @@ def initialise_from(model, run_dir, log=print):
     return sorted(variables), new
 
 
+def _value(v):
+    """The TensorFlow variable behind a Keras variable (what `tf.train.Checkpoint` tracks)."""
+    return getattr(v, "value", v)
+
+
 def _variable_key(v):
     """A variable's key in the checkpoints: its layer path without the model's own name
     (which Keras uniquifies per process), dots for slashes."""
@@ -180,7 +189,7 @@ def _restore_model(run_dir):
     if not description.is_file():
         raise FileNotFoundError(f"{run_dir} is not a vtn-tf run directory (no model.json).")
     config, image_shape = _read_description(description)
-    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    latest, source = latest_weights(run_dir)
     if latest is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (looked in {run_dir / 'checkpoints'}).")
     try:
@@ -188,7 +197,6 @@ def _restore_model(run_dir):
         model.build((None, *image_shape, 1))
     except (TypeError, ValueError) as error:
         raise io.InputError(f"{description} does not describe a usable VTN: {io.error_line(error)}") from None
-    source = inference_weights(latest) or latest  # the same values; without the optimizer's slots
     try:
         status = make_checkpoint(model).restore(source).expect_partial()
         status.assert_existing_objects_matched()

@@ -189,11 +189,7 @@ def folding_loss(flow):
       ``[X-1, Y-1, Z-1]`` where ``det(I + D flow) < 0`` adds its ``-det`` (the folding measure of
       `vtn_tf.core.fields.forward_jacobian_determinant`, here with a gradient).
     """
-    flow = _float32(flow)
-    base = flow[:, :-1, :-1, :-1]
-    determinant = fields.cofactors([flow[:, 1:, :-1, :-1] - base, flow[:, :-1, 1:, :-1] - base,
-                                    flow[:, :-1, :-1, 1:] - base])[1]
-    return tf.reduce_mean(tf.nn.relu(-determinant), [1, 2, 3])
+    return tf.reduce_mean(tf.nn.relu(-fields.forward_jacobian_determinant(_float32(flow))), [1, 2, 3])
 
 
 def _determinant_3x3(m):

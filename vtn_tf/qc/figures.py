@@ -319,7 +319,7 @@ def _rounded(value, digits=4):
     return value
 
 
-THREAD_VOXELS = 1 << 21  # from this many fixed voxels on, the similarity runs in a second thread
+THREAD_VOXELS = 1 << 21  # from this many fixed voxels on, the field's figures run beside the similarities
 
 
 def compute(fixed, moving_headers, warped, flow, fixed_affine, world_ras=None, *, fixed_labels=(),

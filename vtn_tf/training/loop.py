@@ -36,6 +36,7 @@ from vtn_tf.io import InputError
 from vtn_tf.nn.checkpoints import (  # noqa: F401
     PRECISIONS,
     initialise_from,
+    latest_weights,
     make_checkpoint,
     network_precision,
     restore_model,
@@ -284,7 +285,7 @@ def _train(config, run_dir, restart, verbose, log):
             f"{data_cfg['manifest']} have no label map; set model.label_weight=0 for unsupervised training.")
     image_shape = tuple(dataset.grid)
     source = train_cfg["init_from"]
-    if source and tf.train.latest_checkpoint(str(pathlib.Path(source) / "checkpoints")) is None:
+    if source and latest_weights(source)[0] is None:
         raise config_lib.ConfigError(f"train.init_from: {source} is not a run directory with a checkpoint.")
     if chief:
         prepare_run_dir(run_dir, config, restart, log)
